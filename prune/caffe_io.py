@@ -1,0 +1,263 @@
+"""Caffe files in and out, through caffe_pb2, without building a net.
+
+Everything in the toolkit that reads or writes a .prototxt or .caffemodel goes
+through here:
+
+* ``read_net(path)``        prototxt  -> NetParameter (V1 ``layers`` upgraded)
+* ``read_weights(path)``    caffemodel -> {layer name: [ndarray, ...]}
+* ``write_net(net, path)``  NetParameter -> prototxt, atomically
+* ``write_weights(net, weights, path)``  -> caffemodel, atomically
+* ``check_weights(net, weights)``  every learnable layer has blobs of the
+  shapes Caffe will ask for, named errors otherwise
+
+Writes go to a temporary file in the destination folder and are renamed over
+the target only when complete, so a crash never leaves half a model behind,
+and ``protect`` refuses to write over a path the caller read from.
+"""
+import os
+import shutil
+import subprocess
+import tempfile
+from collections import OrderedDict
+
+import numpy as np
+from google.protobuf import text_format
+
+from caffe.proto import caffe_pb2
+
+
+class CaffeFileError(ValueError):
+    """A Caffe file that cannot be read, or does not fit its net."""
+
+
+# ------------------------------------------------------------------ writing
+
+def atomic_write(path, data, protect=()):
+    """Write bytes or text to ``path`` via a temp file + rename.
+
+    ``protect``: paths that must not be overwritten (the inputs of the job).
+    """
+    path = os.fspath(path)
+    for p in protect:
+        if p and os.path.exists(p) and os.path.exists(path) and os.path.samefile(p, path):
+            raise CaffeFileError("refusing to overwrite the input file %s" % path)
+        if p and os.path.abspath(p) == os.path.abspath(path):
+            raise CaffeFileError("refusing to overwrite the input file %s" % path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    mode = "w" if isinstance(data, str) else "wb"
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, mode) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def net_to_text(net):
+    return text_format.MessageToString(net)
+
+
+def write_net(net, path, protect=()):
+    """NetParameter -> prototxt (text format)."""
+    return atomic_write(path, net_to_text(net), protect)
+
+
+def weights_to_proto(net, weights):
+    """Build the binary NetParameter Caffe expects from a net and its arrays.
+
+    Layers appear in the order of ``net``; each carries its name, type and
+    blobs (with the modern ``shape`` field). Layers without weights are
+    written with no blobs, like Caffe's own ``net.save``.
+    """
+    out = caffe_pb2.NetParameter()
+    out.name = net.name
+    for layer in net.layer:
+        arrays = weights.get(layer.name)
+        if not arrays:
+            continue
+        lp = out.layer.add()
+        lp.name = layer.name
+        lp.type = layer.type
+        for array in arrays:
+            array = np.asarray(array, dtype=np.float32)
+            bp = lp.blobs.add()
+            bp.shape.dim.extend(array.shape)
+            bp.data[:] = array.ravel()
+    return out
+
+
+def write_weights(net, weights, path, protect=()):
+    """Arrays -> .caffemodel (binary NetParameter)."""
+    return atomic_write(path, weights_to_proto(net, weights).SerializeToString(), protect)
+
+
+# ------------------------------------------------------------------ reading
+
+def _upgrade_tool(name):
+    """Path of Caffe's upgrade_net_proto_* tool (beside the installed Caffe)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    import caffe
+    here = os.path.dirname(os.path.abspath(caffe.__file__))
+    for up in range(1, 6):
+        base = os.path.abspath(os.path.join(here, *[".."] * up))
+        for sub in ("bin", os.path.join("build", "tools"), "tools"):
+            cand = os.path.join(base, sub, name)
+            if os.path.isfile(cand) and os.access(cand, os.X_OK):
+                return cand
+    raise CaffeFileError("a legacy (V1) Caffe file needs Caffe's %s tool, which was not found" % name)
+
+
+def _upgrade(path, binary):
+    """Run Caffe's own upgrader on a V1 file; return the upgraded bytes."""
+    tool = _upgrade_tool("upgrade_net_proto_binary" if binary else "upgrade_net_proto_text")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "upgraded")
+        run = subprocess.run([tool, path, out], capture_output=True, text=True)
+        if run.returncode != 0 or not os.path.exists(out):
+            raise CaffeFileError("%s: Caffe's upgrader failed: %s" % (path, run.stderr.strip()[-500:]))
+        with open(out, "rb") as f:
+            return f.read()
+
+
+def read_net(path):
+    """Parse a prototxt; a syntax error is reported with file, line and column."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise CaffeFileError("cannot read net definition %s: %s" % (path, e.strerror)) from None
+    net = caffe_pb2.NetParameter()
+    try:
+        text_format.Merge(text, net)
+    except text_format.ParseError as e:
+        raise CaffeFileError("%s:%s" % (path, e)) from None
+    if len(net.layers):
+        text_format.Merge(_upgrade(path, binary=False).decode("utf-8"), net := caffe_pb2.NetParameter())
+    _modernise_inputs(net)
+    return net
+
+
+def _modernise_inputs(net):
+    """Legacy ``input:``/``input_dim:`` fields -> an Input layer, as Caffe does."""
+    if not len(net.input):
+        return
+    shapes = [list(s.dim) for s in net.input_shape]
+    if not shapes and len(net.input_dim):
+        dims = list(net.input_dim)
+        shapes = [dims[i:i + 4] for i in range(0, len(dims), 4)]
+    if len(shapes) not in (1, len(net.input)):
+        raise CaffeFileError("net %r: %d inputs but %d input shapes" % (net.name, len(net.input), len(shapes)))
+    layer = caffe_pb2.LayerParameter(name="input", type="Input")
+    for i, name in enumerate(net.input):
+        layer.top.append(name)
+        layer.input_param.shape.add().dim.extend(shapes[min(i, len(shapes) - 1)])
+    layers = [layer] + list(net.layer)
+    del net.layer[:]
+    net.layer.extend(layers)
+    del net.input[:]
+    del net.input_shape[:]
+    del net.input_dim[:]
+
+
+def blob_array(blob_proto):
+    """BlobProto -> float32 array; legacy num/channels/height/width honoured."""
+    if blob_proto.HasField("shape"):
+        shape = tuple(blob_proto.shape.dim)
+    else:
+        shape = (blob_proto.num, blob_proto.channels, blob_proto.height, blob_proto.width)
+    data = blob_proto.double_data if len(blob_proto.double_data) else blob_proto.data
+    array = np.asarray(data, dtype=np.float32)
+    if array.size != int(np.prod(shape)):
+        raise CaffeFileError("blob of shape %s holds %d values" % (shape, array.size))
+    return array.reshape(shape)
+
+
+def read_weights(path):
+    """Read a .caffemodel into an ordered {layer name: [arrays]}.
+
+    Layers without blobs are left out. V1 models are upgraded by Caffe's tool.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise CaffeFileError("cannot read weights %s: %s" % (path, e.strerror)) from None
+    net = caffe_pb2.NetParameter()
+    try:
+        net.ParseFromString(data)
+    except Exception as e:  # DecodeError and friends
+        raise CaffeFileError("%s is not a Caffe binary model (%s)" % (path, e)) from None
+    if len(net.layers):
+        net = caffe_pb2.NetParameter.FromString(_upgrade(path, binary=True))
+    weights = OrderedDict()
+    for layer in net.layer:
+        if len(layer.blobs):
+            try:
+                weights[layer.name] = [blob_array(b) for b in layer.blobs]
+            except CaffeFileError as e:
+                raise CaffeFileError("%s, layer %r: %s" % (path, layer.name, e)) from None
+    return weights
+
+
+def _legacy_equal(stored, wanted):
+    """Caffe accepts a legacy 4-D blob when its shape is `wanted` padded with 1s."""
+    s, w = tuple(stored), tuple(wanted)
+    if s == w:
+        return True
+    return len(s) == 4 and len(w) <= 4 and s == (1,) * (4 - len(w)) + w
+
+
+def check_weights(caffe_net, weights, source="weights"):
+    """Compare arrays against the blobs of an instantiated caffe.Net.
+
+    Raises CaffeFileError naming the layer and both shapes, which is what a
+    user needs when a caffemodel does not belong to a prototxt.  Arrays stored
+    in legacy 4-D form are reshaped to the net's shapes in place.
+    """
+    for name, blobs in caffe_net.params.items():
+        if name not in weights:
+            continue
+        arrays = weights[name]
+        if len(arrays) != len(blobs):
+            raise CaffeFileError("%s: layer %r has %d blobs, the net expects %d"
+                                 % (source, name, len(arrays), len(blobs)))
+        for i, (a, b) in enumerate(zip(arrays, blobs)):
+            if not _legacy_equal(a.shape, b.data.shape):
+                raise CaffeFileError("%s: layer %r blob %d has shape %s, the net expects %s"
+                                     % (source, name, i, tuple(a.shape), tuple(b.data.shape)))
+            arrays[i] = a.reshape(b.data.shape)
+
+
+def load_into(caffe_net, weights, source="weights"):
+    """Copy arrays into a caffe.Net by layer name (after check_weights)."""
+    check_weights(caffe_net, weights, source)
+    for name, blobs in caffe_net.params.items():
+        for b, a in zip(blobs, weights.get(name, ())):
+            b.data[...] = a
+
+
+def open_net(prototxt, weights=None, phase="test"):
+    """caffe.Net from a prototxt (+ optional caffemodel) with named errors.
+
+    The prototxt is parsed here first so a syntax error names file and line
+    rather than surfacing as a glog abort inside Caffe.
+    """
+    import caffe
+    read_net(prototxt)
+    caffe_phase = caffe.TEST if phase == "test" else caffe.TRAIN
+    net = caffe.Net(os.fspath(prototxt), caffe_phase)
+    if weights is not None:
+        arrays = read_weights(weights) if isinstance(weights, (str, os.PathLike)) else weights
+        load_into(net, arrays, source=os.fspath(weights) if isinstance(weights, (str, os.PathLike)) else "weights")
+    return net

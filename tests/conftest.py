@@ -1,0 +1,22 @@
+import os
+
+import pytest
+
+import prune  # noqa: F401  (quiets glog before caffe is imported)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.environ.get("SPHEREFACE_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
+
+
+def shared_path(*parts):
+    """A path in ../shared, or skip the test when the data is not on this machine."""
+    path = os.path.join(SHARED, *parts)
+    if not os.path.exists(path):
+        pytest.skip("needs %s (the shared data folder)" % path)
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _caffe_cpu():
+    import caffe
+    caffe.set_mode_cpu()
