@@ -1,0 +1,74 @@
+"""Per-input-channel contributions of a consumer at sampled outputs (ThiNet).
+
+For a Convolution consumer with weight W (F x C/g x kh x kw) reading a bottom
+activation A (N x C x H x W), the output at filter f and position (i, j),
+minus the bias, is sum_c x_c with
+
+    x_c = sum_{u,v} W[f, c, u, v] * A_pad[c, i*s + u*d, j*s + v*d].
+
+For an InnerProduct consumer reading a C x H x W bottom as C*H*W columns,
+channel c owns the H*W consecutive columns c*HW .. (c+1)*HW - 1 and
+x_c = W[f, block c] . A[block c].
+
+Only sampled (f, i, j) triples are computed, so memory is
+O(samples x C) per batch, never the full im2col of the layer.
+"""
+import numpy as np
+
+
+def _hw(repeated, h, w, default):
+    if h or w:
+        return h, w
+    values = list(repeated) or [default]
+    return values[0], values[-1]
+
+
+def conv_geometry(p):
+    """(kernel, stride, pad, dilation) as (h, w) pairs from a ConvolutionParameter."""
+    return (_hw(p.kernel_size, p.kernel_h, p.kernel_w, 1), _hw(p.stride, p.stride_h, p.stride_w, 1),
+            _hw(p.pad, p.pad_h, p.pad_w, 0), _hw(p.dilation, 0, 0, 1))
+
+
+def conv_contributions(A, W, geometry, group, filters, images, rows, cols):
+    """x[n, c] for the sampled outputs n = (images[n], filters[n], rows[n], cols[n]).
+
+    A: N x C x H x W bottom data; W: F x C/group x kh x kw.  Returns an
+    array of shape (samples, C), zeros outside each filter's channel group.
+    """
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry
+    N, C, H, Wd = A.shape
+    F, Cg = W.shape[:2]
+    padded = np.pad(A, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    u = np.arange(kh) * dh
+    v = np.arange(kw) * dw
+    # windows: samples x C x kh x kw, gathered without forming the im2col matrix
+    r = rows[:, None] * sh + u[None, :]                       # S x kh
+    c = cols[:, None] * sw + v[None, :]                       # S x kw
+    win = padded[images[:, None, None, None], np.arange(C)[None, :, None, None],
+                 r[:, None, :, None], c[:, None, None, :]]    # S x C x kh x kw
+    S = len(filters)
+    out = np.zeros((S, C), dtype=np.float64)
+    fper = F // group
+    g_of = filters // fper
+    for g in np.unique(g_of):
+        sel = g_of == g
+        chans = slice(g * Cg, (g + 1) * Cg)
+        out[sel, chans] = np.einsum("scuv,scuv->sc", win[sel, chans].astype(np.float64),
+                                    W[filters[sel]].astype(np.float64))
+    return out
+
+
+def ip_contributions(A, W, filters, images, block):
+    """x[n, c] for InnerProduct outputs (images[n], filters[n]); channel c owns
+    `block` consecutive input columns."""
+    flat = A.reshape(A.shape[0], -1).astype(np.float64)
+    C = flat.shape[1] // block
+    prod = flat[images] * W[filters].astype(np.float64)       # S x (C*block)
+    return prod.reshape(len(filters), C, block).sum(axis=2)
+
+
+def sample_positions(rng, n_images, n_per_image, n_filters, out_h=1, out_w=1):
+    """Random (image, filter, row, col) with n_per_image samples per image."""
+    images = np.repeat(np.arange(n_images), n_per_image)
+    S = len(images)
+    return (images, rng.integers(0, n_filters, S), rng.integers(0, out_h, S), rng.integers(0, out_w, S))
