@@ -32,10 +32,12 @@ class CaffeFileError(ValueError):
 
 # ------------------------------------------------------------------ writing
 
-def atomic_write(path, data, protect=()):
+def atomic_write(path, data, protect=(), sync=True):
     """Write bytes or text to ``path`` via a temp file + rename.
 
     ``protect``: paths that must not be overwritten (the inputs of the job).
+    ``sync=False`` skips the fsync: still never a half-written file after a
+    crashed process, and fast enough for writing many small files (image crops).
     """
     path = os.fspath(path)
     for p in protect:
@@ -51,7 +53,8 @@ def atomic_write(path, data, protect=()):
         with os.fdopen(fd, mode) as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -100,11 +103,19 @@ def write_weights(net, weights, path, protect=()):
 
 # ------------------------------------------------------------------ reading
 
-def _upgrade_tool(name):
-    """Path of Caffe's upgrade_net_proto_* tool (beside the installed Caffe)."""
-    found = shutil.which(name)
-    if found:
-        return found
+def file_sha256(path, chunk=1 << 20):
+    """Hex digest of a file's bytes (keys caches and run configs)."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def caffe_tool(name):
+    """Path of one of Caffe's command-line tools (caffe, upgrade_net_proto_*)
+    of the Caffe that pycaffe was loaded from, else from PATH."""
     import caffe
     here = os.path.dirname(os.path.abspath(caffe.__file__))
     for up in range(1, 6):
@@ -113,12 +124,15 @@ def _upgrade_tool(name):
             cand = os.path.join(base, sub, name)
             if os.path.isfile(cand) and os.access(cand, os.X_OK):
                 return cand
-    raise CaffeFileError("a legacy (V1) Caffe file needs Caffe's %s tool, which was not found" % name)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise CaffeFileError("Caffe's %s tool was not found beside %s nor on PATH" % (name, here))
 
 
 def _upgrade(path, binary):
     """Run Caffe's own upgrader on a V1 file; return the upgraded bytes."""
-    tool = _upgrade_tool("upgrade_net_proto_binary" if binary else "upgrade_net_proto_text")
+    tool = caffe_tool("upgrade_net_proto_binary" if binary else "upgrade_net_proto_text")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "upgraded")
         run = subprocess.run([tool, path, out], capture_output=True, text=True)

@@ -1,0 +1,91 @@
+"""python -m finetune: fine-tune (or train) a Caffe deploy net with Caffe's solver."""
+import argparse
+import json
+import sys
+
+from .driver import FineTuneError, FineTuneJob, finetune
+from .lists import ListError
+from .solver import POLICIES, SolverError
+from .trainnet import TrainNetError
+
+
+def parser():
+    ap = argparse.ArgumentParser(
+        prog="python -m finetune",
+        description="Fine-tune a Caffe deploy net with Caffe's own SGD solver, from an image list. "
+                    "Writes train/solver prototxts, Caffe snapshots, loss.csv/loss.png and final.caffemodel "
+                    "(weights for the unchanged deploy prototxt) into --out. Re-run with --resume to continue "
+                    "a killed run from its newest snapshot.")
+    ap.add_argument("--model", required=True, help="deploy prototxt of the net to train (one N x 3 x H x W Input)")
+    ap.add_argument("--weights", help="its starting caffemodel; omit to train from Caffe's fillers")
+    ap.add_argument("--train-list", required=True,
+                    help="image list, 'relative/path label' per line (python -m finetune.lists makes one)")
+    ap.add_argument("--root", default="", help="folder the list's paths are relative to")
+    ap.add_argument("--out", required=True, help="run folder (created)")
+    ap.add_argument("--loss", choices=("distill", "asoftmax"), default="distill",
+                    help="distill: reproduce a teacher's L2-normalised embedding (EuclideanLoss), needs no "
+                         "identity labels; asoftmax: A-Softmax classification on the list's labels (default distill)")
+    ap.add_argument("--blob", default="fc5", help="embedding blob of --model (default fc5)")
+    ap.add_argument("--teacher", help="distill: teacher deploy prototxt (default: --model itself, i.e. the net "
+                                      "before this fine-tune)")
+    ap.add_argument("--teacher-weights", help="distill: teacher caffemodel (default: --weights)")
+    ap.add_argument("--teacher-blob", help="distill: teacher embedding blob (default: --blob)")
+    ap.add_argument("--num-classes", type=int, default=0,
+                    help="asoftmax: classes of fc6 (default: 1 + the largest label in the list)")
+    ap.add_argument("--margin", type=int, default=4, choices=(1, 2, 3, 4), help="asoftmax: margin m (default 4)")
+    ap.add_argument("--native-asoftmax", action="store_true",
+                    help="asoftmax: use the SphereFace fork's native MarginInnerProduct layer instead of the "
+                         "toolkit's Python layer (only for a Caffe that has it)")
+    ap.add_argument("--epochs", type=float, default=1.0,
+                    help="passes over the list; iterations = ceil(images * epochs / batch) (default 1)")
+    ap.add_argument("--batch", type=int, default=64, help="images per iteration (default 64)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="base learning rate (default 1e-3, the recipe's)")
+    ap.add_argument("--lr-policy", choices=POLICIES, default="fixed",
+                    help="fixed, step (x gamma every --stepsize iterations) or multistep (x gamma at each of "
+                         "--stepvalues) (default fixed)")
+    ap.add_argument("--gamma", type=float, default=0.1, help="lr multiplier of step/multistep (default 0.1)")
+    ap.add_argument("--stepsize", type=int, default=0, help="step policy: iterations between lr drops")
+    ap.add_argument("--stepvalues", default="", help="multistep policy: comma-separated iterations, e.g. 16000,24000")
+    ap.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    ap.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (default 5e-4)")
+    ap.add_argument("--snapshot-every", type=int, default=500,
+                    help="Caffe snapshot (caffemodel + solverstate) every N iterations, and at the end (default 500)")
+    ap.add_argument("--rgb", action="store_true",
+                    help="the net expects RGB planes (e.g. the MobileFaceNet of ../shared); default BGR, the "
+                         "order Caffe's ImageData and the SphereFace release use")
+    ap.add_argument("--teacher-rgb", choices=("yes", "no"), default=None,
+                    help="distill: whether the teacher expects RGB planes (default: same as --rgb)")
+    ap.add_argument("--no-mirror", action="store_true", help="no random horizontal flips")
+    ap.add_argument("--seed", type=int, default=0, help="Caffe's random seed (fillers, list shuffling)")
+    ap.add_argument("--gpu", default=None,
+                    help="GPU id(s): '0' trains with pycaffe on GPU 0; '0,1' runs Caffe's own `caffe train` "
+                         "with NCCL on both. Default: CPU")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from the newest snapshot in --out (a finished run just reports)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    return ap
+
+
+def main(argv=None):
+    a = parser().parse_args(argv)
+    try:
+        job = FineTuneJob(
+            deploy=a.model, weights=a.weights, train_list=a.train_list, out=a.out, root_folder=a.root,
+            head=a.loss, embedding=a.blob, teacher=a.teacher, teacher_weights=a.teacher_weights,
+            teacher_embedding=a.teacher_blob, num_classes=a.num_classes, margin=a.margin,
+            native_asoftmax=a.native_asoftmax, epochs=a.epochs, batch_size=a.batch, base_lr=a.lr,
+            lr_policy=a.lr_policy, gamma=a.gamma, stepsize=a.stepsize,
+            stepvalues=tuple(int(v) for v in a.stepvalues.split(",") if v.strip()), momentum=a.momentum,
+            weight_decay=a.weight_decay, snapshot_every=a.snapshot_every, rgb=a.rgb, mirror=not a.no_mirror,
+            teacher_rgb=None if a.teacher_rgb is None else a.teacher_rgb == "yes",
+            seed=a.seed, gpu=[int(g) for g in a.gpu.split(",")] if a.gpu else None)
+        done = finetune(job, resume=a.resume, progress=not a.quiet)
+    except (FineTuneError, ListError, SolverError, TrainNetError, ValueError) as e:
+        print("python -m finetune: error: %s" % e, file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in done.items() if k != "config"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

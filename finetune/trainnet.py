@@ -1,0 +1,233 @@
+"""Train nets made from a deploy net: image-list data in front, a loss behind.
+
+``train_net(deploy, data, head)`` takes any deploy NetParameter whose single
+Input is N x 3 x H x W and returns the NetParameter Caffe's solver trains:
+
+* data: ``ImageData`` (the list format of finetune.lists) with the SphereFace
+  transform, (x - 127.5) * 0.0078125 and mirroring.  ImageData decodes with
+  OpenCV, i.e. BGR; for a net that expects RGB the three planes are swapped
+  back with native Slice + Concat, so the deployed net keeps its convention.
+* head ``ASoftmax``: fc6 A-Softmax on the embedding (the toolkit's Python layer
+  on BVLC Caffe, or the SphereFace fork's native layer) + SoftmaxWithLoss.
+* head ``Distill``: a frozen teacher net (layers renamed ``teacher/...``,
+  lr_mult 0) reads the same images; both embeddings are L2-normalised with
+  native layers and compared by EuclideanLoss.  A learned linear projection
+  is added on the student side only when the dimensions differ.
+
+Only native Caffe layers are used outside the Python A-Softmax, so a user's
+GPU Caffe trains these nets unchanged.
+"""
+import copy
+import json
+from dataclasses import dataclass
+
+from prune import caffe_io
+from caffe.proto import caffe_pb2
+
+TEACHER = "teacher/"
+MEAN, SCALE = 127.5, 0.0078125
+ASOFTMAX_DEFAULTS = dict(m=4, base=1000, gamma=0.12, power=1, lambda_min=5, iteration=0)
+
+
+class TrainNetError(ValueError):
+    pass
+
+
+@dataclass
+class ImageList:
+    """Where the training images are and how Caffe should read them."""
+    source: str                 # list file: "relative/path label" per line
+    root_folder: str = ""
+    batch_size: int = 64
+    mirror: bool = True
+    rgb: bool = False           # the net expects RGB planes (Caffe/SphereFace: BGR)
+    shuffle: bool = True
+
+
+@dataclass
+class ASoftmax:
+    num_classes: int
+    embedding: str = "fc5"
+    m: int = 4
+    native: bool = False        # the SphereFace fork's MarginInnerProduct instead of the Python layer
+    base: float = 1000
+    gamma: float = 0.12
+    power: float = 1
+    lambda_min: float = 5
+
+
+@dataclass
+class Distill:
+    teacher: caffe_pb2.NetParameter     # deploy net of the teacher
+    embedding: str = "fc5"              # student blob
+    teacher_embedding: str = "fc5"      # teacher blob
+    student_dim: int = 0                # filled by train_net when unknown
+    teacher_dim: int = 0
+    teacher_rgb: bool = False           # the teacher expects RGB planes
+    teacher_blobs: dict = None          # {layer: number of weight blobs}, to freeze each one
+    loss_weight: float = 1.0
+
+
+def input_layer(net, source="net"):
+    """The single Input layer of a deploy net and its (N, C, H, W)."""
+    inputs = [l for l in net.layer if l.type == "Input"]
+    if len(inputs) != 1 or len(inputs[0].top) != 1:
+        raise TrainNetError("%s: a deploy net with exactly one Input layer and one top is needed, found %d Input layers"
+                            % (source, len(inputs)))
+    shape = tuple(inputs[0].input_param.shape[0].dim)
+    if len(shape) != 4 or shape[1] != 3:
+        raise TrainNetError("%s: input %r has shape %s; an N x 3 x H x W image input is needed"
+                            % (source, inputs[0].top[0], shape))
+    return inputs[0], shape
+
+
+def _image_data(net, data, top, shape):
+    """ImageData at shape's H x W, SphereFace transform; top is in BGR order."""
+    layer = net.layer.add(name="data", type="ImageData", top=[top, "label"])
+    layer.include.add(phase=caffe_pb2.TRAIN)
+    layer.transform_param.mirror = data.mirror
+    layer.transform_param.scale = SCALE
+    layer.transform_param.mean_value.extend([MEAN] * 3)
+    p = layer.image_data_param
+    p.source, p.batch_size, p.shuffle, p.new_height, p.new_width = data.source, data.batch_size, data.shuffle, *shape[2:]
+    if data.root_folder:
+        p.root_folder = data.root_folder.rstrip("/") + "/"
+
+
+def _swap_planes(net, bottom, top):
+    """B,G,R planes -> R,G,B (OpenCV decodes BGR; some nets want RGB)."""
+    split = net.layer.add(name=top + "_split", type="Slice", bottom=[bottom],
+                          top=[top + "_c0", top + "_c1", top + "_c2"])
+    split.slice_param.axis = 1
+    net.layer.add(name=top, type="Concat", bottom=[top + "_c2", top + "_c1", top + "_c0"], top=[top])
+    return top
+
+
+def _frozen_copy(layer, prefix, renamed_input, n_blobs):
+    out = copy.deepcopy(layer)
+    out.name = prefix + layer.name
+    out.bottom[:] = [renamed_input.get(b, prefix + b) for b in layer.bottom]
+    out.top[:] = [prefix + t for t in layer.top]
+    del out.param[:]
+    for _ in range(n_blobs):
+        out.param.add(lr_mult=0, decay_mult=0)
+    if layer.type == "BatchNorm":
+        out.batch_norm_param.use_global_stats = True
+    return out
+
+
+def _l2_normalise(net, bottom, name):
+    """x / ||x|| with native layers: SUMSQ Reduction, Power -1/2, broadcast Scale."""
+    sq = net.layer.add(name=name + "_sumsq", type="Reduction", bottom=[bottom], top=[name + "_sumsq"])
+    sq.reduction_param.operation = caffe_pb2.ReductionParameter.SUMSQ
+    sq.reduction_param.axis = 1
+    inv = net.layer.add(name=name + "_invnorm", type="Power", bottom=[name + "_sumsq"], top=[name + "_invnorm"])
+    inv.power_param.power = -0.5
+    inv.power_param.shift = 1e-10
+    sc = net.layer.add(name=name, type="Scale", bottom=[bottom, name + "_invnorm"], top=[name])
+    sc.scale_param.axis = 0
+    return name
+
+
+def _center_crop(net, bottom, top, batch, shape, full):
+    """The centre H x W of a larger image (e.g. SphereFace's 112x96 inside an
+    ArcFace-aligned 112x112: columns 8..103), with native layers."""
+    (H, W), (FH, FW) = shape[2:], full[2:]
+    if H > FH or W > FW or (FH - H) % 2 or (FW - W) % 2:
+        raise TrainNetError("student input %dx%d cannot be centred in the teacher's %dx%d" % (H, W, FH, FW))
+    ref = net.layer.add(name=top + "_shape", type="DummyData", top=[top + "_shape"])
+    ref.dummy_data_param.shape.add().dim.extend([batch, 3, H, W])
+    crop = net.layer.add(name=top, type="Crop", bottom=[bottom, top + "_shape"], top=[top])
+    crop.crop_param.axis = 2
+    crop.crop_param.offset.extend([(FH - H) // 2, (FW - W) // 2])
+    return top
+
+
+def _input_chain(net, raw, top, rgb, batch, shape, full):
+    """Blob `top` fed to a net: the raw BGR images, plane-swapped and/or
+    centre-cropped as that net needs."""
+    steps = [s for s in (rgb and "swap", shape[2:] != full[2:] and "crop") if s]
+    current = raw
+    for i, step in enumerate(steps):
+        name = top if i == len(steps) - 1 else top + "_" + step
+        current = (_swap_planes(net, current, name) if step == "swap"
+                   else _center_crop(net, current, name, batch, shape, full))
+    return current
+
+
+def train_net(deploy, data, head, name=None):
+    """Deploy NetParameter + ImageList + head (ASoftmax or Distill) -> train NetParameter.
+
+    With a Distill head whose teacher takes larger images, the list is read at
+    the teacher's size and the student sees the centre crop.
+    """
+    inp, shape = input_layer(deploy)
+    top = inp.top[0]
+    net = caffe_pb2.NetParameter(name=name or (deploy.name + "_train"))
+    full = shape
+    if isinstance(head, Distill):
+        t_inp, full = input_layer(head.teacher, "teacher net")
+    plain = not data.rgb and full[2:] == shape[2:]
+    raw = top if plain else "data_bgr"
+    _image_data(net, data, raw, full)
+    if not plain:
+        _input_chain(net, raw, top, data.rgb, data.batch_size, shape, full)
+    blobs = set()
+    for layer in deploy.layer:
+        if layer is inp:
+            continue
+        net.layer.add().CopyFrom(layer)
+        blobs.update(layer.top)
+    emb = head.embedding
+    if emb not in blobs:
+        raise TrainNetError("embedding blob %r is not produced by the net (blobs: %s)" % (emb, ", ".join(sorted(blobs))))
+
+    if isinstance(head, ASoftmax):
+        if head.native:
+            # BVLC's caffe_pb2 has no margin_inner_product_param: use the fork's schema.
+            from prototxt.sphereface import fork_net_class
+            net = fork_net_class().FromString(net.SerializeToString())
+            fc6 = net.layer.add(name="fc6", type="MarginInnerProduct", bottom=[emb, "label"], top=["fc6"])
+            fc6.param.add(lr_mult=1, decay_mult=1)
+            mp = fc6.margin_inner_product_param
+            mp.num_output, mp.type = head.num_classes, head.m - 1
+            mp.weight_filler.type = "xavier"
+            mp.base, mp.gamma, mp.power, mp.lambda_min, mp.iteration = (
+                head.base, head.gamma, head.power, head.lambda_min, 0)
+        else:
+            p = dict(ASOFTMAX_DEFAULTS, num_output=head.num_classes, m=head.m, base=head.base, gamma=head.gamma,
+                     power=head.power, lambda_min=head.lambda_min)
+            fc6 = net.layer.add(name="fc6", type="Python", bottom=[emb, "label"], top=["fc6"])
+            fc6.param.add(lr_mult=1, decay_mult=1)
+            fc6.python_param.module = "finetune.asoftmax"
+            fc6.python_param.layer = "MarginInnerProduct"
+            fc6.python_param.param_str = json.dumps(p, sort_keys=True)
+        net.layer.add(name="softmax_loss", type="SoftmaxWithLoss", bottom=["fc6", "label"], top=["softmax_loss"])
+        return net
+
+    if not isinstance(head, Distill):
+        raise TrainNetError("unknown head %r" % (head,))
+    teacher_input = raw
+    if head.teacher_rgb:
+        teacher_input = _input_chain(net, raw, TEACHER + "data", True, data.batch_size, full, full)
+    t_blobs = set()
+    for layer in head.teacher.layer:
+        if layer is t_inp:
+            continue
+        net.layer.add().CopyFrom(_frozen_copy(layer, TEACHER, {t_inp.top[0]: teacher_input},
+                                              head.teacher_blobs.get(layer.name, 0)))
+        t_blobs.update(layer.top)
+    if head.teacher_embedding not in t_blobs:
+        raise TrainNetError("teacher embedding blob %r not in the teacher net" % head.teacher_embedding)
+    student = emb
+    if head.student_dim != head.teacher_dim:
+        proj = net.layer.add(name="distill_proj", type="InnerProduct", bottom=[emb], top=["distill_proj"])
+        proj.inner_product_param.num_output = head.teacher_dim
+        proj.inner_product_param.bias_term = False
+        proj.inner_product_param.weight_filler.type = "xavier"
+        student = "distill_proj"
+    s = _l2_normalise(net, student, "student_l2")
+    t = _l2_normalise(net, TEACHER + head.teacher_embedding, "teacher_l2")
+    loss = net.layer.add(name="distill_loss", type="EuclideanLoss", bottom=[s, t], top=["distill_loss"])
+    loss.loss_weight.append(head.loss_weight)
+    return net

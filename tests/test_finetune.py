@@ -1,0 +1,136 @@
+"""Fine-tune driver on real Caffe: distillation, A-Softmax, resume after a kill, bad input."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+import caffe
+from caffe import layers as L
+
+from prune import caffe_io
+from finetune import driver, lists, solver, trainnet
+from conftest import ROOT
+
+
+def tiny_deploy(path, width=8, emb=6, size=(24, 20)):
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 3, size[0], size[1]]))
+    n.conv1 = L.Convolution(n.data, num_output=width, kernel_size=3, stride=2, pad=1, weight_filler=dict(type="xavier"))
+    n.relu1 = L.PReLU(n.conv1, in_place=True)
+    n.fc5 = L.InnerProduct(n.conv1, num_output=emb, weight_filler=dict(type="xavier"))
+    caffe_io.write_net(n.to_proto(), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def image_list(tmp_path_factory):
+    """40 generated images of 4 'identities' (a colour pattern each, plus noise)."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    lines = []
+    for person in range(4):
+        base = rng.integers(0, 255, (28, 24, 3))
+        os.makedirs(root / ("p%d" % person))
+        for k in range(10):
+            img = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / ("p%d" % person) / ("%d.jpg" % k))
+            lines.append("p%d/%d.jpg %d" % (person, k, person))
+    listing = root / "train.txt"
+    listing.write_text("\n".join(lines) + "\n")
+    return str(root), str(listing)
+
+
+def saved_weights(proto, path):
+    net = caffe.Net(proto, caffe.TEST)
+    net.save(str(path))
+    return str(path)
+
+
+def test_distillation_trains_student_and_keeps_teacher_frozen(tmp_path, image_list):
+    root, listing = image_list
+    student = tiny_deploy(tmp_path / "student.prototxt", width=4, emb=5)
+    teacher = tiny_deploy(tmp_path / "teacher.prototxt", width=8, emb=6, size=(28, 24))
+    tw = saved_weights(teacher, tmp_path / "teacher.caffemodel")
+    job = driver.FineTuneJob(deploy=student, weights=None, train_list=listing, root_folder=root,
+                             out=str(tmp_path / "run"), teacher=teacher, teacher_weights=tw, rgb=True,
+                             teacher_rgb=False, epochs=8, batch_size=8, base_lr=0.05, snapshot_every=0)
+    done = driver.finetune(job, progress=False)
+    train = caffe_io.read_net(os.path.join(job.out, "train.prototxt"))
+    types = [l.type for l in train.layer]
+    # dims differ (5 vs 6): a projection; sizes differ: a centre crop; student RGB, teacher BGR: one plane swap
+    assert "distill_proj" in [l.name for l in train.layer]
+    assert types.count("Crop") == 1 and types.count("Slice") == 1
+    rows = list(csv.reader(open(done["loss_csv"])))
+    assert len(rows) == done["iterations"] == 40
+    losses = np.array([float(r[1]) for r in rows])
+    assert losses[-10:].mean() < losses[:5].mean(), "distillation loss did not go down"
+    # the teacher is frozen: its weights in Caffe's last snapshot equal the given ones
+    snap = driver.latest_snapshot(os.path.join(job.out, "snapshots"))[1].replace(".solverstate", ".caffemodel")
+    after = caffe_io.read_weights(snap)
+    for name, arrays in caffe_io.read_weights(tw).items():
+        for a, b in zip(arrays, after[trainnet.TEACHER + name]):
+            np.testing.assert_array_equal(a, b)
+    # the result is weights for the unchanged deploy prototxt
+    net = caffe_io.open_net(student, done["final"])
+    assert net.blobs["fc5"].data.shape == (1, 5)
+    # a finished job asked again returns at once with the same record
+    assert driver.finetune(job, progress=False) == done
+
+
+def _run_cli(args):
+    return subprocess.Popen([sys.executable, "-m", "finetune"] + args, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_killed_run_resumes_from_its_snapshot(tmp_path, image_list):
+    root, listing = image_list
+    model = tiny_deploy(tmp_path / "net.prototxt")
+    out = tmp_path / "run"
+    args = ["--model", model, "--train-list", listing, "--root", root, "--out", str(out), "--loss", "asoftmax",
+            "--margin", "2", "--epochs", "400", "--batch", "8", "--lr", "0.01", "--snapshot-every", "50", "--quiet"]
+    first = _run_cli(args)
+    deadline = time.time() + 120
+    while not driver.latest_snapshot(str(out / "snapshots"))[1] and time.time() < deadline and first.poll() is None:
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    killed_at = driver.latest_snapshot(str(out / "snapshots"))[0]
+    assert killed_at > 0, "no snapshot appeared: " + first.stderr.read()[-2000:]
+    assert not (out / "done.json").exists(), "the run finished before it could be killed; make it longer"
+
+    refused = _run_cli(args)
+    assert refused.wait() == 2 and "--resume" in refused.stderr.read()
+
+    resumed = _run_cli(args + ["--resume"])
+    assert resumed.wait() == 0, resumed.stderr.read()[-2000:]
+    assert "resumed from iteration %d" % killed_at in resumed.stderr.read()
+    rows = [int(r[0]) for r in csv.reader(open(out / "loss.csv"))]
+    assert rows == list(range(1, 2001)), "each iteration logged exactly once across the kill"
+    assert killed_at < 2000
+    assert caffe_io.open_net(model, str(out / "final.caffemodel")).blobs["fc5"].data.shape == (1, 6)
+
+
+def test_bad_input_is_named(tmp_path, image_list):
+    root, listing = image_list
+    with pytest.raises(solver.SolverError, match="unknown lr policy 'cosine'"):
+        solver.solver("t.prototxt", 10, "snap", lr_policy="cosine")
+    with pytest.raises(solver.SolverError, match="larger than the image list"):
+        solver.iterations(40, 1, 64)
+    broken = tmp_path / "broken.txt"
+    broken.write_text(open(listing).read() + "p9/missing.jpg 3\n")
+    with pytest.raises(lists.ListError, match="missing.jpg"):
+        lists.read_list(str(broken), root)
+    model = tiny_deploy(tmp_path / "net.prototxt")
+    job = driver.FineTuneJob(deploy=model, weights=None, train_list=listing, root_folder=root, out=str(tmp_path / "r"),
+                             head="asoftmax", num_classes=3, batch_size=8)
+    with pytest.raises(driver.FineTuneError, match="label 3 is out of range for 3 classes"):
+        driver.finetune(job, progress=False)
+    job = driver.FineTuneJob(deploy=model, weights=None, train_list=listing, root_folder=root, out=str(tmp_path / "r2"),
+                             head="asoftmax", batch_size=64)
+    with pytest.raises(solver.SolverError, match="batch size 64 is larger than the image list"):
+        driver.finetune(job, progress=False)
