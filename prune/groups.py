@@ -1,0 +1,67 @@
+"""List the channel-dependency groups of a Caffe net.
+
+    python -m prune.groups NET.prototxt           # readable listing
+    python -m prune.groups NET.prototxt --json    # every slice, for scripts
+
+A group is a set of channels removed together: its producers' output rows,
+its per-channel passengers (PReLU, BatchNorm, Scale, depthwise conv ...) and
+the input channels of its consumers (the layers a ThiNet-style selector
+reconstructs). Groups that cannot be pruned are listed with the reason.
+"""
+import argparse
+import json
+import sys
+
+from prune import caffe_io
+from prune.graph import GraphError, build_graph
+
+
+def _consumer_text(c, channels):
+    end = c.start + channels * c.block - 1 if channels is not None else "?"
+    if c.block == 1:
+        return "%s [reads %s, input channels %s..%s]" % (c.layer, c.bottom, c.start, end)
+    return "%s [reads %s, columns %s..%s, %d per channel]" % (c.layer, c.bottom, c.start, end, c.block)
+
+
+def describe(graph):
+    """The readable listing, one block per group."""
+    groups = list(graph.groups.values())
+    lines = ["%s: %d channel groups, %d prunable" % (graph.source, len(groups), len(graph.prunable()))]
+    for g in groups:
+        state = "prunable" if g.prunable else "fixed: " + "; ".join(g.reasons)
+        lines.append("")
+        lines.append("%s  (%s channels, %s)" % (g.id, g.channels if g.channels is not None else "?", state))
+        if g.producers:
+            lines.append("  producers:  " + ", ".join(g.layers("producers")))
+        if g.passengers:
+            lines.append("  passengers: " + ", ".join(g.layers("passengers")))
+        if g.consumers:
+            lines.append("  consumers:  " + ", ".join(_consumer_text(c, g.channels) for c in g.consumers))
+        blobs = list(dict.fromkeys(b.blob for b in g.blobs))
+        if blobs:
+            lines.append("  blobs:      " + ", ".join(blobs))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m prune.groups", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("prototxt", help="net definition (.prototxt); the TEST-phase view is analysed")
+    parser.add_argument("--json", action="store_true",
+                        help="print a JSON list of groups with every parameter slice (layer, blob, axis, start, "
+                             "block) instead of the listing")
+    args = parser.parse_args(argv)
+    try:
+        graph = build_graph(args.prototxt)
+    except (GraphError, caffe_io.CaffeFileError) as e:
+        print("error: %s" % e, file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([g.to_dict() for g in graph.groups.values()], indent=1))
+    else:
+        print(describe(graph))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
