@@ -96,8 +96,11 @@ def _blob_dim(netparam, blob):
     return int(np.prod(net.blobs[blob].data.shape[1:]))
 
 
-def build(job):
-    """Write train/solver/deploy prototxts; return (paths, iterations, initial weights dict)."""
+def build(job, start_iter=0):
+    """Write train/solver/deploy prototxts; return (paths, iterations, initial weights dict).
+
+    start_iter: where a resumed run starts, so A-Softmax's lambda schedule
+    (counted inside the layer, not saved by Caffe) goes on from there."""
     p = _paths(job.out)
     deploy = caffe_io.read_net(job.deploy)
     items = lists.read_list(job.train_list, job.root_folder)
@@ -112,7 +115,8 @@ def build(job):
         classes = job.num_classes or max(labels) + 1
         if max(labels) >= classes:
             raise FineTuneError("%s: label %d is out of range for %d classes" % (job.train_list, max(labels), classes))
-        head = trainnet.ASoftmax(num_classes=classes, embedding=job.embedding, m=job.margin, native=job.native_asoftmax)
+        head = trainnet.ASoftmax(num_classes=classes, embedding=job.embedding, m=job.margin, native=job.native_asoftmax,
+                                iteration=start_iter)
     elif job.head == "distill":
         teacher_proto = job.teacher or job.deploy
         teacher_weights = job.teacher_weights or (job.weights if not job.teacher else None)
@@ -217,7 +221,7 @@ def finetune(job, resume=True, progress=True):
                                 % job.out)
         if not resume and latest_snapshot(p["snapshots"])[1]:
             raise FineTuneError("%s already has snapshots; pass --resume to continue them" % job.out)
-    p, n_iter, init = build(job)
+    p, n_iter, init = build(job, latest_snapshot(p["snapshots"])[0] if resume else 0)
     caffe_io.atomic_write(p["config"], json.dumps(config, indent=1, sort_keys=True))
     start = time.time()
     if job.gpu is not None and len(job.gpu) > 1:

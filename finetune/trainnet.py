@@ -54,6 +54,7 @@ class ASoftmax:
     gamma: float = 0.12
     power: float = 1
     lambda_min: float = 5
+    iteration: int = 0          # lambda's schedule position (the layer counts; a resumed run starts here)
 
 
 @dataclass
@@ -193,10 +194,10 @@ def train_net(deploy, data, head, name=None):
             mp.num_output, mp.type = head.num_classes, head.m - 1
             mp.weight_filler.type = "xavier"
             mp.base, mp.gamma, mp.power, mp.lambda_min, mp.iteration = (
-                head.base, head.gamma, head.power, head.lambda_min, 0)
+                head.base, head.gamma, head.power, head.lambda_min, head.iteration)
         else:
             p = dict(ASOFTMAX_DEFAULTS, num_output=head.num_classes, m=head.m, base=head.base, gamma=head.gamma,
-                     power=head.power, lambda_min=head.lambda_min)
+                     power=head.power, lambda_min=head.lambda_min, iteration=head.iteration)
             fc6 = net.layer.add(name="fc6", type="Python", bottom=[emb, "label"], top=["fc6"])
             fc6.param.add(lr_mult=1, decay_mult=1)
             fc6.python_param.module = "finetune.asoftmax"

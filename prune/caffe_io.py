@@ -49,6 +49,9 @@ def atomic_write(path, data, protect=(), sync=True):
     os.makedirs(folder, exist_ok=True)
     mode = "w" if isinstance(data, str) else "wb"
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600; outputs are ordinary files
     try:
         with os.fdopen(fd, mode) as f:
             f.write(data)
