@@ -1,0 +1,104 @@
+"""python -m prune: layer-by-layer channel pruning of a Caffe net."""
+import argparse
+import json
+import os
+import sys
+
+from prune import caffe_io
+from prune.criteria import CRITERIA
+from prune.data import DataError, image_batches, image_files, preprocess_for
+from prune.driver import PruneError, PruneJob, run
+
+
+def parse_keep(text):
+    """'0.5' -> 0.5; 'conv1_1=0.5,conv2_1=0.75' -> dict."""
+    try:
+        if "=" not in text:
+            return float(text)
+        table = {}
+        for item in text.split(","):
+            name, value = item.split("=")
+            table[name.strip()] = float(value)
+        return table
+    except ValueError:
+        raise argparse.ArgumentTypeError("--keep takes a ratio (0.5) or a table (conv1_1=0.5,conv2_1=0.75), not %r"
+                                         % text) from None
+
+
+def parser():
+    ap = argparse.ArgumentParser(
+        prog="python -m prune",
+        description="Prune whole channels of a Caffe net, one channel group at a time in network order. "
+                    "Before each group the current (already pruned) net is run over the images and every "
+                    "consumer of the group is sampled; the criterion picks the channels to keep; ThiNet and "
+                    "LASSO then rescale the consumers' kept inputs by least squares. A checkpoint is written "
+                    "after every group: run the same command again to resume. Result: OUT/pruned.prototxt + "
+                    "OUT/pruned.caffemodel (plain Caffe files) and OUT/log.json.")
+    ap.add_argument("--model", required=True, help="deploy prototxt")
+    ap.add_argument("--weights", required=True, help="its caffemodel (never modified)")
+    ap.add_argument("--data", required=True,
+                    help="images to sample: an image list ('path label' lines, see --root) or a folder of "
+                         "identity folders (e.g. ../shared/data/lfw/images-112x112)")
+    ap.add_argument("--root", default="", help="folder the list's paths are relative to")
+    ap.add_argument("--lfw-folds", default=None,
+                    help="with a folder --data: only people of these LFW View 2 folds, e.g. 1-5 (needs --pairs); "
+                         "keeps folds 6-10 an honest test set")
+    ap.add_argument("--pairs", default=None, help="LFW pairs.txt, for --lfw-folds")
+    ap.add_argument("--images", type=int, default=None,
+                    help="images per sampling pass, drawn once with --seed (default: all, at most 500)")
+    ap.add_argument("--samples-per-image", type=int, default=10,
+                    help="random (output filter, position) samples per image and consumer (default 10, as in "
+                         "ThiNet). Memory: one C x C Gram per consumer plus one batch of activations; it does "
+                         "not grow with --images; time grows linearly with --images")
+    ap.add_argument("--criterion", default="thinet", choices=sorted(CRITERIA),
+                    help="thinet: ThiNet remove-greedy + least squares (default); thinet-add: add-greedy with "
+                         "least-squares refit; lasso: He et al. 2017; l1: filter L1 norm; random; actsum: the "
+                         "original Sphereface-prune activation-sum pairs")
+    ap.add_argument("--keep", type=parse_keep, default=0.5,
+                    help="share of channels kept: one ratio for every selected group (0.5), or a table by "
+                         "layer/group name (conv1_1=0.5,conv2_1=0.75)")
+    ap.add_argument("--layers", default="all",
+                    help="comma-separated layers or group ids to prune, in any order (they are pruned in "
+                         "network order); default all prunable groups (python -m prune.groups lists them)")
+    ap.add_argument("--rgb", action="store_true",
+                    help="the net expects RGB planes (e.g. MobileFaceNet); default BGR (Caffe, SphereFace)")
+    ap.add_argument("--crop", default="auto", choices=("auto", "112x96", "none"),
+                    help="auto: SphereFace 112x96 crop when the images are 112x112 and the net takes 112x96")
+    ap.add_argument("--batch", type=int, default=32, help="images per Caffe forward (default 32)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of image draw, sampling and random criterion")
+    ap.add_argument("--out", required=True, help="run folder (steps/, pruned.prototxt, pruned.caffemodel, log.json)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    return ap
+
+
+def main(argv=None):
+    a = parser().parse_args(argv)
+    try:
+        for path in (a.model, a.weights):
+            if not os.path.exists(path):
+                raise PruneError("no such file: %s" % path)
+        net = caffe_io.read_net(a.model)
+        from finetune.trainnet import input_layer
+        _, shape = input_layer(net, a.model)
+        root, rels = image_files(a.data, a.root, a.lfw_folds, a.pairs, a.images or 0, a.seed)
+        if a.images is None and len(rels) > 500:
+            root, rels = image_files(a.data, a.root, a.lfw_folds, a.pairs, 500, a.seed)
+        pre = preprocess_for(shape, root, rels, a.rgb, a.crop)
+        layers = "all" if a.layers == "all" else [s.strip() for s in a.layers.split(",") if s.strip()]
+        job = PruneJob(model=a.model, weights=a.weights, out=a.out, criterion=a.criterion, keep=a.keep,
+                       layers=layers, samples_per_image=a.samples_per_image, seed=a.seed,
+                       data=dict(data=a.data, root=root, images=len(rels), lfw_folds=a.lfw_folds,
+                                 rgb=a.rgb, crop=pre.crop))
+        log = run(job, lambda: image_batches(root, rels, pre, a.batch), progress=not a.quiet)
+    except (ValueError, OSError) as e:
+        print("python -m prune: error: %s" % e, file=sys.stderr)
+        return 2
+    for s in log["steps"]:
+        err = ", ".join("%s %.3f->%.3f" % (k, v["removed"], v["rescaled"]) for k, v in s["error"].items())
+        print("%-12s %4d -> %-4d  rel. error %s" % (s["group"], s["channels"], s["kept"], err))
+    print("pruned net: %s + %s" % (log["prototxt"], log["caffemodel"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Li et al. 2017: keep the filters with the largest L1 norm.
+
+A group with several producers (a residual stream) sums each producer's
+norms, normalised by that producer's mean norm so no layer dominates."""
+import numpy as np
+
+
+class L1:
+    rescale = False
+
+    def __init__(self, seed=0):
+        pass
+
+    def select(self, evidence, n_keep):
+        score = np.zeros(evidence.group.channels)
+        for s in evidence.group.producers:
+            if s.blob != 0:          # the bias rows carry no filter
+                continue
+            W = np.moveaxis(np.asarray(evidence.weights[s.layer][0]), s.axis, 0)
+            rows = W.reshape(W.shape[0], -1)
+            norms = np.abs(rows[s.indices(np.arange(evidence.group.channels))]).sum(axis=1)
+            score += norms / max(norms.mean(), 1e-30)
+        return sorted(np.argsort(-score, kind="stable")[:n_keep].tolist())

@@ -1,0 +1,114 @@
+"""Evidence for choosing a group's channels, from real Caffe forward passes.
+
+``collect(net, weights, group, images, ...)`` runs the current (possibly
+already pruned) net over the images once and returns an ``Evidence``:
+
+* ``grams[consumer]``: G = X^T X of the per-input-channel contributions at
+  random (output filter, position) samples of every consumer of the group,
+  bias excluded (prune.contrib), ``samples_per_image`` per image;
+* ``actsum``: the sum over images and positions of each channel of the
+  group's first blob (what the original Sphereface-prune scripts rank by);
+* ``weights`` and the ``group`` itself, for weight-based criteria.
+
+Memory: Caffe holds one batch of activations; the sampler adds
+batch x samples_per_image x C x kh x kw floats of windows and one C x C Gram
+per consumer, whatever the number of images.
+"""
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from prune import caffe_io, contrib
+from prune.gram import GramAccumulator
+
+
+class SampleError(ValueError):
+    pass
+
+
+@dataclass
+class Evidence:
+    group: object
+    weights: dict
+    grams: dict = field(default_factory=dict)      # consumer layer -> C x C
+    actsum: np.ndarray = None
+    images: int = 0
+    samples: int = 0
+
+
+def _layer(net_param, name):
+    return next(l for l in net_param.layer if l.name == name)
+
+
+def collect(net_param, weights, group, images, samples_per_image=10, batch=32, seed=0, progress=None):
+    """Evidence for one group. ``images``: an iterable of (N, 3, H, W) float32 batches."""
+    return collect_many(net_param, weights, [group], images, samples_per_image, seed, progress)[group.id]
+
+
+def collect_many(net_param, weights, groups, images, samples_per_image=10, seed=0, progress=None):
+    """{group id: Evidence} for several groups from one pass over the images."""
+    import caffe
+    layers = {l.name: l for l in net_param.layer}
+    for group in groups:
+        for c in group.consumers:
+            layer = layers[c.layer]
+            if layer.type == "Convolution" and layer.convolution_param.group != 1:
+                raise SampleError("consumer %r of group %r is a grouped convolution; sampling needs a plain one"
+                                  % (c.layer, group.id))
+    with tempfile.TemporaryDirectory() as tmp:
+        proto = os.path.join(tmp, "net.prototxt")
+        caffe_io.write_net(net_param, proto)
+        net = caffe.Net(proto, caffe.TEST)
+    caffe_io.load_into(net, weights)
+    rng = np.random.default_rng(seed)
+    found = {g.id: Evidence(group=g, weights=weights, actsum=np.zeros(g.channels)) for g in groups}
+    grams = {(g.id, c.layer): GramAccumulator(g.channels) for g in groups for c in g.consumers}
+    W = {c.layer: np.asarray(weights[c.layer][0], dtype=np.float32).reshape(net.params[c.layer][0].data.shape)
+         for g in groups for c in g.consumers}
+    data = net.inputs[0]
+    n_images = 0
+    for x in images:
+        net.blobs[data].reshape(*x.shape)
+        net.blobs[data].data[...] = x
+        net.forward()
+        for g in groups:
+            for c in g.consumers:
+                X = _contributions(layers[c.layer], c, W[c.layer], net.blobs[c.bottom].data, g.channels, rng,
+                                   samples_per_image)
+                grams[(g.id, c.layer)].add(X)
+            if g.blobs and g.blobs[0].block == 1:
+                A = net.blobs[g.blobs[0].blob].data
+                A = A.reshape(A.shape[0], A.shape[1], -1)
+                found[g.id].actsum += A[:, g.blobs[0].indices(np.arange(g.channels))].sum(axis=(0, 2))
+        n_images += x.shape[0]
+        if progress is not None:
+            progress.update(x.shape[0])
+    if n_images == 0:
+        raise SampleError("no images to sample from")
+    for g in groups:
+        ev = found[g.id]
+        ev.grams = {c.layer: grams[(g.id, c.layer)].G for c in g.consumers}
+        ev.images, ev.samples = n_images, n_images * samples_per_image
+    return found
+
+
+def _contributions(layer, consumer, W, A, C, rng, per_image):
+    n = A.shape[0]
+    if layer.type == "InnerProduct":
+        cols = slice(consumer.start, consumer.start + C * consumer.block)
+        images, filters, _, _ = contrib.sample_positions(rng, n, per_image, W.shape[0])
+        return contrib.ip_contributions(A.reshape(n, -1)[:, cols], W.reshape(W.shape[0], -1)[:, cols],
+                                        filters, images, consumer.block)
+    if layer.type != "Convolution":
+        raise SampleError("consumer %r is a %s; ThiNet sampling handles Convolution and InnerProduct"
+                          % (layer.name, layer.type))
+    geometry = contrib.conv_geometry(layer.convolution_param)
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry
+    H, Wd = A.shape[2:]
+    out_h = (H + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
+    out_w = (Wd + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
+    chans = slice(consumer.start, consumer.start + C)
+    images, filters, rows, cols = contrib.sample_positions(rng, n, per_image, W.shape[0], out_h, out_w)
+    return contrib.conv_contributions(A[:, chans], W[:, chans], geometry, 1, filters, images, rows, cols)
