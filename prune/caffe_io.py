@@ -211,7 +211,8 @@ def read_net(path):
     except text_format.ParseError as e:
         raise CaffeFileError("%s:%s" % (path, e)) from None
     if len(net.layers):
-        text_format.Merge(_upgrade(path, binary=False).decode("utf-8"), net := caffe_pb2.NetParameter())
+        net = caffe_pb2.NetParameter()
+        text_format.Merge(_upgrade(path, binary=False).decode("utf-8"), net)
     _modernise_inputs(net)
     return net
 
