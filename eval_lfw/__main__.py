@@ -1,0 +1,82 @@
+"""python -m eval_lfw: LFW verification accuracy (10-fold protocol) of a Caffe face model."""
+import argparse
+import sys
+
+import prune  # noqa: F401  (quiets glog before caffe is imported)
+
+from .errors import EvalError
+from .features import DEFAULT_CACHE
+from .images import CROPS
+
+EPILOG = """\
+Protocol: each test fold is scored with the mean feature of the other selected
+folds subtracted, L2 normalisation and cosine similarity; its threshold is the
+one that maximises accuracy on those other folds. Reported: mean and std (over
+folds) of the test-fold accuracies, TAR at FAR 1e-3 and the ROC of the pooled
+test-fold scores.
+
+Example (the MobileFaceNet at hand, 112x112 input, no crop, no flip):
+  python -m eval_lfw --model mobilefacenet-v0.prototxt --weights mobilefacenet-v0.caffemodel \\
+      --blob fc1 --lfw-dir lfw/images-112x112 --pairs lfw/pairs.txt --crop none --no-flip --out runs/mfn
+"""
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="python -m eval_lfw", description=__doc__.split(":", 1)[1].strip(),
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="deploy prototxt; its Input layer gives the image size")
+    p.add_argument("--weights", required=True, help="the .caffemodel for --model")
+    p.add_argument("--blob", required=True, help="blob whose values are the face embedding (fc5 for SphereFace)")
+    p.add_argument("--lfw-dir", required=True,
+                   help="LFW images as NAME/NAME_0001.jpg: 112x112 aligned images, or raw ones with --landmarks")
+    p.add_argument("--pairs", required=True, help="the View 2 pairs.txt (header '10 300')")
+    p.add_argument("--folds", default=None,
+                   help="folds to cross-validate over, e.g. 6-10 for a model trained on folds 1-5 "
+                        "(default: all folds in --pairs)")
+    p.add_argument("--crop", choices=CROPS, default="112x96",
+                   help="112x96: the SphereFace crop, columns 8..103 of the 112x112 aligned images (default); "
+                        "none: images go in whole and must match the net's input size")
+    p.add_argument("--no-flip", action="store_true",
+                   help="embedding of the image alone (default: image and its mirror image, concatenated)")
+    p.add_argument("--bgr", action="store_true",
+                   help="feed pixels in BGR order, as nets trained with Caffe's ImageData layer (the official "
+                        "SphereFace models) expect; default RGB")
+    p.add_argument("--landmarks", default=None,
+                   help="5-point landmark file for raw (e.g. 250x250) LFW images, lines "
+                        "'NAME/NAME_0001.jpg x1 y1 ... x5 y5' (eyes, nose, mouth corners; 0-based pixels); "
+                        "faces are aligned to the 112x112 template, then --crop applies")
+    p.add_argument("--batch", type=int, default=64, help="images per Caffe forward pass (default 64)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="image-decoding processes running ahead of Caffe (default 1; 0 decodes in between forwards)")
+    p.add_argument("--out", default=None, help="folder for results.json and roc.png (default: print only)")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE,
+                   help="feature cache, keyed by model, weights, blob, preprocessing and image list "
+                        "(default: .cache/eval_lfw in the repository)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    if args.batch < 1 or args.workers < 0:
+        parser().error("--batch must be >= 1 and --workers >= 0")
+    from . import evaluator
+    try:
+        result = evaluator.evaluate(
+            args.model, args.blob, args.lfw_dir, args.pairs, weights=args.weights, folds=args.folds,
+            crop=args.crop, flip=not args.no_flip, bgr=args.bgr, landmarks=args.landmarks, batch=args.batch,
+            workers=args.workers, cache_dir=None if args.no_cache else args.cache_dir, progress=not args.quiet)
+        if args.out:
+            paths = evaluator.write_report(result, args.out, protect=(args.model, args.weights, args.pairs))
+    except (EvalError, ValueError) as e:
+        print("eval_lfw: error: %s" % e, file=sys.stderr)
+        return 2
+    print("\n".join(evaluator.summary(result)))
+    if args.out:
+        print("wrote %s" % ", ".join(paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

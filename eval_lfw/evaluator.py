@@ -1,0 +1,154 @@
+"""evaluate(): features once per unique image (cached), then the numpy protocol."""
+import json
+import os
+import time
+
+import numpy as np
+
+from prune import caffe_io
+
+from . import features as F
+from .align import read_landmarks
+from .errors import EvalError
+from .images import Preprocess, check_images
+from .pairs import Pairs, parse_folds, read_pairs
+from .protocol import cross_validate
+
+
+def evaluate(model, blob, lfw_dir, pairs, *, weights=None, folds=None, crop="112x96", flip=True, bgr=False,
+             landmarks=None, batch=64, workers=1, cache_dir=F.DEFAULT_CACHE, progress=True):
+    """LFW 10-fold (or ``folds``-only) verification of one model.
+
+    model: a deploy prototxt path (with ``weights``, a caffemodel path) or an
+    instantiated caffe.Net (never cached: its files are unknown). pairs: a
+    pairs.txt path or a Pairs. folds: None (all), '6-10', or a list.
+    landmarks: a 5-point file to align raw LFW images on the fly.
+    Returns the dict of protocol.cross_validate plus what was evaluated and how.
+    """
+    if not isinstance(pairs, Pairs):
+        pairs = read_pairs(pairs)
+    if folds is not None:
+        pairs = pairs.select(parse_folds(folds) if isinstance(folds, str) else folds)
+    if len(pairs.folds) < 2:
+        raise EvalError("cross-validation needs at least 2 folds; %s selects %s" % (pairs.source, pairs.folds))
+    rels, rows = pairs.images()
+    check_images(lfw_dir, rels)
+
+    from_files = isinstance(model, (str, os.PathLike))
+    if from_files:
+        model = os.fspath(model)
+        netparam = caffe_io.read_net(model)
+        _, (_, height, width) = F.net_input(netparam, model)
+        F.check_blob(F.net_blobs(netparam), blob, model)
+        if weights is None:
+            raise EvalError("%s: the weights (a .caffemodel) are needed too" % model)
+        weights = os.fspath(weights)
+        if not os.path.isfile(weights):
+            raise EvalError("weights file %s does not exist" % weights)
+    else:
+        _, (_, height, width), names = F.describe(model)
+        F.check_blob(names, blob, "the net")
+    pre = Preprocess(height, width, crop, bgr, read_landmarks(landmarks) if landmarks else None)
+
+    cache = F.FeatureCache(cache_dir, F.cache_key(model, weights, blob, pre, lfw_dir, landmarks)) \
+        if cache_dir and from_files else None
+    sigs = F.signatures(lfw_dir, rels) if cache else None
+    rows_of = cache.lookup(rels, sigs, flip) if cache else [None] * len(rels)
+    todo = [i for i, row in enumerate(rows_of) if row is None]
+    seconds = 0.0
+    if todo:
+        todo_rels = [rels[i] for i in todo]
+        check_images(lfw_dir, todo_rels, pre)
+        net = caffe_io.open_net(model, weights) if from_files else model
+        start = time.perf_counter()
+        new = F.extract(net, blob, lfw_dir, todo_rels, pre, flip, batch, workers, progress)
+        seconds = time.perf_counter() - start
+        for i, row in zip(todo, new):
+            rows_of[i] = row
+        if cache:
+            cache.store(todo_rels, [sigs[i] for i in todo], new, flip)
+    feats = np.stack(rows_of)
+
+    result = cross_validate(feats[rows[:, 0]], feats[rows[:, 1]], pairs.same, pairs.fold)
+    result.update({
+        "model": model if from_files else "caffe.Net",
+        "weights": weights,
+        "blob": blob,
+        "lfw_dir": os.fspath(lfw_dir),
+        "pairs": pairs.source,
+        "crop": crop,
+        "flip": bool(flip),
+        "channel_order": "BGR" if bgr else "RGB",
+        "landmarks": os.fspath(landmarks) if landmarks else None,
+        "n_images": len(rels),
+        "feature_dim": int(feats.shape[1]),
+        "from_cache": not todo,
+        "images_computed": len(todo),
+        "feature_seconds": round(seconds, 3),
+        "images_per_second": round(len(todo) / seconds, 2) if seconds else None,
+    })
+    return result
+
+
+def summary(result):
+    """Human-readable lines: one per fold, then the mean."""
+    lines = ["fold  threshold  accuracy"]
+    for f, t, a in zip(result["folds"], result["thresholds"], result["fold_accuracy"]):
+        lines.append("%4d  %9.4f  %7.2f%%" % (f, t, 100 * a))
+    lines.append("mean accuracy %.2f%% +- %.2f (std over %d folds %s), TAR %.2f%% at FAR 1e-3, AUC %.4f"
+                 % (100 * result["accuracy_mean"], 100 * result["accuracy_std"], len(result["folds"]),
+                    _span(result["folds"]), 100 * result["tar_at_far_1e-3"], result["auc"]))
+    if result["from_cache"]:
+        how = "all from cache"
+    else:
+        how = "%d computed in %.1f s (%s img/s)" % (result["images_computed"], result["feature_seconds"],
+                                                   result["images_per_second"])
+        if result["images_computed"] < result["n_images"]:
+            how += ", %d from cache" % (result["n_images"] - result["images_computed"])
+    lines.append("%d pairs, %d images (features: %s), blob %s (%d-d%s), %s" % (
+        result["n_pairs"], result["n_images"], how, result["blob"], result["feature_dim"],
+        " with flip" if result["flip"] else "", result["channel_order"]))
+    return lines
+
+
+def _span(folds):
+    return "%d-%d" % (folds[0], folds[-1]) if folds == list(range(folds[0], folds[-1] + 1)) else str(folds)
+
+
+def to_json(result):
+    """The result without its per-pair arrays, ready for json.dump."""
+    return {k: v for k, v in result.items() if k not in ("scores", "same", "roc")}
+
+
+def write_report(result, out_dir, protect=()):
+    """results.json and roc.png into ``out_dir``; returns their paths."""
+    json_path = caffe_io.atomic_write(os.path.join(out_dir, "results.json"),
+                                      json.dumps(to_json(result), indent=2) + "\n", protect)
+    png_path = os.path.join(out_dir, "roc.png")
+    caffe_io.atomic_write(png_path, roc_png(result), protect)
+    return json_path, png_path
+
+
+def roc_png(result):
+    """The ROC curve (TAR against FAR, log scale) as PNG bytes."""
+    import io
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    far, tar = result["roc"]["far"], result["roc"]["tar"]
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    keep = far > 0
+    ax.semilogx(far[keep], tar[keep], drawstyle="steps-post")
+    ax.axvline(1e-3, color="grey", lw=0.8, ls="--")
+    ax.set_xlim(min(1e-4, far[keep].min() if keep.any() else 1e-4), 1)
+    ax.set_ylim(max(0.0, float(np.min(tar)) - 0.02) if keep.any() else 0, 1.001)
+    ax.set_xlabel("false accept rate")
+    ax.set_ylabel("true accept rate")
+    ax.set_title("LFW folds %s: %.2f%%, TAR@FAR1e-3 %.2f%%" % (
+        _span(result["folds"]), 100 * result["accuracy_mean"], 100 * result["tar_at_far_1e-3"]), fontsize=9)
+    ax.grid(True, which="both", lw=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

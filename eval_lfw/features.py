@@ -1,0 +1,165 @@
+"""Embeddings of a list of images from a Caffe net, with an on-disk cache.
+
+Each unique image goes through the net once (twice with its mirror image);
+decoding runs in worker processes ahead of Caffe's forward pass.
+"""
+import hashlib
+import io
+import json
+import os
+
+import numpy as np
+from tqdm import tqdm
+
+from prune import caffe_io
+
+from .errors import EvalError
+from .images import batches
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CACHE = os.path.join(ROOT, ".cache", "eval_lfw")
+
+
+def net_input(netparam, source="net"):
+    """(input blob name, (C, H, W)) of a deploy NetParameter's first Input layer."""
+    for layer in netparam.layer:
+        if layer.type == "Input":
+            for top, shape in zip(layer.top, layer.input_param.shape):
+                dims = list(shape.dim)
+                if len(dims) == 4:
+                    if dims[1] != 3:
+                        raise EvalError("%s: input %r has %d channels; face nets take 3 (colour)"
+                                        % (source, top, dims[1]))
+                    return top, tuple(dims[1:])
+    raise EvalError("%s has no Input layer with a 4-D shape (N, 3, H, W): pass a deploy prototxt" % source)
+
+
+def net_blobs(netparam):
+    names = []
+    for layer in netparam.layer:
+        for top in layer.top:
+            if top not in names:
+                names.append(top)
+    return names
+
+
+def check_blob(names, blob, source="net"):
+    if blob not in names:
+        raise EvalError("%s has no blob %r; its blobs are: %s" % (source, blob, ", ".join(names)))
+
+
+def describe(net):
+    """(input name, (C, H, W), blob names) of an instantiated caffe.Net."""
+    if not net.inputs:
+        raise EvalError("the net has no Input blob to feed images to: build it from a deploy prototxt")
+    name = net.inputs[0]
+    return name, tuple(net.blobs[name].data.shape[1:]), list(net.blobs)
+
+
+def extract(net, blob, root, rels, pre, flip=True, batch=64, workers=1, progress=True):
+    """(len(rels), D) float32 embeddings; with ``flip`` the mirror's embedding is appended (2D)."""
+    inp, chw, _ = describe(net)
+    shape = net.blobs[inp].data.shape
+    out = []
+    bar = tqdm(total=len(rels), unit="img", desc="features", disable=not progress, leave=False)
+    for chunk, x in batches(root, rels, pre, batch, workers):
+        if net.blobs[inp].data.shape[0] != len(x):
+            net.blobs[inp].reshape(len(x), *chw)
+            net.reshape()
+        feats = [_forward(net, inp, blob, x)]
+        if flip:
+            feats.append(_forward(net, inp, blob, x[..., ::-1]))
+        out.append(np.concatenate(feats, axis=1))
+        bar.update(len(chunk))
+    bar.close()
+    if net.blobs[inp].data.shape != shape:  # hand the caller's net back as it came
+        net.blobs[inp].reshape(*shape)
+        net.reshape()
+    if not out:
+        return np.zeros((0, 0), np.float32)
+    return np.concatenate(out)
+
+
+def _forward(net, inp, blob, x):
+    net.blobs[inp].data[...] = x
+    net.forward()
+    return net.blobs[blob].data.reshape(len(x), -1).copy()
+
+
+# ------------------------------------------------------------------ cache
+
+def _file_hash(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_key(model, weights, blob, pre, root, landmarks=None):
+    """Hash of what every feature of a run depends on: model and weight bytes,
+    blob, preprocessing and the image folder. Images are matched one by one
+    in the cache entry (by path, size and mtime), so any subset of folds
+    reuses what an earlier run computed."""
+    parts = {"model": _file_hash(model), "weights": _file_hash(weights), "blob": blob,
+             "input": [pre.height, pre.width], "crop": pre.crop, "bgr": pre.bgr,
+             "landmarks": _file_hash(landmarks) if landmarks else None, "root": os.path.realpath(root)}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def signatures(root, rels):
+    """'size:mtime' of each image: a changed file is recomputed."""
+    out = []
+    for r in rels:
+        st = os.stat(os.path.join(root, r))
+        out.append("%d:%d" % (st.st_size, st.st_mtime_ns))
+    return out
+
+
+def _read(path):
+    if not os.path.isfile(path):
+        return [], [], None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return list(z["images"]), list(z["signatures"]), z["features"]
+    except (OSError, ValueError, KeyError):
+        return [], [], None  # a damaged entry is recomputed, never trusted
+
+
+class FeatureCache:
+    """Features of one model + preprocessing (``key``), image by image, in ``cache_dir``.
+
+    One file per flip setting. A request without flip is also served by the
+    flip entry (its first half), so both numbers cost one extraction.
+    """
+
+    def __init__(self, cache_dir, key):
+        self.cache_dir, self.key = cache_dir, key
+
+    def path(self, flip):
+        return os.path.join(self.cache_dir, "%s-%s.npz" % (self.key, "flip" if flip else "noflip"))
+
+    def lookup(self, rels, sigs, flip):
+        """Per image its cached feature row or None."""
+        found = {}
+        for entry_flip in (flip, True):
+            images, signs, feats = _read(self.path(entry_flip))
+            if feats is None:
+                continue
+            if entry_flip != flip:
+                feats = feats[:, :feats.shape[1] // 2]
+            for image, sign, row in zip(images, signs, feats):
+                found.setdefault((image, sign), row)
+        return [found.get((r, s)) for r, s in zip(rels, sigs)]
+
+    def store(self, rels, sigs, feats, flip):
+        """Add (or refresh) these images' rows in the entry for ``flip``."""
+        images, signs, old = _read(self.path(flip))
+        rows = {}
+        if old is not None and old.shape[1] == feats.shape[1]:
+            rows = {image: (sign, row) for image, sign, row in zip(images, signs, old)}
+        rows.update({r: (s, row) for r, s, row in zip(rels, sigs, feats)})
+        buf = io.BytesIO()
+        np.savez(buf, images=np.array(list(rows)), signatures=np.array([v[0] for v in rows.values()]),
+                 features=np.stack([v[1] for v in rows.values()]).astype(np.float32))
+        return caffe_io.atomic_write(self.path(flip), buf.getvalue())
