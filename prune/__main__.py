@@ -25,6 +25,27 @@ def parse_keep(text):
                                          % text) from None
 
 
+def finetune_hooks(a, net):
+    """Callables for the driver: distill each pruned net from the original one."""
+    if not (a.finetune_epochs_per_layer or a.finetune_epochs_final):
+        return None, None
+    if not a.train_list:
+        raise PruneError("fine-tuning needs --train-list (python -m finetune.lists makes one)")
+    from finetune.driver import FineTuneJob, finetune
+    blob = a.blob or net.layer[-1].top[0]
+
+    def hook(epochs):
+        def run_one(out, proto, weights):
+            job = FineTuneJob(deploy=proto, weights=weights, train_list=a.train_list, root_folder=a.train_root,
+                              out=out,
+                              head="distill", embedding=blob, teacher=a.model, teacher_weights=a.weights,
+                              epochs=epochs, batch_size=a.finetune_batch, base_lr=a.finetune_lr, rgb=a.rgb,
+                              seed=a.seed, gpu=[int(g) for g in a.gpu.split(",")] if a.gpu else None)
+            return finetune(job, resume=True, progress=not a.quiet)["final"]
+        return run_one if epochs else None
+    return hook(a.finetune_epochs_per_layer), hook(a.finetune_epochs_final)
+
+
 def parser():
     ap = argparse.ArgumentParser(
         prog="python -m prune",
@@ -66,6 +87,17 @@ def parser():
                     help="auto: SphereFace 112x96 crop when the images are 112x112 and the net takes 112x96")
     ap.add_argument("--batch", type=int, default=32, help="images per Caffe forward (default 32)")
     ap.add_argument("--seed", type=int, default=0, help="seed of image draw, sampling and random criterion")
+    ft = ap.add_argument_group("fine-tuning (distillation from the unpruned net, Caffe's solver; python -m finetune)")
+    ft.add_argument("--finetune-epochs-per-layer", type=float, default=0,
+                    help="epochs of fine-tuning after each pruned group (the original recipe: 1; default 0 = none)")
+    ft.add_argument("--finetune-epochs-final", type=float, default=0,
+                    help="epochs after the last group (the original recipe: 8-9; default 0 = none)")
+    ft.add_argument("--train-list", help="image list for fine-tuning ('path label' lines; python -m finetune.lists)")
+    ft.add_argument("--train-root", default="", help="folder the training list's paths are relative to")
+    ft.add_argument("--blob", default=None, help="embedding blob (default: the net's last output)")
+    ft.add_argument("--finetune-batch", type=int, default=64, help="fine-tune batch size (default 64)")
+    ft.add_argument("--finetune-lr", type=float, default=1e-3, help="fine-tune base lr (default 1e-3, the recipe's)")
+    ft.add_argument("--gpu", default=None, help="fine-tune on these GPU ids (as python -m finetune --gpu)")
     ap.add_argument("--out", required=True, help="run folder (steps/, pruned.prototxt, pruned.caffemodel, log.json)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
@@ -89,7 +121,9 @@ def main(argv=None):
                        layers=layers, samples_per_image=a.samples_per_image, seed=a.seed,
                        data=dict(data=a.data, root=root, images=len(rels), lfw_folds=a.lfw_folds,
                                  rgb=a.rgb, crop=pre.crop))
-        log = run(job, lambda: image_batches(root, rels, pre, a.batch), progress=not a.quiet)
+        step_ft, final_ft = finetune_hooks(a, net)
+        log = run(job, lambda: image_batches(root, rels, pre, a.batch), finetune=step_ft, final_finetune=final_ft,
+                  progress=not a.quiet)
     except (ValueError, OSError) as e:
         print("python -m prune: error: %s" % e, file=sys.stderr)
         return 2

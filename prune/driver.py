@@ -120,10 +120,11 @@ def reconstruction(group, grams, kept):
     return out
 
 
-def run(job, images, finetune: Optional[Callable] = None, progress=True):
+def run(job, images, finetune: Optional[Callable] = None, final_finetune: Optional[Callable] = None, progress=True):
     """Prune per ``job``; ``images()`` yields float32 batches for one sampling
     pass (called once per step).  ``finetune(step_dir, proto, weights) ->
-    weights`` runs after each step.  Returns the log record."""
+    weights`` runs after each step, ``final_finetune`` (same signature) once
+    after the last.  Returns the log record."""
     from tqdm import tqdm
     os.makedirs(job.out, exist_ok=True)
     config = job.config()
@@ -171,15 +172,18 @@ def run(job, images, finetune: Optional[Callable] = None, progress=True):
                       prototxt=out_proto, caffemodel=out_model, seconds=round(time.time() - start, 2))
         if finetune is not None:
             record["pruned_caffemodel"] = out_model
-            record["caffemodel"] = finetune(step_dir, out_proto, out_model)
+            record["caffemodel"] = finetune(os.path.join(step_dir, "finetune"), out_proto, out_model)
         caffe_io.atomic_write(record_path, json.dumps(record, indent=1))
         steps.append(record)
         proto, model = record["prototxt"], record["caffemodel"]
     bar.close()
+    if final_finetune is not None:
+        model = final_finetune(os.path.join(job.out, "finetune_final"), proto, model)
     final_proto = os.path.join(job.out, "pruned.prototxt")
     final_model = os.path.join(job.out, "pruned.caffemodel")
     save_pruned(caffe_io.read_net(proto), caffe_io.read_weights(model), final_proto, final_model,
                 inputs=(job.model, job.weights))
-    log = dict(config=config, steps=steps, prototxt=final_proto, caffemodel=final_model)
+    log = dict(config=config, steps=steps, prototxt=final_proto, caffemodel=final_model,
+               final_finetune=final_finetune is not None)
     caffe_io.atomic_write(os.path.join(job.out, "log.json"), json.dumps(log, indent=1))
     return log

@@ -82,7 +82,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     whole = run(make_job("whole"), lambda: iter([images]), progress=False)
 
     def dies_after_step_2(step_dir, proto_path, weights_path):
-        if step_dir.endswith("02_conv2_1"):
+        if "02_conv2_1" in step_dir:
             raise KeyboardInterrupt
         return weights_path
     with pytest.raises(KeyboardInterrupt):
@@ -120,3 +120,48 @@ def test_bad_input_gets_a_clear_message(tmp_path, capsys):
                        "--out", str(tmp_path / "out"), "--quiet"])
     assert code == 2 and "asked for 10 images but" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out" / "pruned.caffemodel")
+
+
+def test_cli_prunes_then_finetunes_each_step_and_at_the_end(tmp_path, capsys):
+    """python -m prune with the recipe's hooks: distillation from the unpruned net after every group and at the end."""
+    import caffe
+    from caffe import layers as L
+    from PIL import Image
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 3, 20, 16]))
+    n.conv1 = L.Convolution(n.data, num_output=8, kernel_size=3, pad=1, weight_filler=dict(type="xavier"))
+    n.relu1 = L.PReLU(n.conv1, in_place=True)
+    n.conv2 = L.Convolution(n.conv1, num_output=8, kernel_size=3, stride=2, weight_filler=dict(type="xavier"))
+    n.fc5 = L.InnerProduct(n.conv2, num_output=6, weight_filler=dict(type="xavier"))
+    proto = caffe_io.write_net(n.to_proto(), str(tmp_path / "net.prototxt"))
+    cnet = caffe.Net(proto, caffe.TEST)
+    model = str(tmp_path / "net.caffemodel")
+    cnet.save(model)
+    rng = np.random.default_rng(0)
+    lines = []
+    for person in range(3):
+        (tmp_path / "faces" / ("p%d" % person)).mkdir(parents=True)
+        for k in range(8):
+            rel = "p%d/%d.png" % (person, k)
+            Image.fromarray(rng.integers(0, 255, (20, 16, 3), dtype=np.uint8)).save(tmp_path / "faces" / rel)
+            lines.append("%s %d" % (rel, person))
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    args = ["--model", proto, "--weights", model, "--data", str(tmp_path / "faces"), "--out", str(out),
+            "--keep", "0.5", "--quiet", "--train-list", str(tmp_path / "train.txt"), "--train-root",
+            str(tmp_path / "faces"), "--finetune-epochs-per-layer", "1", "--finetune-epochs-final", "2",
+            "--finetune-batch", "8"]
+    assert prune_main(args) == 0, capsys.readouterr().err
+    log = json.load(open(out / "log.json"))
+    assert [s["group"] for s in log["steps"]] == ["conv1", "conv2"] and log["final_finetune"]
+    for s in log["steps"]:
+        assert s["caffemodel"].endswith("finetune/final.caffemodel") and os.path.exists(s["pruned_caffemodel"])
+        assert json.load(open(os.path.join(os.path.dirname(s["caffemodel"]), "done.json")))["iterations"] == 3
+    assert json.load(open(out / "finetune_final" / "done.json"))["iterations"] == 6
+    final = caffe_io.open_net(str(out / "pruned.prototxt"), str(out / "pruned.caffemodel"))
+    assert final.blobs["conv1"].data.shape[1] == 4 and final.blobs["fc5"].data.shape == (1, 6)
+    # the last step's fine-tuned weights went through the final fine-tune: they differ
+    last = caffe_io.read_weights(log["steps"][-1]["caffemodel"])
+    assert not np.array_equal(last["fc5"][0], caffe_io.read_weights(str(out / "pruned.caffemodel"))["fc5"][0])
+    # run again: everything is found done, nothing is recomputed
+    assert prune_main(args) == 0
