@@ -60,8 +60,11 @@ def plain(net, inp, batches):
 
 def evaluator(net, args, rels, pre, workers):
     start = time.perf_counter()
-    extract(net, args.blob, args.lfw_dir, rels, pre, flip=False, batch=args.batch, workers=workers, progress=False)
-    return time.perf_counter() - start
+    feats = extract(net, args.blob, args.lfw_dir, rels, pre, flip=False, batch=args.batch, workers=workers,
+                    progress=False)
+    seconds = time.perf_counter() - start
+    assert len(feats) == len(rels), "the evaluator returned %d rows for %d images" % (len(feats), len(rels))
+    return seconds
 
 
 def main(argv=None):

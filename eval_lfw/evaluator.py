@@ -141,10 +141,11 @@ def roc_png(result):
     ax.semilogx(far[keep], tar[keep], drawstyle="steps-post")
     ax.axvline(1e-3, color="grey", lw=0.8, ls="--")
     ax.set_xlim(min(1e-4, far[keep].min() if keep.any() else 1e-4), 1)
-    ax.set_ylim(max(0.0, float(np.min(tar)) - 0.02) if keep.any() else 0, 1.001)
+    low = float(tar[keep].min()) if keep.any() else 0.0
+    ax.set_ylim(max(0.0, low - 0.1 * (1 - low) - 0.005), 1.0 + 0.02 * (1 - low) + 0.001)
     ax.set_xlabel("false accept rate")
     ax.set_ylabel("true accept rate")
-    ax.set_title("LFW folds %s: %.2f%%, TAR@FAR1e-3 %.2f%%" % (
+    ax.set_title("LFW folds %s: accuracy %.2f%%, TAR@FAR=1e-3 %.2f%%" % (
         _span(result["folds"]), 100 * result["accuracy_mean"], 100 * result["tar_at_far_1e-3"]), fontsize=9)
     ax.grid(True, which="both", lw=0.3)
     fig.tight_layout()

@@ -5,6 +5,7 @@ MobileFaceNet/ArcFace models); ``bgr=True`` keeps OpenCV's BGR order, which is
 what nets trained with Caffe's ImageData layer expect -- the official
 SphereFace models among them. Values are (x - 127.5) * 0.0078125.
 """
+import itertools
 import multiprocessing
 import os
 from collections import deque
@@ -142,7 +143,7 @@ def batches(root, rels, pre, batch, workers=1):
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(pre, root)) as pool:
         todo = iter(chunks[1:])
-        pending = deque((c, pool.submit(_load, c)) for c, _ in zip(todo, range(workers + 1)))
+        pending = deque((c, pool.submit(_load, c)) for c in itertools.islice(todo, workers + 1))
         # The first batch is decoded here while the workers start up (about a second).
         yield chunks[0], pre.batch(root, chunks[0])
         while pending:

@@ -76,10 +76,12 @@ def expected_input(path, crop=True, bgr=False):
 @pytest.mark.parametrize("workers", [0, 1])
 def test_features_see_the_cropped_rgb_pixels_and_their_mirror(data, workers):
     net = caffe_io.open_net(data["model"], data["weights"])
-    rels = ["Ann/Ann_0001.jpg", "Bob/Bob_0002.jpg", "Cid/Cid_0003.jpg"]
+    rels = ["Ann/Ann_0001.jpg", "Bob/Bob_0002.jpg", "Cid/Cid_0003.jpg", "Dee/Dee_0001.jpg", "Ann/Ann_0002.jpg",
+            "Bob/Bob_0001.jpg", "Cid/Cid_0002.jpg"]
+    # batch 2: four batches, more than the prefetch queue holds
     feats = extract(net, "data", data["root"], rels, Preprocess(112, 96), flip=True, batch=2, workers=workers,
                     progress=False)
-    assert feats.shape == (3, 2 * 3 * 112 * 96)
+    assert feats.shape == (7, 2 * 3 * 112 * 96)
     for row, rel in zip(feats, rels):
         x = expected_input(os.path.join(data["root"], rel))
         np.testing.assert_array_equal(row[:x.size], x.ravel())
