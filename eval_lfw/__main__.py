@@ -38,9 +38,10 @@ def parser():
                         "none: images go in whole and must match the net's input size")
     p.add_argument("--no-flip", action="store_true",
                    help="embedding of the image alone (default: image and its mirror image, concatenated)")
-    p.add_argument("--bgr", action="store_true",
-                   help="feed pixels in BGR order, as nets trained with Caffe's ImageData layer (the official "
-                        "SphereFace models) expect; default RGB")
+    p.add_argument("--rgb", action="store_true",
+                   help="feed pixels in RGB order (e.g. the MobileFaceNet of ../shared); default BGR, the order "
+                        "nets trained with Caffe's ImageData layer (the official SphereFace models) expect and the "
+                        "default of python -m prune and python -m finetune")
     p.add_argument("--landmarks", default=None,
                    help="5-point landmark file for raw (e.g. 250x250) LFW images, lines "
                         "'NAME/NAME_0001.jpg x1 y1 ... x5 y5' (eyes, nose, mouth corners; 0-based pixels); "
@@ -65,7 +66,7 @@ def main(argv=None):
     try:
         result = evaluator.evaluate(
             args.model, args.blob, args.lfw_dir, args.pairs, weights=args.weights, folds=args.folds,
-            crop=args.crop, flip=not args.no_flip, bgr=args.bgr, landmarks=args.landmarks, batch=args.batch,
+            crop=args.crop, flip=not args.no_flip, bgr=not args.rgb, landmarks=args.landmarks, batch=args.batch,
             workers=args.workers, cache_dir=None if args.no_cache else args.cache_dir, progress=not args.quiet)
         if args.out:
             paths = evaluator.write_report(result, args.out, protect=(args.model, args.weights, args.pairs))

@@ -15,7 +15,7 @@ from .pairs import Pairs, parse_folds, read_pairs
 from .protocol import cross_validate
 
 
-def evaluate(model, blob, lfw_dir, pairs, *, weights=None, folds=None, crop="112x96", flip=True, bgr=False,
+def evaluate(model, blob, lfw_dir, pairs, *, weights=None, folds=None, crop="112x96", flip=True, bgr=True,
              landmarks=None, batch=64, workers=1, cache_dir=F.DEFAULT_CACHE, progress=True):
     """LFW 10-fold (or ``folds``-only) verification of one model.
 

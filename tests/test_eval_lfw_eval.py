@@ -103,7 +103,7 @@ def test_evaluate_matches_a_plain_forward_and_caches(data, tmp_path):
     pairs = read_pairs(data["pairs"])
 
     def embed(rel):
-        x = expected_input(os.path.join(data["root"], rel))
+        x = expected_input(os.path.join(data["root"], rel), bgr=True)   # evaluate()'s default order
         out = []
         for img in (x, x[:, :, ::-1]):
             net.blobs["data"].data[...] = img
