@@ -1,9 +1,10 @@
 """From image files to the net's input: decode, align or crop, scale, batch, prefetch.
 
-Pixels reach the net as RGB by default (the toolkit's convention, and that of
-MobileFaceNet/ArcFace models); ``bgr=True`` keeps OpenCV's BGR order, which is
-what nets trained with Caffe's ImageData layer expect -- the official
-SphereFace models among them. Values are (x - 127.5) * 0.0078125.
+Channel order: ``Preprocess(bgr=True)`` keeps OpenCV's BGR order, what nets
+trained with Caffe's ImageData layer expect (the official SphereFace models;
+the default of evaluate(), python -m eval_lfw, prune and finetune);
+``bgr=False`` gives RGB, for nets such as the MobileFaceNet/ArcFace models
+(``--rgb``). Values are (x - 127.5) * 0.0078125.
 """
 import itertools
 import multiprocessing
