@@ -88,22 +88,14 @@ def _forward(net, inp, blob, x):
 
 # ------------------------------------------------------------------ cache
 
-def _file_hash(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def cache_key(model, weights, blob, pre, root, landmarks=None):
     """Hash of what every feature of a run depends on: model and weight bytes,
     blob, preprocessing and the image folder. Images are matched one by one
     in the cache entry (by path, size and mtime), so any subset of folds
     reuses what an earlier run computed."""
-    parts = {"model": _file_hash(model), "weights": _file_hash(weights), "blob": blob,
+    parts = {"model": caffe_io.file_sha256(model), "weights": caffe_io.file_sha256(weights), "blob": blob,
              "input": [pre.height, pre.width], "crop": pre.crop, "bgr": pre.bgr,
-             "landmarks": _file_hash(landmarks) if landmarks else None, "root": os.path.realpath(root)}
+             "landmarks": caffe_io.file_sha256(landmarks) if landmarks else None, "root": os.path.realpath(root)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -16,17 +16,10 @@ O(samples x C) per batch, never the full im2col of the layer.
 import numpy as np
 
 
-def _hw(repeated, h, w, default):
-    if h or w:
-        return h, w
-    values = list(repeated) or [default]
-    return values[0], values[-1]
-
-
 def conv_geometry(p):
-    """(kernel, stride, pad, dilation) as (h, w) pairs from a ConvolutionParameter."""
-    return (_hw(p.kernel_size, p.kernel_h, p.kernel_w, 1), _hw(p.stride, p.stride_h, p.stride_w, 1),
-            _hw(p.pad, p.pad_h, p.pad_w, 0), _hw(p.dilation, 0, 0, 1))
+    """(kernel, stride, pad, dilation) as (h, w) pairs from a 2-D ConvolutionParameter."""
+    from prune.graph import _conv_geometry
+    return tuple(tuple(v) for v in _conv_geometry(p, 2))
 
 
 def conv_contributions(A, W, geometry, group, filters, images, rows, cols):
