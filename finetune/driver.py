@@ -201,7 +201,7 @@ def plot_loss(rows, path, title):
 
 
 def _loss_value(net):
-    return float(sum(net.blobs[b].data.sum() * 1.0 for b in net.outputs if "loss" in b))
+    return float(sum(net.blobs[b].data.sum() for b in net.outputs if "loss" in b))
 
 
 def finetune(job, resume=True, progress=True):
@@ -246,7 +246,7 @@ def _train_pycaffe(job, p, n_iter, init, progress):
     else:
         caffe.set_mode_cpu()
     solver = caffe.get_solver(p["solver"])
-    it0, state = latest_snapshot(p["snapshots"])
+    _, state = latest_snapshot(p["snapshots"])
     if state:
         solver.restore(state)
         print("resumed from iteration %d (%s)" % (solver.iter, state), file=sys.stderr)
@@ -289,7 +289,7 @@ def _train_multi_gpu(job, p, init):
     tool = caffe_io.caffe_tool("caffe")
     train = caffe_io.read_net(p["train"])
     caffe_io.write_weights(train, init, p["init"])
-    it0, state = latest_snapshot(p["snapshots"])
+    _, state = latest_snapshot(p["snapshots"])
     cmd = [tool, "train", "-solver", p["solver"], "-gpu", ",".join(str(g) for g in job.gpu)]
     cmd += ["-snapshot", state] if state else ["-weights", p["init"]]
     print("running:", " ".join(cmd), file=sys.stderr)
@@ -299,7 +299,7 @@ def _train_multi_gpu(job, p, init):
             log.write("%s,%s\n" % m.groups())
     if run.returncode != 0:
         raise FineTuneError("caffe train failed:\n" + run.stderr[-2000:])
-    it, state = latest_snapshot(p["snapshots"])
+    _, state = latest_snapshot(p["snapshots"])
     model = state[:-len(".solverstate")] + ".caffemodel"
     deploy = caffe_io.read_net(p["deploy"])
     names = {l.name for l in deploy.layer}

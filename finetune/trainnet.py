@@ -21,7 +21,7 @@ import copy
 import json
 from dataclasses import dataclass
 
-from prune import caffe_io
+from prune import caffe_io  # noqa: F401  (first: quiets glog before caffe loads)
 from caffe.proto import caffe_pb2
 
 TEACHER = "teacher/"

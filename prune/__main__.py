@@ -1,12 +1,11 @@
 """python -m prune: layer-by-layer channel pruning of a Caffe net."""
 import argparse
-import json
 import os
 import sys
 
 from prune import caffe_io
 from prune.criteria import CRITERIA
-from prune.data import DataError, image_batches, image_files, preprocess_for
+from prune.data import image_batches, image_files, preprocess_for
 from prune.driver import PruneError, PruneJob, run
 
 

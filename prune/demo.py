@@ -67,7 +67,6 @@ def real_demo(out, shared, keep, images):
 
 
 def synthetic_demo(out, keep):
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
     proto = os.path.join(ROOT, "prototxt", "sphereface4_deploy.prototxt")
     import caffe
     net = caffe.Net(proto, caffe.TEST)

@@ -38,6 +38,12 @@ class GraphError(ValueError):
 
 # ------------------------------------------------------------------ public records
 
+def _block_indices(start, block, channels):
+    """Channel c owns start + c*block .. start + (c+1)*block - 1."""
+    channels = np.asarray(channels, dtype=np.int64).reshape(-1, 1)
+    return (start + channels * block + np.arange(block)).ravel()
+
+
 @dataclass(frozen=True)
 class Slice:
     """Where a group's channels live along one axis of one parameter blob.
@@ -54,8 +60,7 @@ class Slice:
 
     def indices(self, channels):
         """Indices along ``axis`` owned by the given group channels (in that order)."""
-        channels = np.asarray(channels, dtype=np.int64).reshape(-1, 1)
-        return (self.start + channels * self.block + np.arange(self.block)).ravel()
+        return _block_indices(self.start, self.block, channels)
 
 
 @dataclass(frozen=True)
@@ -78,8 +83,7 @@ class BlobSlice:
     block: int = 1
 
     def indices(self, channels):
-        channels = np.asarray(channels, dtype=np.int64).reshape(-1, 1)
-        return (self.start + channels * self.block + np.arange(self.block)).ravel()
+        return _block_indices(self.start, self.block, channels)
 
 
 @dataclass

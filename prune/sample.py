@@ -42,7 +42,7 @@ def _layer(net_param, name):
     return next(l for l in net_param.layer if l.name == name)
 
 
-def collect(net_param, weights, group, images, samples_per_image=10, batch=32, seed=0, progress=None):
+def collect(net_param, weights, group, images, samples_per_image=10, seed=0, progress=None):
     """Evidence for one group. ``images``: an iterable of (N, 3, H, W) float32 batches."""
     return collect_many(net_param, weights, [group], images, samples_per_image, seed, progress)[group.id]
 

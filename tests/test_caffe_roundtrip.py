@@ -1,7 +1,7 @@
 """The ground everything stands on: real pycaffe forward, backward, save, load."""
 import numpy as np
 import caffe
-from caffe import layers as L, params as P
+from caffe import layers as L
 
 from prune import caffe_io
 

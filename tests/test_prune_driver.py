@@ -8,8 +8,8 @@ import pytest
 from prune import caffe_io, gram
 from prune.__main__ import main as prune_main
 from prune.criteria import make
-from prune.data import image_batches, image_files, preprocess_for
-from prune.driver import PruneError, PruneJob, plan_groups, reconstruction, run
+from prune.data import image_files, preprocess_for
+from prune.driver import PruneError, PruneJob, plan_groups, run
 from prune.graph import build_graph
 from prune.sample import collect_many
 from conftest import shared_path
