@@ -3,7 +3,6 @@ import json
 import os
 import time
 
-import numpy as np
 
 from prune import caffe_io
 
@@ -50,24 +49,14 @@ def evaluate(model, blob, lfw_dir, pairs, *, weights=None, folds=None, crop="112
         F.check_blob(names, blob, "the net")
     pre = Preprocess(height, width, crop, bgr, read_landmarks(landmarks) if landmarks else None)
 
-    cache = F.FeatureCache(cache_dir, F.cache_key(model, weights, blob, pre, lfw_dir, landmarks)) \
-        if cache_dir and from_files else None
-    sigs = F.signatures(lfw_dir, rels) if cache else None
-    rows_of = cache.lookup(rels, sigs, flip) if cache else [None] * len(rels)
-    todo = [i for i, row in enumerate(rows_of) if row is None]
-    seconds = 0.0
-    if todo:
-        todo_rels = [rels[i] for i in todo]
-        check_images(lfw_dir, todo_rels, pre)
-        net = caffe_io.open_net(model, weights) if from_files else model
+    if from_files:
+        feats, n_todo, seconds = F.embeddings(model, weights, blob, lfw_dir, rels, pre, flip, batch, workers,
+                                              cache_dir, progress, landmarks)
+    else:
+        check_images(lfw_dir, rels, pre)
         start = time.perf_counter()
-        new = F.extract(net, blob, lfw_dir, todo_rels, pre, flip, batch, workers, progress)
-        seconds = time.perf_counter() - start
-        for i, row in zip(todo, new):
-            rows_of[i] = row
-        if cache:
-            cache.store(todo_rels, [sigs[i] for i in todo], new, flip)
-    feats = np.stack(rows_of)
+        feats = F.extract(model, blob, lfw_dir, rels, pre, flip, batch, workers, progress)
+        n_todo, seconds = len(rels), time.perf_counter() - start
 
     result = cross_validate(feats[rows[:, 0]], feats[rows[:, 1]], pairs.same, pairs.fold)
     result.update({
@@ -82,10 +71,10 @@ def evaluate(model, blob, lfw_dir, pairs, *, weights=None, folds=None, crop="112
         "landmarks": os.fspath(landmarks) if landmarks else None,
         "n_images": len(rels),
         "feature_dim": int(feats.shape[1]),
-        "from_cache": not todo,
-        "images_computed": len(todo),
+        "from_cache": not n_todo,
+        "images_computed": n_todo,
         "feature_seconds": round(seconds, 3),
-        "images_per_second": round(len(todo) / seconds, 2) if seconds else None,
+        "images_per_second": round(n_todo / seconds, 2) if seconds else None,
     })
     return result
 

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import time
 
 import numpy as np
 from tqdm import tqdm
@@ -14,7 +15,7 @@ from tqdm import tqdm
 from prune import caffe_io
 
 from .errors import EvalError
-from .images import batches
+from .images import batches, check_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CACHE = os.path.join(ROOT, ".cache", "eval_lfw")
@@ -84,6 +85,30 @@ def _forward(net, inp, blob, x):
     net.blobs[inp].data[...] = x
     net.forward()
     return net.blobs[blob].data.reshape(len(x), -1).copy()
+
+
+def embeddings(model, weights, blob, root, rels, pre, flip=True, batch=64, workers=1, cache_dir=DEFAULT_CACHE,
+               progress=True, landmarks=None):
+    """extract() for a model given by files, with the on-disk cache: only images
+    not seen before with these model bytes and preprocessing go through Caffe.
+    Returns (features, number computed, seconds of computing)."""
+    cache = FeatureCache(cache_dir, cache_key(model, weights, blob, pre, root, landmarks)) if cache_dir else None
+    sigs = signatures(root, rels) if cache else None
+    rows = cache.lookup(rels, sigs, flip) if cache else [None] * len(rels)
+    todo = [i for i, row in enumerate(rows) if row is None]
+    seconds = 0.0
+    if todo:
+        todo_rels = [rels[i] for i in todo]
+        check_images(root, todo_rels, pre)
+        net = caffe_io.open_net(model, weights)
+        start = time.perf_counter()
+        new = extract(net, blob, root, todo_rels, pre, flip, batch, workers, progress)
+        seconds = time.perf_counter() - start
+        for i, row in zip(todo, new):
+            rows[i] = row
+        if cache:
+            cache.store(todo_rels, [sigs[i] for i in todo], new, flip)
+    return np.stack(rows), len(todo), seconds
 
 
 # ------------------------------------------------------------------ cache

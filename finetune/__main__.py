@@ -30,6 +30,11 @@ def parser():
                                       "before this fine-tune)")
     ap.add_argument("--teacher-weights", help="distill: teacher caffemodel (default: --weights)")
     ap.add_argument("--teacher-blob", help="distill: teacher embedding blob (default: --blob)")
+    ap.add_argument("--precompute-teacher", action="store_true",
+                    help="distill: compute the teacher's embeddings of the list images once (cached in "
+                         ".cache/eval_lfw) and let the train net look them up (a frozen Embed layer) instead of "
+                         "running the teacher every iteration; with mirroring the target is the mean of the "
+                         "image's and its mirror's embeddings. Much faster on a CPU; memory: images x dim floats")
     ap.add_argument("--num-classes", type=int, default=0,
                     help="asoftmax: classes of fc6 (default: 1 + the largest label in the list)")
     ap.add_argument("--margin", type=int, default=4, choices=(1, 2, 3, 4), help="asoftmax: margin m (default 4)")
@@ -72,7 +77,7 @@ def main(argv=None):
         job = FineTuneJob(
             deploy=a.model, weights=a.weights, train_list=a.train_list, out=a.out, root_folder=a.root,
             head=a.loss, embedding=a.blob, teacher=a.teacher, teacher_weights=a.teacher_weights,
-            teacher_embedding=a.teacher_blob, num_classes=a.num_classes, margin=a.margin,
+            teacher_embedding=a.teacher_blob, precompute_teacher=a.precompute_teacher, num_classes=a.num_classes, margin=a.margin,
             native_asoftmax=a.native_asoftmax, epochs=a.epochs, batch_size=a.batch, base_lr=a.lr,
             lr_policy=a.lr_policy, gamma=a.gamma, stepsize=a.stepsize,
             stepvalues=tuple(int(v) for v in a.stepvalues.split(",") if v.strip()), momentum=a.momentum,

@@ -54,7 +54,7 @@ import numpy as np
 import caffe
 
 DEFAULTS = {"num_output": None, "m": 4, "base": 1000.0, "gamma": 0.12, "power": 1.0,
-            "lambda_min": 5.0, "iteration": 0, "gradient": "sphereface"}
+            "lambda_min": 5.0, "iteration": 0, "gradient": "sphereface", "seed": 0}
 GRADIENTS = ("sphereface", "exact")
 _TINY = 1e-12
 
@@ -89,6 +89,7 @@ def parse_params(param_str):
     integer("num_output", 1)
     integer("m", 1, 4)
     integer("iteration", 0)
+    integer("seed", 0)
     for key in ("base", "gamma", "power", "lambda_min"):
         v = p[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -126,10 +127,10 @@ def psi(cos, m):
     return sign * t - 2 * k, sign * m * u
 
 
-def _xavier(shape):
-    """Caffe's default xavier filler: U(-a, a), a = sqrt(3 / fan_in)."""
+def _xavier(shape, seed):
+    """Caffe's default xavier filler: U(-a, a), a = sqrt(3 / fan_in); seeded, so a run repeats exactly."""
     a = math.sqrt(3.0 / shape[1])
-    return np.random.uniform(-a, a, size=shape).astype(np.float32)
+    return np.random.default_rng(seed).uniform(-a, a, size=shape).astype(np.float32)
 
 
 class MarginInnerProduct(caffe.Layer):
@@ -150,7 +151,7 @@ class MarginInnerProduct(caffe.Layer):
         self.lam = annealed_lambda(self.p, self.iteration)
         # Weights loaded later (copy_from, solver restore) overwrite this fill.
         self.blobs.add_blob(self.p["num_output"], self.dim)
-        self.blobs[0].data[...] = _xavier((self.p["num_output"], self.dim))
+        self.blobs[0].data[...] = _xavier((self.p["num_output"], self.dim), self.p["seed"])
 
     def reshape(self, bottom, top):
         n = bottom[0].num

@@ -47,6 +47,7 @@ class FineTuneJob:
     teacher: Optional[str] = None        # distill: teacher deploy prototxt (default: the net itself)
     teacher_weights: Optional[str] = None
     teacher_embedding: Optional[str] = None
+    precompute_teacher: bool = False     # distill: teacher embeddings computed once, looked up by the train net
     num_classes: int = 0                 # asoftmax: 0 = 1 + largest label in the list
     margin: int = 4
     native_asoftmax: bool = False
@@ -96,7 +97,7 @@ def _blob_dim(netparam, blob):
     return int(np.prod(net.blobs[blob].data.shape[1:]))
 
 
-def build(job, start_iter=0):
+def build(job, start_iter=0, progress=True):
     """Write train/solver/deploy prototxts; return (paths, iterations, initial weights dict).
 
     start_iter: where a resumed run starts, so A-Softmax's lambda schedule
@@ -115,8 +116,9 @@ def build(job, start_iter=0):
         classes = job.num_classes or max(labels) + 1
         if max(labels) >= classes:
             raise FineTuneError("%s: label %d is out of range for %d classes" % (job.train_list, max(labels), classes))
+        data.size = _read_size(deploy, items)
         head = trainnet.ASoftmax(num_classes=classes, embedding=job.embedding, m=job.margin, native=job.native_asoftmax,
-                                iteration=start_iter)
+                                iteration=start_iter, seed=job.seed)
     elif job.head == "distill":
         teacher_proto = job.teacher or job.deploy
         teacher_weights = job.teacher_weights or (job.weights if not job.teacher else None)
@@ -124,13 +126,22 @@ def build(job, start_iter=0):
             raise FineTuneError("distillation needs teacher weights (--teacher-weights)")
         teacher = caffe_io.read_net(teacher_proto)
         t_blob = job.teacher_embedding or job.embedding
-        t_weights = caffe_io.read_weights(teacher_weights)
-        head = trainnet.Distill(teacher=teacher, embedding=job.embedding, teacher_embedding=t_blob,
-                                teacher_blobs={name: len(arrays) for name, arrays in t_weights.items()},
-                                student_dim=_blob_dim(deploy, job.embedding), teacher_dim=_blob_dim(teacher, t_blob),
-                                teacher_rgb=job.rgb if job.teacher_rgb is None else job.teacher_rgb)
-        for name, arrays in t_weights.items():
-            init[trainnet.TEACHER + name] = arrays
+        t_rgb = job.rgb if job.teacher_rgb is None else job.teacher_rgb
+        student_dim = _blob_dim(deploy, job.embedding)
+        if job.precompute_teacher:
+            table, index_list = teacher_table(job, teacher_proto, teacher_weights, t_blob, t_rgb, items, progress)
+            data.source, data.size = index_list, _read_size(deploy, items)
+            head = trainnet.Distill(teacher=None, embedding=job.embedding, teacher_embedding=t_blob,
+                                    student_dim=student_dim, teacher_dim=table.shape[1], table_rows=len(table))
+            init[trainnet.TEACHER + t_blob] = [table]
+        else:
+            t_weights = caffe_io.read_weights(teacher_weights)
+            head = trainnet.Distill(teacher=teacher, embedding=job.embedding, teacher_embedding=t_blob,
+                                    teacher_blobs={name: len(arrays) for name, arrays in t_weights.items()},
+                                    student_dim=student_dim, teacher_dim=_blob_dim(teacher, t_blob),
+                                    teacher_rgb=t_rgb)
+            for name, arrays in t_weights.items():
+                init[trainnet.TEACHER + name] = arrays
     else:
         raise FineTuneError("unknown head %r: choose distill or asoftmax" % job.head)
     net = trainnet.train_net(deploy, data, head)
@@ -145,6 +156,39 @@ def build(job, start_iter=0):
         s.display = 1          # `caffe train` reports the loss in its log, read back into loss.csv
     caffe_io.atomic_write(p["solver"], caffe_io.net_to_text(s))
     return p, n_iter, init
+
+
+def _read_size(deploy, items):
+    """(H, W) to read the files at so that the net sees their centre crop: the
+    SphereFace 112x96 crop of 112x112 aligned faces (as the evaluator and the
+    sampler do); None (ImageData resizes to the net's input) otherwise."""
+    from prune.data import preprocess_for
+    _, shape = trainnet.input_layer(deploy)
+    pre = preprocess_for(shape, "", [items[0][0]], rgb=False)
+    return (112, 112) if pre.crop == "112x96" else None
+
+
+def teacher_table(job, proto, weights, blob, rgb, items, progress=True):
+    """The teacher's embedding of every list image, computed once (through the
+    evaluator's feature cache, so later jobs with the same teacher and images
+    reuse it), and the list that indexes it: line i is "path i".  With
+    mirroring the row is the mean of the L2-normalised embeddings of the image
+    and its mirror, the target for either view."""
+    from eval_lfw.features import embeddings
+    from prune.data import preprocess_for
+    _, t_shape = trainnet.input_layer(caffe_io.read_net(proto), proto)
+    root = job.root_folder or ""
+    rels = [os.path.relpath(path, root) if root else path for path, _ in items]
+    pre = preprocess_for(t_shape, root, rels, rgb)
+    feats, computed, seconds = embeddings(proto, weights, blob, root, rels, pre, flip=job.mirror, progress=progress)
+    if computed and progress:
+        print("teacher embeddings: %d images in %.0f s" % (computed, seconds), file=sys.stderr)
+    if job.mirror:
+        halves = np.split(feats, 2, axis=1)
+        feats = sum(h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12) for h in halves) / 2
+    index_list = os.path.join(job.out, "teacher_index.txt")
+    caffe_io.atomic_write(index_list, lists.list_text([(rel, i) for i, rel in enumerate(rels)]))
+    return feats.astype(np.float32), os.path.abspath(index_list)
 
 
 def latest_snapshot(folder):
@@ -221,7 +265,7 @@ def finetune(job, resume=True, progress=True):
                                 % job.out)
         if not resume and latest_snapshot(p["snapshots"])[1]:
             raise FineTuneError("%s already has snapshots; pass --resume to continue them" % job.out)
-    p, n_iter, init = build(job, latest_snapshot(p["snapshots"])[0] if resume else 0)
+    p, n_iter, init = build(job, latest_snapshot(p["snapshots"])[0] if resume else 0, progress)
     caffe_io.atomic_write(p["config"], json.dumps(config, indent=1, sort_keys=True))
     start = time.time()
     if job.gpu is not None and len(job.gpu) > 1:

@@ -12,7 +12,11 @@ Input is N x 3 x H x W and returns the NetParameter Caffe's solver trains:
 * head ``Distill``: a frozen teacher net (layers renamed ``teacher/...``,
   lr_mult 0) reads the same images; both embeddings are L2-normalised with
   native layers and compared by EuclideanLoss.  A learned linear projection
-  is added on the student side only when the dimensions differ.
+  is added on the student side only when the dimensions differ.  Or, much
+  cheaper when the teacher is big and the device is a CPU, the teacher's
+  embeddings are computed once and the train net looks them up: the list's
+  label is then the image's row and a frozen native ``Embed`` layer holds
+  the table (``Distill(teacher=None, table_rows=N)``).
 
 Only native Caffe layers are used outside the Python A-Softmax, so a user's
 GPU Caffe trains these nets unchanged.
@@ -26,7 +30,6 @@ from caffe.proto import caffe_pb2
 
 TEACHER = "teacher/"
 MEAN, SCALE = 127.5, 0.0078125
-ASOFTMAX_DEFAULTS = dict(m=4, base=1000, gamma=0.12, power=1, lambda_min=5, iteration=0)
 
 
 class TrainNetError(ValueError):
@@ -42,6 +45,7 @@ class ImageList:
     mirror: bool = True
     rgb: bool = False           # the net expects RGB planes (Caffe/SphereFace: BGR)
     shuffle: bool = True
+    size: tuple = None          # (H, W) the files are read at, when larger than the net's input: centre crop
 
 
 @dataclass
@@ -55,11 +59,12 @@ class ASoftmax:
     power: float = 1
     lambda_min: float = 5
     iteration: int = 0          # lambda's schedule position (the layer counts; a resumed run starts here)
+    seed: int = 0               # of the Python layer's weight fill (Caffe's fillers take the solver's seed)
 
 
 @dataclass
 class Distill:
-    teacher: caffe_pb2.NetParameter     # deploy net of the teacher
+    teacher: caffe_pb2.NetParameter     # deploy net of the teacher; None: a table of its embeddings
     embedding: str = "fc5"              # student blob
     teacher_embedding: str = "fc5"      # teacher blob
     student_dim: int = 0                # filled by train_net when unknown
@@ -67,6 +72,7 @@ class Distill:
     teacher_rgb: bool = False           # the teacher expects RGB planes
     teacher_blobs: dict = None          # {layer: number of weight blobs}, to freeze each one
     loss_weight: float = 1.0
+    table_rows: int = 0                 # teacher None: rows of the embedding table (= images in the list)
 
 
 def input_layer(net, source="net"):
@@ -85,7 +91,6 @@ def input_layer(net, source="net"):
 def _image_data(net, data, top, shape):
     """ImageData at shape's H x W, SphereFace transform; top is in BGR order."""
     layer = net.layer.add(name="data", type="ImageData", top=[top, "label"])
-    layer.include.add(phase=caffe_pb2.TRAIN)
     layer.transform_param.mirror = data.mirror
     layer.transform_param.scale = SCALE
     layer.transform_param.mean_value.extend([MEAN] * 3)
@@ -166,8 +171,11 @@ def train_net(deploy, data, head, name=None):
     top = inp.top[0]
     net = caffe_pb2.NetParameter(name=name or (deploy.name + "_train"))
     full = shape
-    if isinstance(head, Distill):
+    table = isinstance(head, Distill) and head.teacher is None
+    if isinstance(head, Distill) and not table:
         t_inp, full = input_layer(head.teacher, "teacher net")
+    if data.size:
+        full = shape[:2] + tuple(data.size)
     plain = not data.rgb and full[2:] == shape[2:]
     raw = top if plain else "data_bgr"
     _image_data(net, data, raw, full)
@@ -188,7 +196,7 @@ def train_net(deploy, data, head, name=None):
             # BVLC's caffe_pb2 has no margin_inner_product_param: use the fork's schema.
             from prototxt.sphereface import fork_net_class
             net = fork_net_class().FromString(net.SerializeToString())
-            fc6 = net.layer.add(name="fc6", type="MarginInnerProduct", bottom=[emb, "label"], top=["fc6"])
+            fc6 = net.layer.add(name="fc6", type="MarginInnerProduct", bottom=[emb, "label"], top=["fc6", "lambda"])
             fc6.param.add(lr_mult=1, decay_mult=1)
             mp = fc6.margin_inner_product_param
             mp.num_output, mp.type = head.num_classes, head.m - 1
@@ -196,9 +204,9 @@ def train_net(deploy, data, head, name=None):
             mp.base, mp.gamma, mp.power, mp.lambda_min, mp.iteration = (
                 head.base, head.gamma, head.power, head.lambda_min, head.iteration)
         else:
-            p = dict(ASOFTMAX_DEFAULTS, num_output=head.num_classes, m=head.m, base=head.base, gamma=head.gamma,
-                     power=head.power, lambda_min=head.lambda_min, iteration=head.iteration)
-            fc6 = net.layer.add(name="fc6", type="Python", bottom=[emb, "label"], top=["fc6"])
+            p = dict(num_output=head.num_classes, m=head.m, base=head.base, gamma=head.gamma,
+                     power=head.power, lambda_min=head.lambda_min, iteration=head.iteration, seed=head.seed)
+            fc6 = net.layer.add(name="fc6", type="Python", bottom=[emb, "label"], top=["fc6", "lambda"])
             fc6.param.add(lr_mult=1, decay_mult=1)
             fc6.python_param.module = "finetune.asoftmax"
             fc6.python_param.layer = "MarginInnerProduct"
@@ -208,6 +216,16 @@ def train_net(deploy, data, head, name=None):
 
     if not isinstance(head, Distill):
         raise TrainNetError("unknown head %r" % (head,))
+    if table:
+        if head.table_rows < 1 or head.teacher_dim < 1:
+            raise TrainNetError("a teacher table needs its rows and dimension")
+        embed = net.layer.add(name=TEACHER + head.teacher_embedding, type="Embed", bottom=["label"],
+                              top=[TEACHER + head.teacher_embedding])
+        embed.param.add(lr_mult=0, decay_mult=0)
+        embed.embed_param.num_output = head.teacher_dim
+        embed.embed_param.input_dim = head.table_rows
+        embed.embed_param.bias_term = False
+        return _distill_loss(net, head, emb)
     teacher_input = raw
     if head.teacher_rgb:
         teacher_input = _input_chain(net, raw, TEACHER + "data", True, data.batch_size, full, full)
@@ -220,6 +238,12 @@ def train_net(deploy, data, head, name=None):
         t_blobs.update(layer.top)
     if head.teacher_embedding not in t_blobs:
         raise TrainNetError("teacher embedding blob %r not in the teacher net" % head.teacher_embedding)
+    return _distill_loss(net, head, emb)
+
+
+def _distill_loss(net, head, emb):
+    """EuclideanLoss between the L2-normalised student (projected when the
+    dimensions differ) and teacher embeddings."""
     student = emb
     if head.student_dim != head.teacher_dim:
         proj = net.layer.add(name="distill_proj", type="InnerProduct", bottom=[emb], top=["distill_proj"])

@@ -17,7 +17,6 @@ Layer names, blob names, fillers and lr/decay multipliers follow the release
 """
 import argparse
 import functools
-import json
 import os
 import sys
 
@@ -29,8 +28,7 @@ from caffe.proto import caffe_pb2
 UNITS = {4: (0, 0, 0, 0), 10: (0, 1, 2, 0), 20: (1, 2, 4, 1), 36: (2, 4, 8, 2), 64: (3, 8, 16, 3)}
 WIDTHS = (64, 128, 256, 512)
 INPUT = (3, 112, 96)
-# A-Softmax settings of the release (m is the margin; QUADRUPLE = 4).
-ASOFTMAX = dict(base=1000, gamma=0.12, power=1, lambda_min=5, iteration=0)
+# The fork's names of the margins m = 1..4.
 MARGIN_TYPES = ("SINGLE", "DOUBLE", "TRIPLE", "QUADRUPLE")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -158,38 +156,16 @@ def sphereface(depth=20, variant="deploy", widths=WIDTHS, embedding=512, inner=N
                          % (", ".join(wrong), depth, ", ".join(sorted(valid)) or "none"))
 
     net = caffe_pb2.NetParameter(name="SpherefaceNet-%d" % depth)
-    if variant == "deploy":
-        net.layer.add(name="data", type="Input", top=["data"],
-                      input_param=caffe_pb2.InputParameter(shape=[caffe_pb2.BlobShape(dim=(1,) + INPUT)]))
-    else:
-        net.layer.add(name="data", type="ImageData", top=["data", "label"],
-                      transform_param=caffe_pb2.TransformationParameter(
-                          mean_value=[127.5] * 3, scale=0.0078125, mirror=True),
-                      image_data_param=caffe_pb2.ImageDataParameter(
-                          source=source, batch_size=batch_size, shuffle=True, new_height=INPUT[1], new_width=INPUT[2],
-                          **({"root_folder": root_folder.rstrip("/") + "/"} if root_folder else {})))
+    net.layer.add(name="data", type="Input", top=["data"],
+                  input_param=caffe_pb2.InputParameter(shape=[caffe_pb2.BlobShape(dim=(1,) + INPUT)]))
     _trunk(net, units, widths, embedding, inner, bn)
     if variant == "deploy":
         return net
-
-    weight = [caffe_pb2.ParamSpec(lr_mult=1, decay_mult=1)]
-    if asoftmax == "python":
-        param_str = json.dumps(dict(num_output=num_classes, m=m, **ASOFTMAX))
-        net.layer.add(name="fc6", type="Python", bottom=["fc5", "label"], top=["fc6", "lambda"], param=weight,
-                      python_param=caffe_pb2.PythonParameter(module="finetune.asoftmax", layer="MarginInnerProduct",
-                                                             param_str=param_str))
-    else:
-        net = fork_net_class().FromString(net.SerializeToString())
-        fc6 = net.layer.add(name="fc6", type="MarginInnerProduct", bottom=["fc5", "label"], top=["fc6", "lambda"])
-        fc6.param.add(lr_mult=1, decay_mult=1)
-        mp = fc6.margin_inner_product_param
-        mp.num_output = num_classes
-        mp.type = m - 1
-        mp.weight_filler.type = "xavier"
-        for key, value in ASOFTMAX.items():
-            setattr(mp, key, value)
-    net.layer.add(name="softmax_loss", type="SoftmaxWithLoss", bottom=["fc6", "label"], top=["softmax_loss"])
-    return net
+    # One home for train nets: the fine-tune driver's builder, fed the release's data and head settings.
+    from finetune import trainnet
+    data = trainnet.ImageList(source=source, root_folder=root_folder, batch_size=batch_size, mirror=True)
+    head = trainnet.ASoftmax(num_classes=num_classes, embedding="fc5", m=m, native=asoftmax == "native")
+    return trainnet.train_net(net, data, head, name=net.name)
 
 
 def committed_path(depth, variant):

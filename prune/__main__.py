@@ -38,6 +38,7 @@ def finetune_hooks(a, net):
             job = FineTuneJob(deploy=proto, weights=weights, train_list=a.train_list, root_folder=a.train_root,
                               out=out,
                               head="distill", embedding=blob, teacher=a.model, teacher_weights=a.weights,
+                              precompute_teacher=a.precompute_teacher,
                               epochs=epochs, batch_size=a.finetune_batch, base_lr=a.finetune_lr, rgb=a.rgb,
                               seed=a.seed, gpu=[int(g) for g in a.gpu.split(",")] if a.gpu else None)
             return finetune(job, resume=True, progress=not a.quiet)["final"]
@@ -77,6 +78,10 @@ def parser():
     ap.add_argument("--keep", type=parse_keep, default=0.5,
                     help="share of channels kept: one ratio for every selected group (0.5), or a table by "
                          "layer/group name (conv1_1=0.5,conv2_1=0.75)")
+    ap.add_argument("--macs-target", type=float, default=None,
+                    help="instead of --keep: the share of the net's MACs to keep (e.g. 0.5); one keep ratio for "
+                         "all selected groups is found by bisection (each probe a real surgery measured by "
+                         "python -m prune.stats) and reported")
     ap.add_argument("--layers", default="all",
                     help="comma-separated layers or group ids to prune, in any order (they are pruned in "
                          "network order); default all prunable groups (python -m prune.groups lists them)")
@@ -96,6 +101,9 @@ def parser():
     ft.add_argument("--blob", default=None, help="embedding blob (default: the net's last output)")
     ft.add_argument("--finetune-batch", type=int, default=64, help="fine-tune batch size (default 64)")
     ft.add_argument("--finetune-lr", type=float, default=1e-3, help="fine-tune base lr (default 1e-3, the recipe's)")
+    ft.add_argument("--precompute-teacher", action="store_true",
+                    help="compute the unpruned net's embeddings of the training images once instead of running "
+                         "it inside every fine-tune (as python -m finetune --precompute-teacher; much faster on a CPU)")
     ft.add_argument("--gpu", default=None, help="fine-tune on these GPU ids (as python -m finetune --gpu)")
     ap.add_argument("--out", required=True, help="run folder (steps/, pruned.prototxt, pruned.caffemodel, log.json)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -116,6 +124,11 @@ def main(argv=None):
             root, rels = image_files(a.data, a.root, a.lfw_folds, a.pairs, 500, a.seed)
         pre = preprocess_for(shape, root, rels, a.rgb, a.crop)
         layers = "all" if a.layers == "all" else [s.strip() for s in a.layers.split(",") if s.strip()]
+        if a.macs_target is not None:
+            from prune.driver import ratio_for_macs
+            a.keep, reached = ratio_for_macs(net, caffe_io.read_weights(a.weights), layers, a.macs_target, a.model)
+            print("--macs-target %g: keep ratio %.4f on every selected group leaves %.2f%% of the MACs"
+                  % (a.macs_target, a.keep, 100 * reached))
         job = PruneJob(model=a.model, weights=a.weights, out=a.out, criterion=a.criterion, keep=a.keep,
                        layers=layers, samples_per_image=a.samples_per_image, seed=a.seed,
                        data=dict(data=a.data, root=root, images=len(rels), lfw_folds=a.lfw_folds,

@@ -94,6 +94,38 @@ def plan_groups(graph, layers, keep):
     return out
 
 
+def ratio_for_macs(net, weights, layers, target, source="net"):
+    """The single keep ratio that, applied to the chosen groups (``layers`` as
+    in PruneJob), leaves ``target`` (a share, 0..1) of the net's MACs: a
+    bisection over the ratio, each probe a real surgery (first channels kept)
+    measured by prune.stats.  Returns (ratio, MACs share reached)."""
+    from prune.stats import net_stats
+    graph = build_graph(net, source=source)
+    plan = plan_groups(graph, layers, 1.0)
+    if not plan:
+        raise PruneError("nothing to prune: no prunable group selected")
+    full = net_stats(net).macs
+
+    def share(ratio):
+        keep = {gid: list(range(max(1, int(round(ratio * graph[gid].channels))))) for gid, _ in plan}
+        return net_stats(prune_net(net, weights, keep, graph=graph)[0]).macs / full
+
+    if not 0 < target < 1:
+        raise PruneError("--macs-target is the share of MACs to keep, in (0, 1); got %g" % target)
+    lowest = share(1e-9)
+    if target < lowest:
+        raise PruneError("pruning the chosen groups to one channel each still leaves %.1f%% of the MACs; "
+                         "--macs-target %g cannot be reached (select more layers)" % (100 * lowest, target))
+    lo, hi = 0.0, 1.0          # share(lo) <= target < share(hi)
+    for _ in range(16):
+        mid = (lo + hi) / 2
+        if share(mid) <= target:
+            lo = mid
+        else:
+            hi = mid
+    return lo, share(lo)
+
+
 def rescaled_consumers(group, weights, grams, kept):
     """ThiNet's last step: each consumer's kept input channels times w = argmin ||y - X_S w||."""
     removed = np.setdiff1d(np.arange(group.channels), kept)

@@ -82,6 +82,32 @@ def test_distillation_trains_student_and_keeps_teacher_frozen(tmp_path, image_li
     assert driver.finetune(job, progress=False) == done
 
 
+def test_precomputed_teacher_table_matches_the_teacher_and_trains(tmp_path, image_list):
+    root, listing = image_list
+    student = tiny_deploy(tmp_path / "student.prototxt", width=4, emb=6, size=(28, 24))
+    teacher = tiny_deploy(tmp_path / "teacher.prototxt", width=8, emb=6, size=(28, 24))
+    tw = saved_weights(teacher, tmp_path / "teacher.caffemodel")
+    job = driver.FineTuneJob(deploy=student, weights=None, train_list=listing, root_folder=root,
+                             out=str(tmp_path / "run"), teacher=teacher, teacher_weights=tw, precompute_teacher=True,
+                             mirror=False, epochs=8, batch_size=8, base_lr=0.05, snapshot_every=0)
+    done = driver.finetune(job, progress=False)
+    train = caffe_io.read_net(os.path.join(job.out, "train.prototxt"))
+    assert [l.type for l in train.layer].count("Embed") == 1
+    assert not any(l.name.startswith(trainnet.TEACHER) and l.type == "Convolution" for l in train.layer)
+    # row i of the frozen table is the teacher's embedding of line i of the index list, as Caffe computes it
+    snap = driver.latest_snapshot(os.path.join(job.out, "snapshots"))[1].replace(".solverstate", ".caffemodel")
+    table = caffe_io.read_weights(snap)[trainnet.TEACHER + "fc5"][0]
+    index = lists.read_list(os.path.join(job.out, "teacher_index.txt"), root)
+    assert [label for _, label in index] == list(range(len(index))) == list(range(len(table)))
+    net = caffe_io.open_net(teacher, tw)
+    for path, row in [index[0], index[17]]:
+        img = np.asarray(Image.open(path).convert("RGB"))[:, :, ::-1].astype(np.float32)   # BGR, as Caffe reads
+        net.blobs["data"].data[...] = ((img - 127.5) * 0.0078125).transpose(2, 0, 1)[None]
+        np.testing.assert_allclose(table[row], net.forward()["fc5"][0], rtol=1e-4, atol=1e-5)
+    losses = np.array([float(r[1]) for r in csv.reader(open(done["loss_csv"]))])
+    assert losses[-10:].mean() < losses[:5].mean(), "distillation loss did not go down"
+
+
 def _run_cli(args):
     return subprocess.Popen([sys.executable, "-m", "finetune"] + args, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -165,3 +165,20 @@ def test_cli_prunes_then_finetunes_each_step_and_at_the_end(tmp_path, capsys):
     assert not np.array_equal(last["fc5"][0], caffe_io.read_weights(str(out / "pruned.caffemodel"))["fc5"][0])
     # run again: everything is found done, nothing is recomputed
     assert prune_main(args) == 0
+
+
+def test_macs_target_finds_the_ratio_that_leaves_that_share(tmp_path):
+    from prune.driver import ratio_for_macs
+    from prune.stats import net_stats
+    proto = sphereface_path(4)
+    net = caffe_io.read_net(proto)
+    weights = random_weights(proto, seed=4)
+    ratio, reached = ratio_for_macs(net, weights, "all", 0.5, proto)
+    assert 0.5 - 0.02 < reached <= 0.5
+    model = caffe_io.write_weights(net, weights, str(tmp_path / "sf4.caffemodel"))
+    job = PruneJob(model=proto, weights=model, out=str(tmp_path / "run"), keep=ratio, samples_per_image=2,
+                   criterion="l1")
+    log = run(job, lambda: iter([random_images(2)]), progress=False)
+    assert net_stats(log["prototxt"]).macs / net_stats(proto).macs == pytest.approx(reached)
+    with pytest.raises(PruneError, match="cannot be reached"):
+        ratio_for_macs(net, weights, ["conv1_1"], 0.1, proto)

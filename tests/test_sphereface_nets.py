@@ -147,7 +147,7 @@ def test_train_python_asoftmax(tmp_path):
     assert (fc6.name, fc6.type, list(fc6.bottom), list(fc6.top)) == ("fc6", "Python", ["fc5", "label"], ["fc6", "lambda"])
     assert (fc6.python_param.module, fc6.python_param.layer) == ("finetune.asoftmax", "MarginInnerProduct")
     assert json.loads(fc6.python_param.param_str) == dict(num_output=7, m=2, base=1000, gamma=0.12, power=1,
-                                                          lambda_min=5, iteration=0)
+                                                          lambda_min=5, iteration=0, seed=0)
     if not os.path.exists(os.path.join(ROOT, "finetune", "asoftmax.py")):
         pytest.skip("finetune/asoftmax.py (the A-Softmax Python layer) is not there yet")
     net = sphereface(4, "train", source=image_list(tmp_path), root_folder=str(tmp_path), batch_size=2,

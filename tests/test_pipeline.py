@@ -1,0 +1,76 @@
+"""The per-depth pipeline, reduced (generated data, few iterations): end to end, outputs, resume after a kill."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from prune import caffe_io
+from prune.pipeline import main as pipeline_main
+from conftest import ROOT
+
+ARGS = ["--depth", "4", "--synthetic", "--baseline-epochs", "1", "--baseline-lr", "0.01",
+        "--finetune-epochs-per-layer", "0.2", "--finetune-epochs-final", "0.5", "--images", "16", "--batch", "16",
+        "--timing-rounds", "1", "--quiet"]
+
+
+def comparable(report, out):
+    """The report without what differs between two runs of one command: times, and the run folder's name."""
+    r = {k: v for k, v in report.items() if k not in ("timing", "wall_seconds")}
+    return json.loads(json.dumps(r).replace(out, "OUT"))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("pipeline") / "run")
+    assert pipeline_main(ARGS + ["--out", out]) == 0
+    return out
+
+
+def test_pipeline_end_to_end(finished):
+    rep = json.load(open(os.path.join(finished, "report.json")))
+    stages = [s["stage"] for s in rep["stages"]]
+    assert stages == ["baseline"] + ["%s pruned + fine-tuned" % g for g in ("conv1_1", "conv2_1", "conv3_1",
+                                                                             "conv4_1")] + ["final fine-tune"]
+    assert [s["kept"] for s in rep["schedule"]] == [32, 64, 128, 256]      # the SphereFace-4 preset: keep 0.5
+    assert rep["verdict"]["macs_ratio"] == pytest.approx(rep["stages"][0]["macs"] / rep["stages"][-1]["macs"])
+    assert all(0.5 <= s["accuracy"] <= 1 for s in rep["stages"])
+    for batch in ("1", "32"):
+        assert rep["timing"]["forward_ms"]["pruned"][batch] > 0
+    for plot in ("accuracy_vs_macs", "channels", "params_macs", "loss"):
+        assert os.path.getsize(os.path.join(finished, rep["plots"][plot])) > 1000
+    assert "within" in open(os.path.join(finished, "report.md")).read()
+    # the deliverable: plain Caffe files, loadable by Caffe and by OpenCV's DNN module with the same output
+    import cv2
+    proto, model = os.path.join(finished, "deploy.prototxt"), os.path.join(finished, "model.caffemodel")
+    net = caffe_io.open_net(proto, model)
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 112, 96)).astype(np.float32)
+    ref = net.forward(data=x)["fc5"].copy()
+    cv = cv2.dnn.readNetFromCaffe(proto, model)
+    cv.enableFusion(False)
+    cv.setInput(x)
+    np.testing.assert_allclose(cv.forward().reshape(ref.shape), ref, rtol=1e-3, atol=1e-4 * np.abs(ref).max())
+    assert net.blobs["conv4_1"].data.shape[1] == 256
+
+
+def test_killed_pipeline_resumes_to_the_same_report(tmp_path, finished):
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "prune.pipeline"] + ARGS + ["--out", out]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = os.path.join(out, "stages", "eval_step_02.json")
+    deadline = time.time() + 300
+    while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the pipeline ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(out, "report.json"))
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    first = json.load(open(os.path.join(finished, "report.json")))
+    again = json.load(open(os.path.join(out, "report.json")))
+    assert comparable(again, out) == comparable(first, finished)
