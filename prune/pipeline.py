@@ -148,7 +148,7 @@ def evaluate_stage(a, d, proto, weights):
 
 def prune_stage(a, d, base, keep, layers):
     """prune.driver.run over the whole schedule, fine-tuning after each group and at the end by
-    distillation from the baseline (its embeddings computed once)."""
+    distillation from the baseline (its embeddings computed once; no mirroring, so one row per image)."""
     from finetune.driver import FineTuneJob, finetune
     from prune.data import image_batches, image_files, preprocess_for
     from prune.driver import PruneJob, run
@@ -161,7 +161,8 @@ def prune_stage(a, d, base, keep, layers):
         def run_one(out, proto, weights):
             job = FineTuneJob(deploy=proto, weights=weights, train_list=d["train_list"], root_folder=d["train_root"],
                               out=out, head="distill", embedding=a.blob, teacher=base["prototxt"],
-                              teacher_weights=base["caffemodel"], precompute_teacher=True, epochs=epochs,
+                              teacher_weights=base["caffemodel"], precompute_teacher=True, mirror=False,
+                              epochs=epochs,
                               batch_size=a.batch, base_lr=a.finetune_lr, snapshot_every=500, seed=a.seed,
                               gpu=_gpu(a))
             return finetune(job, resume=True, progress=not a.quiet)["final"]

@@ -60,7 +60,8 @@ def build(a, d, base, log, evals, timing, depth, opencv):
         baseline=dict(trained=base["trained"], teacher=base.get("teacher"), epochs=base.get("epochs"),
                       iterations=base.get("iterations")),
         finetune=dict(epochs_per_layer=a.finetune_epochs_per_layer, epochs_final=a.finetune_epochs_final,
-                      lr=a.finetune_lr, batch=a.batch, loss="distillation from the baseline"),
+                      lr=a.finetune_lr, batch=a.batch,
+                      loss="distillation from the baseline"),
         stages=[{k: e[k] for k in ("stage", "accuracy", "std", "tar_at_far_1e3", "params", "macs", "caffemodel")}
                 for e in evals],
         layers={name: dict(channels_before=before[name][0], channels_after=after.get(name, (0,))[0],

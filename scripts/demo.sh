@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exec .venv/bin/python -m prune.pipeline --depth 4 --out runs/demo \
-    --baseline-epochs 6 --finetune-epochs-per-layer 0.5 --finetune-epochs-final 2 --finetune-lr 0.01 "$@"
+    --baseline-epochs 6 --finetune-epochs-per-layer 0.5 --finetune-epochs-final 4 --finetune-lr 0.01 "$@"
