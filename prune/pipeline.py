@@ -97,20 +97,23 @@ def baseline_stage(a, d):
         return dict(prototxt=a.model, caffemodel=a.weights, trained=False)
     from finetune.driver import FineTuneJob, finetune
     mfn = os.path.join(shared_dir(), "models", "mobilefacenet", "mobilefacenet-v0")
+    if a.teacher and not a.teacher_weights:
+        raise PipelineError("--teacher %s needs --teacher-weights" % a.teacher)
     teacher = a.teacher or (mfn + ".prototxt" if os.path.exists(mfn + ".prototxt") and not d["synthetic"] else None)
     if teacher:
         say("baseline: training %s from scratch for %g epochs, distilled from %s" % (a.model, a.baseline_epochs, teacher))
         job = FineTuneJob(deploy=a.model, weights=None, train_list=d["train_list"], root_folder=d["train_root"],
                           out=os.path.join(a.out, "baseline"), head="distill", embedding=a.blob, teacher=teacher,
                           teacher_weights=a.teacher_weights or mfn + ".caffemodel",
-                          teacher_embedding=a.teacher_blob, teacher_rgb=a.teacher_rgb, precompute_teacher=True,
+                          teacher_embedding=a.teacher_blob, teacher_rgb=a.teacher_rgb, rgb=a.rgb,
+                          precompute_teacher=True,
                           mirror=False, **_schedule(a.baseline_epochs, a.baseline_lr, a.batch, d["train_images"]),
                           seed=a.seed, gpu=_gpu(a))
     else:
         say("baseline: training %s from scratch for %g epochs with A-Softmax on the list's identities"
             % (a.model, a.baseline_epochs))
         job = FineTuneJob(deploy=a.model, weights=None, train_list=d["train_list"], root_folder=d["train_root"],
-                          out=os.path.join(a.out, "baseline"), head="asoftmax", embedding=a.blob,
+                          out=os.path.join(a.out, "baseline"), head="asoftmax", embedding=a.blob, rgb=a.rgb,
                           **_schedule(a.baseline_epochs, a.baseline_lr, a.batch, d["train_images"]), seed=a.seed,
                           gpu=_gpu(a))
     done = finetune(job, resume=True, progress=not a.quiet)
@@ -139,7 +142,7 @@ def evaluate_stage(a, d, proto, weights):
     from prune.stats import net_stats
     _, (_, h, w) = net_input(caffe_io.read_net(proto), proto)
     r = evaluate(proto, a.blob, d["lfw_dir"], d["pairs"], weights=weights, folds=a.eval_folds,
-                 crop="112x96" if (h, w) == (112, 96) else "none", flip=not a.no_flip, bgr=True,
+                 crop="112x96" if (h, w) == (112, 96) else "none", flip=not a.no_flip, bgr=not a.rgb,
                  progress=not a.quiet)
     s = net_stats(proto)
     return dict(prototxt=proto, caffemodel=weights, accuracy=r["accuracy_mean"], std=r["accuracy_std"],
@@ -155,14 +158,14 @@ def prune_stage(a, d, base, keep, layers):
     from finetune.trainnet import input_layer
     _, shape = input_layer(caffe_io.read_net(a.model), a.model)
     root, rels = image_files(d["train_list"], d["train_root"], limit=min(a.images, d["train_images"]), seed=a.seed)
-    pre = preprocess_for(shape, root, rels, rgb=False)
+    pre = preprocess_for(shape, root, rels, rgb=a.rgb)
 
     def hook(epochs):
         def run_one(out, proto, weights):
             job = FineTuneJob(deploy=proto, weights=weights, train_list=d["train_list"], root_folder=d["train_root"],
                               out=out, head="distill", embedding=a.blob, teacher=base["prototxt"],
                               teacher_weights=base["caffemodel"], precompute_teacher=True, mirror=False,
-                              epochs=epochs,
+                              rgb=a.rgb, epochs=epochs,
                               batch_size=a.batch, base_lr=a.finetune_lr, snapshot_every=500, seed=a.seed,
                               gpu=_gpu(a))
             return finetune(job, resume=True, progress=not a.quiet)["final"]
@@ -192,6 +195,21 @@ def opencv_stage(proto, model, blob, seed=0):
     return dict(opencv=cv2.__version__, max_rel_deviation=float(np.abs(out - ref).max() / np.abs(ref).max()))
 
 
+def check_same_command(a):
+    """A run folder belongs to one command: resuming with other settings would mix two experiments."""
+    config = {k: v for k, v in sorted(vars(a).items()) if k not in ("quiet", "out")}
+    path = os.path.join(a.out, "config.json")
+    if os.path.exists(path):
+        old = json.load(open(path))
+        changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        if changed:
+            raise PipelineError("%s holds a run made with other settings (%s); use another --out or the same "
+                                "arguments to resume it" % (a.out, ", ".join("--" + k.replace("_", "-")
+                                                                             for k in changed)))
+    else:
+        caffe_io.atomic_write(path, json.dumps(config, indent=1))
+
+
 def keep_schedule(a, depth):
     """(keep, layers) for the prune driver from --preset / --keep."""
     from prune.__main__ import parse_keep
@@ -218,6 +236,9 @@ def parser():
     ap.add_argument("--model", help="deploy prototxt of another net instead of --depth's")
     ap.add_argument("--weights", help="baseline caffemodel; omitted: a baseline is trained here from scratch")
     ap.add_argument("--blob", default="fc5", help="embedding blob (default fc5)")
+    ap.add_argument("--rgb", action="store_true",
+                    help="the net takes RGB planes (e.g. a MobileFaceNet); default BGR, as SphereFace and Caffe's "
+                         "ImageData")
     ap.add_argument("--out", required=True, help="run folder, e.g. runs/sf4 (a second run resumes it)")
     d = ap.add_argument_group("data")
     d.add_argument("--train-list", help="training list, 'path label' lines (python -m finetune.lists); default: "
@@ -274,6 +295,7 @@ def run_pipeline(a):
             raise PipelineError("no such file: %s" % path)
     os.makedirs(a.out, exist_ok=True)
     keep, layers = keep_schedule(a, depth)
+    check_same_command(a)
     if a.gpu is not None:
         import caffe
         caffe.set_device(a.gpu)

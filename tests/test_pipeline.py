@@ -74,3 +74,9 @@ def test_killed_pipeline_resumes_to_the_same_report(tmp_path, finished):
     first = json.load(open(os.path.join(finished, "report.json")))
     again = json.load(open(os.path.join(out, "report.json")))
     assert comparable(again, out) == comparable(first, finished)
+
+
+def test_a_run_folder_refuses_other_settings(finished, capsys):
+    assert pipeline_main(ARGS + ["--out", finished, "--keep", "0.75"]) == 2
+    err = capsys.readouterr().err
+    assert finished in err and "--keep" in err
