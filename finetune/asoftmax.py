@@ -53,6 +53,8 @@ import numpy as np
 
 import caffe
 
+from .layerparams import class_labels, json_params
+
 DEFAULTS = {"num_output": None, "m": 4, "base": 1000.0, "gamma": 0.12, "power": 1.0,
             "lambda_min": 5.0, "iteration": 0, "gradient": "sphereface", "seed": 0}
 GRADIENTS = ("sphereface", "exact")
@@ -65,17 +67,7 @@ class AsoftmaxError(ValueError):
 
 def parse_params(param_str):
     """param_str (JSON) -> dict of checked parameters, defaults filled in."""
-    try:
-        given = json.loads(param_str) if param_str and param_str.strip() else {}
-    except json.JSONDecodeError as e:
-        raise AsoftmaxError("MarginInnerProduct param_str is not JSON (%s): %r" % (e, param_str)) from None
-    if not isinstance(given, dict):
-        raise AsoftmaxError("MarginInnerProduct param_str must be a JSON object, got %r" % param_str)
-    unknown = sorted(set(given) - set(DEFAULTS))
-    if unknown:
-        raise AsoftmaxError("MarginInnerProduct param_str: unknown key(s) %s; known: %s"
-                            % (", ".join(unknown), ", ".join(DEFAULTS)))
-    p = dict(DEFAULTS, **given)
+    p = json_params(param_str, DEFAULTS, "MarginInnerProduct", AsoftmaxError)
 
     def integer(key, lo, hi=None):
         v = p[key]
@@ -166,14 +158,7 @@ class MarginInnerProduct(caffe.Layer):
             top[1].reshape(1)
 
     def _labels(self, bottom):
-        raw = bottom[1].data.reshape(-1)
-        labels = raw.astype(np.int64)
-        k = self.p["num_output"]
-        bad = np.flatnonzero((labels != raw) | (labels < 0) | (labels >= k))
-        if bad.size:
-            raise AsoftmaxError("MarginInnerProduct: label %r of sample %d is not a class in 0..%d"
-                                % (float(raw[bad[0]]), int(bad[0]), k - 1))
-        return labels
+        return class_labels(bottom[1], self.p["num_output"], "MarginInnerProduct", AsoftmaxError)
 
     def forward(self, bottom, top):
         w = self.blobs[0].data

@@ -74,7 +74,8 @@ def data_stage(a):
         a.lfw_dir, a.pairs = os.path.join(lfw, "images-112x112"), os.path.join(lfw, "pairs.txt")
     if a.lfw_dir is None:
         from prune.synthetic import make_dataset
-        say("generating a small synthetic data set (mechanics only: %s)" % ("--synthetic" if a.synthetic else "no LFW given and none in " + shared))
+        why = "--synthetic" if a.synthetic else "no LFW given and none in " + shared
+        say("generating a small synthetic data set (mechanics only: %s)" % why)
         a.lfw_dir, a.pairs = make_dataset(os.path.join(a.out, "data", "synthetic"))
         a.synthetic = True
     if not a.pairs:
@@ -107,14 +108,14 @@ def baseline_stage(a, d):
                           teacher_weights=a.teacher_weights or mfn + ".caffemodel",
                           teacher_embedding=a.teacher_blob, teacher_rgb=a.teacher_rgb, rgb=a.rgb,
                           precompute_teacher=True,
-                          mirror=False, **_schedule(a.baseline_epochs, a.baseline_lr, a.batch, d["train_images"]),
+                          mirror=False, **_schedule(a.baseline_epochs, a.baseline_lr or 0.1, a.batch, d["train_images"]),
                           seed=a.seed, gpu=_gpu(a))
     else:
         say("baseline: training %s from scratch for %g epochs with A-Softmax on the list's identities"
             % (a.model, a.baseline_epochs))
         job = FineTuneJob(deploy=a.model, weights=None, train_list=d["train_list"], root_folder=d["train_root"],
                           out=os.path.join(a.out, "baseline"), head="asoftmax", embedding=a.blob, rgb=a.rgb,
-                          **_schedule(a.baseline_epochs, a.baseline_lr, a.batch, d["train_images"]), seed=a.seed,
+                          **_schedule(a.baseline_epochs, a.baseline_lr or 0.01, a.batch, d["train_images"]), seed=a.seed,
                           gpu=_gpu(a))
     done = finetune(job, resume=True, progress=not a.quiet)
     return dict(prototxt=a.model, caffemodel=done["final"], trained=True, loss_csv=done["loss_csv"],
@@ -253,8 +254,9 @@ def parser():
     d.add_argument("--synthetic", action="store_true", help="use the generated data set even where LFW exists")
     b = ap.add_argument_group("baseline (only without --weights)")
     b.add_argument("--baseline-epochs", type=float, default=8, help="epochs of baseline training (default 8)")
-    b.add_argument("--baseline-lr", type=float, default=0.1,
-                   help="base lr of baseline training, /10 at 60%% and 85%% of it (default 0.1)")
+    b.add_argument("--baseline-lr", type=float, default=None,
+                   help="base lr of baseline training, /10 at 60%% and 85%% of it (default 0.1 with a teacher, "
+                        "0.01 with A-Softmax, where 0.1 diverges from scratch)")
     b.add_argument("--teacher", help="teacher deploy prototxt for the baseline's distillation (default: the "
                                      "MobileFaceNet of ../shared; none: A-Softmax on the list's identities)")
     b.add_argument("--teacher-weights", help="teacher caffemodel")

@@ -12,6 +12,7 @@ so weight-based, data-based and reconstruction-based criteria share one call.
 Later criteria (BN-scale slimming, Taylor scores) plug in the same way.
 """
 from .actsum import ActSum
+from .bnscale import BNScale
 from .l1 import L1
 from .lasso import Lasso
 from .random import Random
@@ -24,6 +25,7 @@ CRITERIA = {
     "l1": L1,
     "random": Random,
     "actsum": ActSum,
+    "bnscale": BNScale,
 }
 
 

@@ -1,0 +1,51 @@
+"""Network slimming (Liu et al. 2017): keep the channels with the largest |gamma|.
+
+gamma is the factor of the group's Scale passenger(s), the BatchNorm scale.
+A group with several Scale layers (a residual stream: one per conv feeding
+it) scores each channel by its largest |gamma|: a channel goes only when no
+layer of the stream uses it.  No least-squares rescale: slimming fine-tunes
+instead.
+
+``global_threshold_keep`` is the slimming prune step itself: one threshold
+over the whole net instead of a ratio per group.
+"""
+import numpy as np
+
+
+def scale_gammas(group, weights):
+    """|gamma| per channel of the group: the largest over its Scale passengers."""
+    found = [s for s in group.passengers if s.type == "Scale" and s.blob == 0]
+    if not found:
+        layers = ", ".join(group.layers("passengers")) or "none"
+        raise ValueError("group %r has no Scale layer among its passengers (%s): the bnscale criterion needs "
+                         "BatchNorm + Scale after the group's convs" % (group.id, layers))
+    channels = np.arange(group.channels)
+    score = np.zeros(group.channels)
+    for s in found:
+        if s.layer not in weights:
+            raise ValueError("weights have no Scale layer %r (group %r)" % (s.layer, group.id))
+        gamma = np.abs(np.asarray(weights[s.layer][0], dtype=np.float64).ravel())
+        score = np.maximum(score, gamma[s.indices(channels)])
+    return score
+
+
+class BNScale:
+    rescale = False
+
+    def __init__(self, seed=0):
+        pass
+
+    def select(self, evidence, n_keep):
+        score = scale_gammas(evidence.group, evidence.weights)
+        return sorted(np.argsort(-score, kind="stable")[:n_keep].tolist())
+
+
+def global_threshold_keep(graph, weights, threshold=0.1):
+    """{group id: n_keep} for every prunable group: channels with |gamma| >= threshold, at least 1.
+
+    For the prune driver's per-group table (``keep=``, ratios), divide by the
+    group's channel count: ``{g: n / graph[g].channels}``.
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
+        raise ValueError("global threshold must be a number >= 0, got %r" % (threshold,))
+    return {g.id: max(1, int((scale_gammas(g, weights) >= threshold).sum())) for g in graph.prunable()}

@@ -1,0 +1,155 @@
+"""First-order Taylor importance of channels (Molchanov et al., ICLR 2017), from Caffe's own backward pass.
+
+Removing channel c of a group makes every consumer of the group read zero in
+that channel (that is exactly what prune.surgery produces). To first order
+the loss then changes by
+
+    L(pruned) - L  ~  -sum over consumers k, images, positions of  a_k[c] * dL/da_k[c]
+
+where a_k is the blob consumer k reads and dL/da_k the gradient that flows
+back through consumer k alone. ``taylor_terms`` returns that signed sum per
+channel, averaged over batches (Caffe's losses already average over the
+images of a batch, so the term of one batch is the first-order loss change
+on it); ``taylor_scores`` takes its absolute value and L2-normalises it per
+group (Molchanov's layer-wise normalisation), so channels of all groups can
+be ranked together by ``global_ranking``.
+
+Which blob: the one the consumer reads, as Caffe feeds it. With in-place
+layers (conv -> BatchNorm -> Scale -> PReLU all writing blob ``conv1``) the
+blob's data after the forward pass is the last in-place output, which the
+consumer reads; its diff, however, is overwritten by the in-place layers'
+own backward (after a full backward it is the gradient of the conv output).
+So the backward pass is run in segments and each consumer's input gradient
+is read right after that consumer's backward, before any earlier layer can
+overwrite it. Where several layers read a blob Caffe inserts a Split and the
+consumer reads its own split top, whose diff holds the gradient through that
+consumer only. For a group with one consumer this is Molchanov's criterion
+on the activation the next layer sees; for a residual stream group it sums
+over every conv that reads the stream (the Eltwise sums that carry the stream
+on are not consumers: their share reaches the later consumers anyway).
+
+The sum runs over positions rather than averaging them; the per-group L2
+normalisation removes that constant factor except between consumers of
+different resolutions in one group, where the sum is the loss change.
+
+    net = caffe.Net("train.prototxt", caffe.TRAIN)      # any net with a loss
+    scores = taylor_scores(net, build_graph(deploy).prunable(), batches=20)
+    for gid, channel in global_ranking(scores)[:k]: ...  # the k least important
+"""
+from collections import OrderedDict, defaultdict
+
+import numpy as np
+
+
+class TaylorError(ValueError):
+    """A group whose consumers the given net does not have, or that gets no gradient."""
+
+
+def _consumer_bottom(net, consumer):
+    """Name of the blob Caffe feeds ``consumer`` (its split top when Caffe inserted one)."""
+    bottoms = net.bottom_names[consumer.layer]
+    if len(bottoms) == 1:
+        return bottoms[0]
+    found = [b for b in bottoms if b == consumer.bottom or (
+        b.startswith(consumer.bottom + "_") and "_split_" in b[len(consumer.bottom):])]
+    if len(found) != 1:
+        raise TaylorError("layer %r reads %s; cannot tell which one is blob %r"
+                          % (consumer.layer, ", ".join(bottoms), consumer.bottom))
+    return found[0]
+
+
+def _per_input(a, g, consumer):
+    """sum over images and positions of a*g, one value per entry of the consumer's weight input axis."""
+    if consumer.type == "InnerProduct":
+        return (a.reshape(a.shape[0], -1) * g.reshape(g.shape[0], -1)).sum(0)
+    n, c = a.shape[:2]
+    return np.einsum("ncp,ncp->c", a.reshape(n, c, -1), g.reshape(n, c, -1))
+
+
+class _Plan:
+    """Where each consumer of each group sits in the net, and its backward segments."""
+
+    def __init__(self, net, groups):
+        names = list(net._layer_names)
+        self.groups = list(groups)
+        self.taps = defaultdict(list)  # layer index -> [(group id, channels, consumer, blob)]
+        for g in self.groups:
+            if not g.consumers:
+                raise TaylorError("group %r has no consumer layer: nothing reads its channels" % g.id)
+            for c in g.consumers:
+                if c.layer not in names:
+                    raise TaylorError("group %r: consumer layer %r is not in the net" % (g.id, c.layer))
+                self.taps[names.index(c.layer)].append((g.id, g.channels, c, _consumer_bottom(net, c)))
+        self.names = names
+
+    def blobs(self):
+        return {blob for taps in self.taps.values() for *_, blob in taps}
+
+
+def _run_batch(net, plan, feed, sums):
+    """One forward + segmented backward; adds each group's per-channel sum of a*g to ``sums``."""
+    for name, value in (feed or {}).items():
+        if name not in net.blobs:
+            raise TaylorError("batch has blob %r, which the net does not have" % name)
+        if net.blobs[name].data.shape != np.shape(value):
+            net.blobs[name].reshape(*np.shape(value))
+        net.blobs[name].data[...] = value
+    net.forward()
+    for blob in plan.blobs():  # a consumer that does not back-propagate must leave 0, not a stale diff
+        net.blobs[blob].diff[...] = 0
+    start = len(plan.names) - 1
+    for index in sorted(plan.taps, reverse=True):
+        net.backward(start=plan.names[start], end=plan.names[index])
+        start = index - 1
+        for gid, channels, consumer, blob in plan.taps[index]:
+            b = net.blobs[blob]
+            v = _per_input(b.data, b.diff, consumer)
+            sums[gid] += v[consumer.indices(np.arange(channels))].reshape(channels, consumer.block).sum(1)
+
+
+def taylor_terms(net, groups, batches):
+    """{group id: signed sum of a*dL/da per channel, mean over batches} (see the module doc).
+
+    net: caffe.Net with a loss (TRAIN or TEST phase) holding the weights to score.
+    groups: prune.graph Groups (e.g. ``build_graph(deploy).prunable()``); their
+    consumer layers must be in ``net`` under the same names.
+    batches: a number of batches the net's own data layers fetch, or an
+    iterable of {input blob: array} fed to the net's Input layers.
+    """
+    from tqdm import tqdm
+    plan = _Plan(net, groups)
+    sums = OrderedDict((g.id, np.zeros(g.channels, dtype=np.float64)) for g in plan.groups)
+    count = 0
+    feeds = [None] * int(batches) if isinstance(batches, (int, np.integer)) else batches
+    for feed in tqdm(feeds, desc="taylor", unit="batch", leave=False):
+        _run_batch(net, plan, feed, sums)
+        count += 1
+    if not count:
+        raise TaylorError("no batches to score with")
+    dead = [gid for gid, s in sums.items() if not np.any(s)]
+    if dead:
+        raise TaylorError("no gradient reaches group(s) %s: does the net have a loss, and do the layers above "
+                          "them back-propagate (learnable parameters or force_backward: true)?" % ", ".join(dead))
+    return OrderedDict((gid, s / count) for gid, s in sums.items())
+
+
+def normalise(terms):
+    """|term| divided by its group's L2 norm, per group."""
+    out = OrderedDict()
+    for gid, t in terms.items():
+        a = np.abs(np.asarray(t, dtype=np.float64))
+        norm = np.linalg.norm(a)
+        out[gid] = a / norm if norm > 0 else a
+    return out
+
+
+def taylor_scores(net, groups, batches):
+    """{group id: per-channel importance}: |taylor_terms|, L2-normalised per group (unit norm)."""
+    return normalise(taylor_terms(net, groups, batches))
+
+
+def global_ranking(scores):
+    """All (group id, channel) pairs, least important first; ties in group order, then channel order."""
+    pairs = [(float(s), order, gid, c) for order, (gid, values) in enumerate(scores.items())
+             for c, s in enumerate(values)]
+    return [(gid, c) for _, _, gid, c in sorted(pairs)]

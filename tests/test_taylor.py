@@ -1,0 +1,154 @@
+"""Taylor scores: the signed term sum(a * dL/da) is the derivative of Caffe's loss under scaling a channel.
+
+Finite differences use real Caffe forward passes only: either the blob a
+consumer reads is edited between layers (forward(end=...), edit,
+forward(start=...)), or every producer row of the channel is scaled, which
+scales the channel of the whole residual stream exactly because PReLU is
+positively homogeneous and an Eltwise SUM is linear.
+"""
+import numpy as np
+import pytest
+import caffe
+from caffe import layers as L
+
+from prune import caffe_io
+from prune.graph import build_graph
+from prune.taylor import TaylorError, global_ranking, normalise, taylor_scores, taylor_terms
+import nets
+
+BATCH = 4
+
+
+def small_net():
+    """A conv with BatchNorm+Scale+PReLU in place, a residual stream of two producers, a softmax loss."""
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[BATCH, 3, 10, 10]))
+    n.label = L.Input(shape=dict(dim=[BATCH]))
+    n.c1 = L.Convolution(n.data, num_output=5, kernel_size=3, pad=1)
+    n.bn1 = L.BatchNorm(n.c1, in_place=True)
+    n.sc1 = L.Scale(n.c1, bias_term=True, in_place=True)
+    n.r1 = L.PReLU(n.c1, in_place=True)
+    n.c2 = L.Convolution(n.c1, num_output=6, kernel_size=3, stride=2, pad=1)
+    n.r2 = L.PReLU(n.c2, in_place=True)
+    n.u1 = L.Convolution(n.c2, num_output=4, kernel_size=3, pad=1)
+    n.ru1 = L.PReLU(n.u1, in_place=True)
+    n.u2 = L.Convolution(n.u1, num_output=6, kernel_size=3, pad=1)
+    n.add = L.Eltwise(n.c2, n.u2)
+    n.radd = L.PReLU(n.add, in_place=True)
+    n.fc = L.InnerProduct(n.add, num_output=7)
+    n.loss = L.SoftmaxWithLoss(n.fc, n.label)
+    return n.to_proto()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    proto = caffe_io.write_net(small_net(), str(tmp_path_factory.mktemp("taylor") / "net.prototxt"))
+    weights = nets.random_weights(proto, seed=4)
+    net = caffe.Net(proto, caffe.TRAIN)  # BatchNorm on batch statistics: its gradient flows through them
+    caffe_io.load_into(net, weights)
+    rng = np.random.default_rng(5)
+    feed = {"data": rng.standard_normal((BATCH, 3, 10, 10)).astype(np.float32),
+            "label": rng.integers(0, 7, BATCH).astype(np.float32)}
+    groups = {g.id: g for g in build_graph(caffe_io.read_net(proto)).prunable()}
+    return net, weights, feed, groups
+
+
+def loss(net, feed):
+    for k, v in feed.items():
+        net.blobs[k].data[...] = v
+    return float(net.forward()["loss"])
+
+
+def loss_blob_scaled(net, feed, blob, before, after, channel, s):
+    """Loss with channel ``channel`` of ``blob`` times s, edited between layers ``before`` and ``after``."""
+    for k, v in feed.items():
+        net.blobs[k].data[...] = v
+    net.forward(end=before)
+    net.blobs[blob].data[:, channel] *= s
+    return float(net.forward(start=after)["loss"])
+
+
+def loss_producers_scaled(net, weights, feed, group, channel, s):
+    """Loss with row ``channel`` (weights and bias) of every producer of the group times s."""
+    for p in group.producers:
+        net.params[p.layer][p.blob].data[p.indices([channel])] *= s
+    try:
+        return loss(net, feed)
+    finally:
+        caffe_io.load_into(net, weights)
+
+
+def central(f, eps=1e-3):
+    """dL/ds at s = 1, with s the scale of the channel."""
+    return (f(1 + eps) - f(1 - eps)) / (2 * eps)
+
+
+def test_terms_equal_finite_differences(setup):
+    net, weights, feed, groups = setup
+    assert set(groups) == {"c1", "c2", "u1"}  # c2 is the residual stream: producers c2 and u2
+    assert groups["c2"].layers("producers") == ["c2", "u2"]
+    assert groups["c2"].layers("consumers") == ["u1", "fc"]
+    terms = taylor_terms(net, groups.values(), [feed])
+    # c1: BatchNorm, Scale and PReLU write blob c1 in place; c2 reads the last of them
+    fd = [central(lambda s: loss_blob_scaled(net, feed, "c1", "r1", "c2", c, s)) for c in range(5)]
+    np.testing.assert_allclose(terms["c1"], fd, rtol=0.02, atol=1e-2 * np.abs(fd).max())
+    for gid in ("c2", "u1"):
+        fd = [central(lambda s: loss_producers_scaled(net, weights, feed, groups[gid], c, s))
+              for c in range(groups[gid].channels)]
+        np.testing.assert_allclose(terms[gid], fd, rtol=0.02, atol=1e-2 * np.abs(fd).max())
+
+
+def test_terms_predict_the_loss_change_of_zeroing(setup):
+    """To first order, L(channel removed) - L = -term (removal is a large step: only a correlation holds)."""
+    net, weights, feed, groups = setup
+    terms = taylor_terms(net, groups.values(), [feed])
+    base = loss(net, feed)
+    predicted, change = [], []
+    for gid, group in groups.items():
+        for c in range(group.channels):
+            predicted.append(-terms[gid][c])
+            change.append(loss_producers_scaled(net, weights, feed, group, c, 0.0) - base)
+    assert np.corrcoef(predicted, change)[0, 1] > 0.8
+
+
+def test_the_in_place_blob_diff_would_be_wrong(setup):
+    """After a full backward blob c1's diff is the gradient of the conv output, not of what c2 reads."""
+    net, weights, feed, groups = setup
+    terms = taylor_terms(net, [groups["c1"]], [feed])["c1"]
+    loss(net, feed)
+    net.backward()
+    naive = np.einsum("nchw,nchw->c", net.blobs["c1"].data, net.blobs["c1"].diff)
+    assert np.abs(naive - terms).max() > 0.2 * np.abs(terms).max()
+
+
+def test_scores_are_normalised_and_accumulate_over_batches(setup):
+    net, weights, feed, groups = setup
+    one = taylor_terms(net, groups.values(), [feed])
+    two = taylor_terms(net, groups.values(), [feed, feed])
+    own = taylor_terms(net, groups.values(), 2)  # batches from the net's own inputs: still the last feed
+    for gid in one:
+        np.testing.assert_allclose(two[gid], one[gid], rtol=1e-5, atol=1e-9)  # a mean over batches
+        np.testing.assert_allclose(own[gid], one[gid], rtol=1e-5, atol=1e-9)
+    scores = taylor_scores(net, groups.values(), [feed])
+    for gid, s in scores.items():
+        assert s.shape == (groups[gid].channels,) and (s >= 0).all()
+        assert np.linalg.norm(s) == pytest.approx(1.0)
+        np.testing.assert_allclose(s, np.abs(one[gid]) / np.linalg.norm(one[gid]), rtol=1e-5)
+
+
+def test_global_ranking():
+    scores = normalise({"a": np.array([3.0, -4.0]), "b": np.array([1.0, 0.0, 0.0]), "z": np.zeros(2)})
+    ranking = global_ranking(scores)
+    assert ranking == [("b", 1), ("b", 2), ("z", 0), ("z", 1), ("a", 0), ("a", 1), ("b", 0)]
+
+
+def test_bad_groups_are_named(setup, tmp_path):
+    net, weights, feed, groups = setup
+    other = caffe_io.write_net(nets.concat_net(), str(tmp_path / "other.prototxt"))
+    foreign = build_graph(other).groups["up"]
+    with pytest.raises(TaylorError, match="group 'up': consumer layer 'e' is not in the net"):
+        taylor_terms(net, [foreign], [feed])
+    with pytest.raises(TaylorError, match="no batches"):
+        taylor_terms(net, [groups["c1"]], [])
+    with pytest.raises(TaylorError, match="blob 'images'"):
+        taylor_terms(net, [groups["c1"]], [{"images": feed["data"]}])
