@@ -4,6 +4,7 @@ import math
 from caffe.proto import caffe_pb2
 
 POLICIES = ("fixed", "step", "multistep")
+TYPES = ("SGD", "Adam")
 
 
 class SolverError(ValueError):
@@ -20,8 +21,9 @@ def iterations(n_images, epochs, batch_size):
 
 
 def solver(train_net, max_iter, snapshot_prefix, base_lr=1e-3, lr_policy="fixed", gamma=0.1, stepsize=0,
-           stepvalues=(), momentum=0.9, weight_decay=5e-4, snapshot=0, gpu=False, seed=0, iter_size=1):
-    """SolverParameter for SGD with momentum (the SphereFace recipe's solver).
+           stepvalues=(), momentum=0.9, weight_decay=5e-4, snapshot=0, gpu=False, seed=0, iter_size=1, type="SGD", momentum2=None):
+    """SolverParameter for SGD with momentum (the SphereFace recipe's solver),
+    or Caffe's Adam (type "Adam": momentum is beta1, momentum2 beta2).
 
     lr_policy: fixed | step (gamma every `stepsize` iterations) | multistep
     (gamma at each of `stepvalues`).  Snapshots every `snapshot` iterations
@@ -33,11 +35,17 @@ def solver(train_net, max_iter, snapshot_prefix, base_lr=1e-3, lr_policy="fixed"
         raise SolverError("lr policy 'step' needs a positive stepsize")
     if lr_policy == "multistep" and not stepvalues:
         raise SolverError("lr policy 'multistep' needs step values (iterations at which lr is multiplied by gamma)")
+    if type not in TYPES:
+        raise SolverError("unknown solver type %r; choose one of %s" % (type, ", ".join(TYPES)))
+    if momentum2 is not None and type != "Adam":
+        raise SolverError("momentum2 (beta2) is a setting of the Adam solver, not of %s" % type)
     if base_lr <= 0:
         raise SolverError("base lr must be positive, not %g" % base_lr)
     s = caffe_pb2.SolverParameter()
     s.train_net = train_net
-    s.type = "SGD"
+    s.type = type
+    if momentum2 is not None:
+        s.momentum2 = momentum2
     s.base_lr, s.lr_policy, s.momentum, s.weight_decay = base_lr, lr_policy, momentum, weight_decay
     if lr_policy != "fixed":
         s.gamma = gamma

@@ -147,7 +147,8 @@ def markdown(rep):
     return "\n".join(lines)
 
 
-def _save(fig, path):
+def save_figure(fig, path):
+    """A matplotlib figure to PNG via temp + rename (never a half-written plot)."""
     import matplotlib.pyplot as plt
     fig.tight_layout()
     tmp = path + ".tmp.png"
@@ -173,7 +174,7 @@ def plot_all(rep, folder):
     ax.set_ylabel("LFW accuracy, folds %s (%%)" % rep["data"]["eval_folds"])
     ax.set_title("accuracy vs MACs over the stages")
     ax.grid(True, lw=0.3)
-    out["accuracy_vs_macs"] = _save(fig, os.path.join(folder, "accuracy_vs_macs.png"))
+    out["accuracy_vs_macs"] = save_figure(fig, os.path.join(folder, "accuracy_vs_macs.png"))
 
     names = list(rep["layers"])
     x = np.arange(len(names))
@@ -183,7 +184,7 @@ def plot_all(rep, folder):
     ax.set_xticks(x, names, rotation=60, fontsize=7)
     ax.set_ylabel("output channels")
     ax.legend()
-    out["channels"] = _save(fig, os.path.join(folder, "channels.png"))
+    out["channels"] = save_figure(fig, os.path.join(folder, "channels.png"))
 
     fig, axes = plt.subplots(2, 1, figsize=(max(6, 0.5 * len(names)), 6), sharex=True)
     for ax, key, unit in ((axes[0], "params", "parameters (M)"), (axes[1], "macs", "MACs (M)")):
@@ -192,7 +193,7 @@ def plot_all(rep, folder):
         ax.set_ylabel(unit)
         ax.legend()
     axes[1].set_xticks(x, names, rotation=60, fontsize=7)
-    out["params_macs"] = _save(fig, os.path.join(folder, "params_macs.png"))
+    out["params_macs"] = save_figure(fig, os.path.join(folder, "params_macs.png"))
 
     curves = [(k, _loss_rows(p)) for k, p in rep["loss_curves"].items()]
     curves = [(k, r) for k, r in curves if r]
@@ -204,5 +205,5 @@ def plot_all(rep, folder):
             ax.set_title(name, fontsize=8)
             ax.set_xlabel("iteration", fontsize=7)
         axes[0][0].set_ylabel("training loss")
-        out["loss"] = _save(fig, os.path.join(folder, "loss.png"))
+        out["loss"] = save_figure(fig, os.path.join(folder, "loss.png"))
     return out
