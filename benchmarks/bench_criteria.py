@@ -27,7 +27,9 @@ from prune.data import image_batches, image_files, preprocess_for  # noqa: E402
 from prune.driver import PruneJob, run  # noqa: E402
 from prune.stats import net_stats  # noqa: E402
 
-SHARED = os.environ.get("SPHEREFACE_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
+from prune.data import shared_dir  # noqa: E402
+
+SHARED = shared_dir()
 MFN = os.path.join(SHARED, "models", "mobilefacenet", "mobilefacenet-v0")
 
 

@@ -26,7 +26,9 @@ from eval_lfw.images import Preprocess  # noqa: E402
 from eval_lfw.pairs import read_pairs  # noqa: E402
 from prune import caffe_io  # noqa: E402
 
-SHARED = os.environ.get("SPHEREFACE_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
+from prune.data import shared_dir  # noqa: E402
+
+SHARED = shared_dir()
 MFN = os.path.join(SHARED, "models", "mobilefacenet", "mobilefacenet-v0")
 
 

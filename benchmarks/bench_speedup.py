@@ -38,7 +38,9 @@ from prune.speed import forward_ms  # noqa: E402
 from prune.stats import net_stats  # noqa: E402
 from prune.surgery import prune_net, save_pruned  # noqa: E402
 
-SHARED = os.environ.get("SPHEREFACE_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
+from prune.data import shared_dir  # noqa: E402
+
+SHARED = shared_dir()
 MFN = os.path.join(SHARED, "models", "mobilefacenet", "mobilefacenet-v0")
 
 

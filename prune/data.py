@@ -19,6 +19,13 @@ class DataError(ValueError):
     pass
 
 
+def shared_dir():
+    """The folder of the data and models at hand (LFW, ORL, MobileFaceNet): $SPHEREFACE_SHARED, or
+    ``shared`` beside the repository.  Only defaults and tests look here; every tool takes paths."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.environ.get("SPHEREFACE_SHARED", os.path.join(os.path.dirname(repo), "shared"))
+
+
 def image_files(data, root="", lfw_folds=None, pairs=None, limit=0, seed=0):
     """(root, [relative paths]) of the images to sample.
 

@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 from prune import caffe_io
+from prune.data import shared_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,10 +35,6 @@ PRESETS = {
 
 class PipelineError(ValueError):
     pass
-
-
-def shared_dir():
-    return os.environ.get("SPHEREFACE_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
 
 
 class Stages:

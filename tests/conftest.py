@@ -3,9 +3,10 @@ import os
 import pytest
 
 import prune  # noqa: F401  (quiets glog before caffe is imported)
+from prune.data import shared_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("SPHEREFACE_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
+SHARED = shared_dir()
 
 
 def shared_path(*parts):
