@@ -193,19 +193,23 @@ def opencv_stage(proto, model, blob, seed=0):
     return dict(opencv=cv2.__version__, max_rel_deviation=float(np.abs(out - ref).max() / np.abs(ref).max()))
 
 
-def check_same_command(a):
-    """A run folder belongs to one command: resuming with other settings would mix two experiments."""
+def check_same_command(a, hashed=(), error=PipelineError):
+    """A run folder belongs to one command: resuming with other settings would mix two experiments.
+    ``hashed``: argument names whose files' sha256 joins the record (same path, other bytes is refused too)."""
     config = {k: v for k, v in sorted(vars(a).items()) if k not in ("quiet", "out")}
+    for key in hashed:
+        if config.get(key):
+            config[key + "_sha256"] = caffe_io.file_sha256(config[key])
     path = os.path.join(a.out, "config.json")
     if os.path.exists(path):
         old = json.load(open(path))
         changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
         if changed:
-            raise PipelineError("%s holds a run made with other settings (%s); use another --out or the same "
-                                "arguments to resume it" % (a.out, ", ".join("--" + k.replace("_", "-")
-                                                                             for k in changed)))
+            raise error("%s holds a run made with other settings (%s); use another --out or the same "
+                        "arguments to resume it" % (a.out, ", ".join("--" + k.replace("_", "-") for k in changed)))
     else:
         caffe_io.atomic_write(path, json.dumps(config, indent=1))
+    return config
 
 
 def keep_schedule(a, depth):

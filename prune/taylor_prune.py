@@ -225,24 +225,6 @@ def reached(a, rec, base):
 
 # ------------------------------------------------------------------ the run
 
-def check_same_command(a):
-    """A run folder belongs to one command (and one set of input files)."""
-    config = {k: v for k, v in sorted(vars(a).items()) if k not in ("quiet", "out")}
-    for key in ("model", "weights", "teacher", "teacher_weights", "train_list"):
-        if config.get(key):
-            config[key + "_sha256"] = caffe_io.file_sha256(config[key])
-    path = os.path.join(a.out, "config.json")
-    if os.path.exists(path):
-        old = json.load(open(path))
-        changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-        if changed:
-            raise TaylorPruneError("%s holds a run made with other settings (%s); use another --out or the same "
-                                   "arguments to resume it" % (a.out, ", ".join(changed)))
-    else:
-        caffe_io.atomic_write(path, json.dumps(config, indent=1))
-    return config
-
-
 def check_args(a):
     for flag, path in (("--model", a.model), ("--weights", a.weights), ("--train-list", a.train_list),
                        ("--teacher", a.teacher), ("--teacher-weights", a.teacher_weights), ("--pairs", a.pairs)):
@@ -280,7 +262,9 @@ def run(a):
     caffe_io.open_net(a.model, weights)   # named errors when the caffemodel does not fit
     graph = build_graph(net, a.model)
     os.makedirs(a.out, exist_ok=True)
-    config = check_same_command(a)
+    from prune.pipeline import check_same_command
+    config = check_same_command(a, ("model", "weights", "teacher", "teacher_weights", "train_list"),
+                                TaylorPruneError)
     images = len(lists.read_list(a.train_list, a.train_root))
     if a.batch > images:
         raise TaylorPruneError("--batch %d is larger than the training list (%d images)" % (a.batch, images))
