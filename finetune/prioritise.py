@@ -232,25 +232,15 @@ def pretrain_stage(a, progress=True):
     return rec
 
 
-def threshold_keep(graph, weights, threshold):
-    """{group id: channels with |gamma| >= threshold, in their order} (at least the largest one)."""
-    from prune.criteria.bnscale import scale_gammas
-    keep = {}
-    for g in graph.prunable():
-        gamma = scale_gammas(g, weights)
-        kept = np.flatnonzero(gamma >= threshold)
-        keep[g.id] = kept.tolist() if kept.size else [int(np.argmax(gamma))]
-    return keep
-
-
 def prune_stage(a, pre):
+    from prune.criteria.bnscale import global_threshold_keep
     from prune.graph import build_graph
     from prune.stats import net_stats
     from prune.surgery import prune_net, save_pruned
     net = caffe_io.read_net(pre["deploy"])
     weights = caffe_io.read_weights(pre["caffemodel"])
     graph = build_graph(net, source=pre["deploy"])
-    keep = threshold_keep(graph, weights, a.threshold)
+    keep = global_threshold_keep(graph, weights, a.threshold)
     net2, weights2 = prune_net(net, weights, keep, graph=graph)
     folder = os.path.join(a.out, "prune")
     proto, model = os.path.join(folder, "slim.prototxt"), os.path.join(folder, "slim.caffemodel")

@@ -1,4 +1,4 @@
-"""SqueezeNet-, MobileNetV2- and ResNet-50-based face nets as Caffe NetParameters (deploy).
+"""VGG-like, SqueezeNet-, MobileNetV2- and ResNet-50-based face nets as Caffe NetParameters (deploy).
 
 Each takes a 1x3x112x112 ``Input`` named ``data`` (the MobileFaceNet
 alignment and scaling) and ends in the face embedding ``fc5`` (InnerProduct,
@@ -6,6 +6,15 @@ alignment and scaling) and ends in the face embedding ``fc5`` (InnerProduct,
 like SphereFace. The trunks follow the published ImageNet designs; what
 replaces the 1000-way classifier is said per net:
 
+* ``vgg``: the VGG-like face net of the channel-prioritisation method: nine
+  3x3 convs (pad 1, no bias) each with BatchNorm+Scale+ReLU, in five stages
+  of doubling width 16-32-64-128-256 (1, 2, 2, 2, 2 convs, VGG's names
+  conv<stage>_<k>) with 2x2 max pools between stages, so that stages 2-5
+  cost the same 43M MACs each; then global AVERAGE pooling over the 7x7 map and
+  fc5 (about 1.3M params, 179M MACs: the size of SphereFace-4 and the
+  MobileFaceNet, trainable on a CPU). Every conv has its own Scale, so the
+  BN-scale criterion, ``--threshold`` and ``python -m finetune.prioritise``
+  apply as they are.
 * ``squeezenet``: SqueezeNet 1.0 (conv1 7x7/2 96, fire2..fire9 of squeeze 1x1,
   expand 1x1 and 3x3 joined by ``Concat``, max pools after conv1, fire4 and
   fire8, ReLU). conv10 keeps its 1x1 conv + ReLU with 512 outputs, then a
@@ -80,6 +89,24 @@ class _Builder:
         return self.add("fc5", "InnerProduct", bottom, inner_product_param=caffe_pb2.InnerProductParameter(
             num_output=num_output, weight_filler=caffe_pb2.FillerParameter(type="xavier"),
             bias_filler=caffe_pb2.FillerParameter(type="constant", value=0)))
+
+
+# ------------------------------------------------------------------ VGG-like
+
+# (width, convs) per stage; a 2x2 max pool after every stage but the last.
+VGG = ((16, 1), (32, 2), (64, 2), (128, 2), (256, 2))
+
+
+def vgg(embedding=512):
+    b = _Builder("VGG-face-GAP")
+    x = "data"
+    for stage, (width, convs) in enumerate(VGG, start=1):
+        for k in range(1, convs + 1):
+            x = _conv_bn(b, "conv%d_%d" % (stage, k), x, width, 3, pad=1)
+        if stage < len(VGG):
+            x = b.pool("pool%d" % stage, x, kernel=2, stride=2)
+    b.embedding(b.global_avg("pool%d" % len(VGG), x), embedding)
+    return b.net
 
 
 # ------------------------------------------------------------------ SqueezeNet
@@ -166,7 +193,7 @@ def resnet50(embedding=512):
     return b.net
 
 
-NETS = {"squeezenet": squeezenet, "mobilenetv2": mobilenetv2, "resnet50": resnet50}
+NETS = {"vgg": vgg, "squeezenet": squeezenet, "mobilenetv2": mobilenetv2, "resnet50": resnet50}
 
 
 def facenet(name, embedding=512):
@@ -181,7 +208,8 @@ def facenet(name, embedding=512):
 def main(argv=None):
     ap = argparse.ArgumentParser(
         prog="python -m prototxt.facenets",
-        description="Write a deploy prototxt of a SqueezeNet-, MobileNetV2- or ResNet-50-based face net "
+        description="Write a deploy prototxt of a VGG-like (BatchNorm+Scale, global average pooling), "
+                    "SqueezeNet-, MobileNetV2- or ResNet-50-based face net "
                     "(Input 1x3x112x112 'data' -> embedding InnerProduct 'fc5').")
     ap.add_argument("--net", required=True, choices=sorted(NETS), help="which trunk")
     ap.add_argument("--embedding", type=int, default=512, help="fc5 outputs, the face embedding size (default 512)")

@@ -6,7 +6,7 @@ import sys
 from prune import caffe_io
 from prune.criteria import CRITERIA
 from prune.data import image_batches, image_files, preprocess_for
-from prune.driver import PruneError, PruneJob, run
+from prune.driver import PruneError, PruneJob, plan_groups, run
 
 
 def parse_keep(text):
@@ -22,6 +22,29 @@ def parse_keep(text):
     except ValueError:
         raise argparse.ArgumentTypeError("--keep takes a ratio (0.5) or a table (conv1_1=0.5,conv2_1=0.75), not %r"
                                          % text) from None
+
+
+def threshold_table(net, weights, layers, a):
+    """--threshold as the driver's per-group keep table (ratios), only groups that lose channels."""
+    from prune.criteria.bnscale import global_threshold_keep
+    from prune.graph import build_graph
+    if a.macs_target is not None:
+        raise PruneError("--threshold and --macs-target both choose how much to keep; give one")
+    if a.criterion not in (None, "bnscale"):
+        raise PruneError("--threshold prunes by |gamma|: it needs --criterion bnscale, not %s" % a.criterion)
+    a.criterion = "bnscale"
+    graph = build_graph(net, source=a.model)
+    kept = global_threshold_keep(graph, weights, a.threshold)
+    if layers != "all":
+        chosen = {gid for gid, _ in plan_groups(graph, layers, 1.0)}
+        kept = {gid: k for gid, k in kept.items() if gid in chosen}
+    table = {gid: len(k) / graph[gid].channels for gid, k in kept.items() if len(k) < graph[gid].channels}
+    if not table:
+        raise PruneError("%s: no channel of the selected groups has |gamma| below %g; nothing to prune"
+                         % (a.weights, a.threshold))
+    print("--threshold %g: %d of %d channels kept in %d groups"
+          % (a.threshold, sum(len(k) for k in kept.values()), sum(graph[g].channels for g in kept), len(table)))
+    return table
 
 
 def finetune_hooks(a, net):
@@ -71,10 +94,11 @@ def parser():
                     help="random (output filter, position) samples per image and consumer (default 10, as in "
                          "ThiNet). Memory: one C x C Gram per consumer plus one batch of activations; it does "
                          "not grow with --images; time grows linearly with --images")
-    ap.add_argument("--criterion", default="thinet", choices=sorted(CRITERIA),
+    ap.add_argument("--criterion", default=None, choices=sorted(CRITERIA),
                     help="thinet: ThiNet remove-greedy + least squares (default); thinet-add: add-greedy with "
                          "least-squares refit; lasso: He et al. 2017; l1: filter L1 norm; random; actsum: the "
-                         "original Sphereface-prune activation-sum pairs")
+                         "original Sphereface-prune activation-sum pairs; bnscale: largest |gamma| of the "
+                         "BatchNorm Scale layers (network slimming; the default with --threshold)")
     ap.add_argument("--keep", type=parse_keep, default=0.5,
                     help="share of channels kept: one ratio for every selected group (0.5), or a table by "
                          "layer/group name (conv1_1=0.5,conv2_1=0.75)")
@@ -82,6 +106,11 @@ def parser():
                     help="instead of --keep: the share of the net's MACs to keep (e.g. 0.5); one keep ratio for "
                          "all selected groups is found by bisection (each probe a real surgery measured by "
                          "python -m prune.stats) and reported")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="instead of --keep: network slimming's global threshold (e.g. 0.1); every channel whose "
+                         "|gamma| (Scale after BatchNorm, the largest over a residual stream) is below it goes, "
+                         "so each group keeps its own share; a group keeps at least its largest channel. Needs "
+                         "BatchNorm + Scale after the convs and --criterion bnscale (implied)")
     ap.add_argument("--layers", default="all",
                     help="comma-separated layers or group ids to prune, in any order (they are pruned in "
                          "network order); default all prunable groups (python -m prune.groups lists them)")
@@ -124,12 +153,14 @@ def main(argv=None):
             root, rels = image_files(a.data, a.root, a.lfw_folds, a.pairs, 500, a.seed)
         pre = preprocess_for(shape, root, rels, a.rgb, a.crop)
         layers = "all" if a.layers == "all" else [s.strip() for s in a.layers.split(",") if s.strip()]
-        if a.macs_target is not None:
+        if a.threshold is not None:
+            a.keep, layers = threshold_table(net, caffe_io.read_weights(a.weights), layers, a), "all"
+        elif a.macs_target is not None:
             from prune.driver import ratio_for_macs
             a.keep, reached = ratio_for_macs(net, caffe_io.read_weights(a.weights), layers, a.macs_target, a.model)
             print("--macs-target %g: keep ratio %.4f on every selected group leaves %.2f%% of the MACs"
                   % (a.macs_target, a.keep, 100 * reached))
-        job = PruneJob(model=a.model, weights=a.weights, out=a.out, criterion=a.criterion, keep=a.keep,
+        job = PruneJob(model=a.model, weights=a.weights, out=a.out, criterion=a.criterion or "thinet", keep=a.keep,
                        layers=layers, samples_per_image=a.samples_per_image, seed=a.seed,
                        data=dict(data=a.data, root=root, images=len(rels), lfw_folds=a.lfw_folds,
                                  rgb=a.rgb, crop=pre.crop))

@@ -211,7 +211,7 @@ def small_bn(tmp_path):
     return proto, nets.random_weights(proto, seed=2)
 
 
-def test_bnscale_criterion_and_global_threshold(tmp_path):
+def test_bnscale_criterion_and_global_threshold(tmp_path, capsys):
     proto, weights = small_bn(tmp_path)
     graph = build_graph(caffe_io.read_net(proto), proto)
     assert sorted(g.id for g in graph.prunable()) == ["c1", "c2"]
@@ -224,8 +224,8 @@ def test_bnscale_criterion_and_global_threshold(tmp_path):
     assert not crit.rescale
     assert crit.select(Evidence(graph["c1"], weights), 3) == [0, 2, 5]
     assert crit.select(Evidence(graph["c2"], weights), 2) == [1, 6]
-    assert global_threshold_keep(graph, weights, 0.1) == {"c1": 4, "c2": 5}
-    assert global_threshold_keep(graph, weights, 10.0) == {"c1": 1, "c2": 1}
+    assert global_threshold_keep(graph, weights, 0.1) == {"c1": [0, 2, 5, 7], "c2": [1, 2, 4, 6, 7]}
+    assert global_threshold_keep(graph, weights, 10.0) == {"c1": [0], "c2": [6]}
 
     n = caffe.NetSpec()
     n.data = L.Input(shape=dict(dim=[1, 3, 8, 8]))
@@ -236,16 +236,28 @@ def test_bnscale_criterion_and_global_threshold(tmp_path):
     with pytest.raises(ValueError, match=r"group 'a' has no Scale layer among its passengers \(r\)"):
         make("bnscale").select(Evidence(g["a"], {}), 2)
 
-    # Through the prune driver: the global threshold as its per-group table.
+    # Through python -m prune --threshold: the global threshold as the driver's per-group table.
+    import cv2
+    from prune.__main__ import main as prune_main
     model = caffe_io.write_weights(caffe_io.read_net(proto), weights, str(tmp_path / "bn.caffemodel"))
-    counts = global_threshold_keep(graph, weights, 0.1)
-    job = PruneJob(model=proto, weights=model, out=str(tmp_path / "run"), criterion="bnscale",
-                   keep={gid: n / graph[gid].channels for gid, n in counts.items()})
-    images = lambda: iter([np.random.default_rng(0).standard_normal((2, 3, 12, 12)).astype(np.float32)])
-    run(job, images, progress=False)
-    steps = json.load(open(os.path.join(job.out, "log.json")))["steps"]
-    removed = {s["group"]: s["removed_channels"] for s in steps}
-    assert removed == {"c1": [1, 3, 4, 6], "c2": [0, 3, 5]}
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        os.makedirs(tmp_path / "faces" / ("p%d" % k))
+        cv2.imwrite(str(tmp_path / "faces" / ("p%d" % k) / "0.png"), rng.integers(0, 255, (12, 12, 3), np.uint8))
+    args = ["--model", proto, "--weights", model, "--data", str(tmp_path / "faces"), "--quiet"]
+    assert prune_main(args + ["--threshold", "0.1", "--out", str(tmp_path / "run")]) == 0
+    steps = json.load(open(str(tmp_path / "run" / "log.json")))["steps"]
+    assert {s["group"]: s["removed_channels"] for s in steps} == {"c1": [1, 3, 4, 6], "c2": [0, 3, 5]}
+    assert {s["criterion"] for s in steps} == {"bnscale"}
+    # only c2 selected: c1 stays whole
+    assert prune_main(args + ["--threshold", "0.1", "--layers", "c2", "--out", str(tmp_path / "run2")]) == 0
+    steps = json.load(open(str(tmp_path / "run2" / "log.json")))["steps"]
+    assert [(s["group"], s["removed_channels"]) for s in steps] == [("c2", [0, 3, 5])]
+    for bad, says in ((["--threshold", "0.1", "--criterion", "l1"], "needs --criterion bnscale"),
+                      (["--threshold", "0.1", "--macs-target", "0.5"], "give one"),
+                      (["--threshold", "0"], "nothing to prune")):
+        assert prune_main(args + bad + ["--out", str(tmp_path / "bad")]) == 2
+        assert says in capsys.readouterr().err
 
 
 def check_level(tmp_path, proto, weights, x, p=0.5):

@@ -1,4 +1,4 @@
-"""SqueezeNet-, MobileNetV2- and ResNet-50-based face nets: real Caffe forward/backward, sizes, groups, exact pruning."""
+"""VGG-like, SqueezeNet-, MobileNetV2- and ResNet-50-based face nets: real Caffe forward/backward, sizes, groups, exact pruning."""
 import copy
 
 import numpy as np
@@ -10,7 +10,7 @@ from prune.graph import build_graph
 from prune.stats import net_stats
 from prune.surgery import prune_net, save_pruned
 from prune.taylor import taylor_scores
-from prototxt.facenets import facenet, main
+from prototxt.facenets import NETS, VGG, facenet, main
 from test_surgery import check_exact, zero_removed_inputs
 import nets
 
@@ -23,7 +23,7 @@ def built(tmp_path_factory):
     """{net: (prototxt path, random weights)}, made once."""
     folder = tmp_path_factory.mktemp("facenets")
     out = {}
-    for name in TARGETS:
+    for name in NETS:
         proto = str(folder / (name + ".prototxt"))
         main(["--net", name, "-o", proto])
         out[name] = proto, nets.random_weights(proto, seed=len(name))
@@ -53,7 +53,37 @@ def with_loss(proto, tmp_path):
     return caffe_io.write_net(net, str(tmp_path / "train.prototxt"))
 
 
-@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_vgg_size_and_groups(built):
+    """Nine 3x3 convs with BatchNorm+Scale each; stages 2-5 cost the same MACs; one group per conv."""
+    proto = built["vgg"][0]
+    stats = net_stats(proto)
+    convs, params, c = [l for l in stats.layers if l.type == "Convolution"], 0, 3
+    assert len(convs) == sum(n for _, n in VGG) == 9
+    for width, n in VGG:
+        params += 9 * c * width + 9 * width * width * (n - 1) + (4 * width + 1) * n  # conv, BN mean+var+factor, Scale
+        c = width
+    assert stats.params == params + 256 * 512 + 512
+    per_stage = {}
+    for l in convs:
+        per_stage[l.name.split("_")[0]] = per_stage.get(l.name.split("_")[0], 0) + l.macs
+    assert len({per_stage['conv%d' % k] for k in (2, 3, 4, 5)}) == 1, per_stage  # VGG's balance
+    assert [l for l in stats.layers if l.name == "pool5"][0].shape == (256, 1, 1)  # global average pooling
+    graph = build_graph(proto)
+    assert [g.id for g in graph.prunable()] == [l.name for l in convs]
+    for g in graph.prunable():
+        assert g.layers("passengers") == [g.id + "/bn", g.id + "/scale"]
+
+
+def test_vgg_half_width_export_equals_masked_net(built, tmp_path):
+    """The channel-prioritisation exporter on the VGG-like net: level 0.5 written and reloaded == the full net
+    with the dropped channels' Scale gamma and beta zeroed."""
+    from test_bnscale import check_level
+    proto, weights = built["vgg"]
+    graph, stats = check_level(tmp_path, proto, copy.deepcopy(weights), faces(seed=3))
+    assert stats.macs < net_stats(proto).macs / 3
+
+
+@pytest.mark.parametrize("name", sorted(NETS))
 def test_forward_backward_and_taylor_scores(built, name, tmp_path):
     """Caffe's backward reaches every prunable group; Taylor scores come out finite, one unit vector per group."""
     proto, weights = built[name]
@@ -68,7 +98,7 @@ def test_forward_backward_and_taylor_scores(built, name, tmp_path):
         assert scores[g.id].shape == (g.channels,) and np.isfinite(scores[g.id]).all()
         assert np.linalg.norm(scores[g.id]) == pytest.approx(1.0)
     net.backward()  # the rest of the way down: the first conv gets a gradient too
-    first = net.params["conv1"][0].diff
+    first = net.params[list(net.params)[0]][0].diff
     assert np.isfinite(first).all() and np.abs(first).max() > 0
 
 
@@ -111,7 +141,7 @@ def test_resnet50_stages_are_one_group_each(built):
     assert len(graph.prunable()) == 4 + 2 * 16 + 1  # streams, two inner groups per bottleneck, conv1
 
 
-@pytest.mark.parametrize("name,seed", [("squeezenet", 0), ("mobilenetv2", 1)])
+@pytest.mark.parametrize("name,seed", [("vgg", 3), ("squeezenet", 0), ("mobilenetv2", 1)])
 def test_exact_pruning_every_group(built, name, seed, tmp_path):
     """Every prunable group loses channels at random: the pruned net equals the zeroed original (Caffe, OpenCV)."""
     proto, weights = built[name]

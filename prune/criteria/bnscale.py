@@ -41,11 +41,19 @@ class BNScale:
 
 
 def global_threshold_keep(graph, weights, threshold=0.1):
-    """{group id: n_keep} for every prunable group: channels with |gamma| >= threshold, at least 1.
+    """{group id: [channels with |gamma| >= threshold]} for every prunable group.
 
-    For the prune driver's per-group table (``keep=``, ratios), divide by the
-    group's channel count: ``{g: n / graph[g].channels}``.
+    A group whose every |gamma| is below the threshold keeps its largest one:
+    a layer with no channel at all is not a net.  The prune driver takes this
+    as its per-group table of ratios, ``{g: len(k) / graph[g].channels}``
+    (``python -m prune --threshold``): the bnscale criterion then keeps the
+    same channels, its top-n by |gamma|.
     """
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
         raise ValueError("global threshold must be a number >= 0, got %r" % (threshold,))
-    return {g.id: max(1, int((scale_gammas(g, weights) >= threshold).sum())) for g in graph.prunable()}
+    keep = {}
+    for g in graph.prunable():
+        gamma = scale_gammas(g, weights)
+        kept = np.flatnonzero(gamma >= threshold)
+        keep[g.id] = kept.tolist() if kept.size else [int(np.argmax(gamma))]
+    return keep
