@@ -11,15 +11,12 @@ runs again; the table is printed and written to OUT/criteria.json
     .venv/bin/python benchmarks/bench_criteria.py
     .venv/bin/python benchmarks/bench_criteria.py --criteria thinet,l1 --keeps 0.5
 """
-import argparse
 import json
 import os
-import platform
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from common import LFW_DIR, MFN, PAIRS, ROOT, machine, parser  # first: puts the repository on sys.path
 
 from eval_lfw.evaluator import evaluate  # noqa: E402
 from prune import caffe_io  # noqa: E402
@@ -27,21 +24,15 @@ from prune.data import image_batches, image_files, preprocess_for  # noqa: E402
 from prune.driver import PruneJob, run  # noqa: E402
 from prune.stats import net_stats  # noqa: E402
 
-from prune.data import shared_dir  # noqa: E402
-
-SHARED = shared_dir()
-MFN = os.path.join(SHARED, "models", "mobilefacenet", "mobilefacenet-v0")
-
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--model", default=MFN + ".prototxt", help="deploy prototxt")
     p.add_argument("--weights", default=MFN + ".caffemodel", help="caffemodel")
     p.add_argument("--blob", default="fc1", help="embedding blob")
     p.add_argument("--rgb", action="store_true", default=True, help="the net takes RGB (MobileFaceNet does)")
-    p.add_argument("--lfw-dir", default=os.path.join(SHARED, "data", "lfw", "images-112x112"), help="LFW images")
-    p.add_argument("--pairs", default=os.path.join(SHARED, "data", "lfw", "pairs.txt"), help="LFW pairs.txt")
+    p.add_argument("--lfw-dir", default=LFW_DIR, help="LFW images")
+    p.add_argument("--pairs", default=PAIRS, help="LFW pairs.txt")
     p.add_argument("--criteria", default="thinet,l1,random,actsum,lasso", help="comma-separated criteria")
     p.add_argument("--keeps", default="0.75,0.5", help="comma-separated keep ratios (every group)")
     p.add_argument("--images", type=int, default=128, help="sampling images (people of LFW folds 1-5)")
@@ -109,8 +100,7 @@ def main(argv=None):
                      time.time() - start), flush=True)
             name = "criteria%s.json" % ("_finetuned" if a.finetune_epochs else "")
             caffe_io.atomic_write(os.path.join(a.out, name), json.dumps(dict(
-                rows=rows, images=len(rels), test_folds=a.test_folds, machine=platform.platform(),
-                cpus=os.cpu_count(), date=time.strftime("%Y-%m-%d")), indent=1))
+                rows=rows, images=len(rels), test_folds=a.test_folds, **machine()), indent=1))
     print("\n| criterion | keep | LFW folds %s (%%), no fine-tuning | after fine-tuning | params | MACs |"
           % a.test_folds)
     print("|---|---|---|---|---|---|")

@@ -8,17 +8,12 @@ A ratio near 1 means decoding is hidden behind the forward pass.
     .venv/bin/python benchmarks/bench_eval_lfw.py            # MobileFaceNet from ../shared
     .venv/bin/python benchmarks/bench_eval_lfw.py --help
 """
-import argparse
 import json
 import os
-import platform
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from common import LFW_DIR, MFN, PAIRS, ROOT, machine, parser  # first: puts the repository on sys.path
 
-import prune  # noqa: E402,F401  (quiets glog before caffe is imported)
 import caffe  # noqa: E402
 
 from eval_lfw.features import extract  # noqa: E402
@@ -26,20 +21,14 @@ from eval_lfw.images import Preprocess  # noqa: E402
 from eval_lfw.pairs import read_pairs  # noqa: E402
 from prune import caffe_io  # noqa: E402
 
-from prune.data import shared_dir  # noqa: E402
-
-SHARED = shared_dir()
-MFN = os.path.join(SHARED, "models", "mobilefacenet", "mobilefacenet-v0")
-
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--model", default=MFN + ".prototxt", help="deploy prototxt")
     p.add_argument("--weights", default=MFN + ".caffemodel", help="caffemodel")
     p.add_argument("--blob", default="fc1", help="embedding blob")
-    p.add_argument("--lfw-dir", default=os.path.join(SHARED, "data", "lfw", "images-112x112"), help="LFW images")
-    p.add_argument("--pairs", default=os.path.join(SHARED, "data", "lfw", "pairs.txt"),
+    p.add_argument("--lfw-dir", default=LFW_DIR, help="LFW images")
+    p.add_argument("--pairs", default=PAIRS,
                    help="pairs.txt; its first --images unique images are used")
     p.add_argument("--crop", default="none", choices=["112x96", "none"], help="as in python -m eval_lfw")
     p.add_argument("--images", type=int, default=320, help="images per measurement")
@@ -97,14 +86,13 @@ def main(argv=None):
                      "seconds": [round(t, 2) for t in times]})
     width = max(len(r["method"]) for r in rows)
     print("%d images, batch %d, %s, blob %s, %s" % (len(rels), args.batch, os.path.basename(args.model),
-                                                   args.blob, platform.node()))
+                                                   args.blob, machine()["node"]))
     print("%-*s  %9s  %8s" % (width, "method", "images/s", "ratio"))
     for r in rows:
         print("%-*s  %9.2f  %8.3f" % (width, r["method"], r["images_per_s"], r["ratio_to_plain"]))
     print("JPEG decode + preprocessing alone: %.0f images/s" % (len(rels) / decode_s))
     result = {"images": len(rels), "batch": args.batch, "model": args.model, "blob": args.blob,
-              "cpu_count": os.cpu_count(), "decode_images_per_s": round(len(rels) / decode_s, 1),
-              "date": time.strftime("%Y-%m-%d"), "rows": rows}
+              "decode_images_per_s": round(len(rels) / decode_s, 1), "rows": rows, **machine()}
     caffe_io.atomic_write(args.out, json.dumps(result, indent=2) + "\n")
     print("wrote %s" % args.out)
 

@@ -17,10 +17,8 @@ One more subprocess times Caffe's forward passes alone over the first
     .venv/bin/python benchmarks/bench_sampling.py             # 250/500/1000 images, 100,000 samples at 4x
     .venv/bin/python benchmarks/bench_sampling.py --quick     # smoke run
 """
-import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -29,16 +27,13 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from common import ROOT, machine, parser  # first: puts the repository on sys.path
 
-import prune  # noqa: E402,F401  (quiets glog before caffe is imported)
 from prune import caffe_io  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--model", default=os.path.join(ROOT, "prototxt", "sphereface20_deploy.prototxt"),
                    help="deploy prototxt")
     p.add_argument("--weights", default="",
@@ -136,7 +131,7 @@ def main(argv=None):
     print("%s, group %s (%d channels, consumers %s), %d samples per image and consumer, batch %d, "
           "%d BLAS thread(s), random weights and images, %s"
           % (os.path.basename(args.model), first["group"], first["channels"], ", ".join(first["consumers"]),
-             args.samples_per_image, args.batch, args.threads, platform.node()))
+             args.samples_per_image, args.batch, args.threads, machine()["node"]))
     print("%8s  %20s  %9s  %10s  %16s  %14s" % ("images", "samples per consumer", "seconds", "ms/image",
                                                "RSS before (MB)", "peak RSS (MB)"))
     for r in runs + [forward]:
@@ -147,8 +142,7 @@ def main(argv=None):
     result = {"net": os.path.basename(args.model), "weights": args.weights or "random (tests/nets.py)",
               "group": first["group"], "channels": first["channels"], "consumers": first["consumers"],
               "samples_per_image": args.samples_per_image, "batch": args.batch, "threads": args.threads,
-              "node": platform.node(), "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
-              "runs": runs, "forward_only": forward}
+              "runs": runs, "forward_only": forward, **machine()}
     caffe_io.atomic_write(args.out, json.dumps(result, indent=2) + "\n")
     print("wrote %s" % args.out)
 

@@ -21,26 +21,21 @@ group.
     .venv/bin/python benchmarks/bench_selection.py
     .venv/bin/python benchmarks/bench_selection.py --quick     # smoke run, seconds
 """
-import argparse
 import json
 import os
-import platform
-import sys
 import time
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from common import ROOT, machine, parser  # first: puts the repository on sys.path
 
 from prune import caffe_io  # noqa: E402
 from prune.gram import remove_greedy  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--channels", default="64,128,256,512", help="comma-separated channel counts C")
     p.add_argument("--samples", type=int, default=100000, help="samples (rows of X)")
     p.add_argument("--repeats", type=int, default=5,
@@ -134,7 +129,7 @@ def main(argv=None):
 def run(args):
     rows = []
     print("X: %d samples x C float64; remove C/2 channels; plain loop once, Gram form median of %d; "
-          "%d BLAS thread(s); %s" % (args.samples, args.repeats, args.threads, platform.node()))
+          "%d BLAS thread(s); %s" % (args.samples, args.repeats, args.threads, machine()["node"]))
     print("%5s  %8s  %12s  %12s  %10s  %12s  %s" % ("C", "removed", "plain loop s", "Gram form ms", "speed-up",
                                                   "form G ms", "same channels"))
     for C in (int(c) for c in args.channels.split(",")):
@@ -145,8 +140,7 @@ def run(args):
                                                                 row["form_gram_ms"], "yes"))
 
     result = {"samples": args.samples, "repeats": args.repeats, "seed": args.seed, "threads": args.threads,
-              "node": platform.node(),
-              "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "rows": rows}
+              "rows": rows, **machine()}
     ref = sampling_reference(args.sampling_json)
     if ref is None:
         print("no %s: run benchmarks/bench_sampling.py to compare selection with sampling time" % args.sampling_json)

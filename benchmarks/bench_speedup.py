@@ -17,36 +17,25 @@ model from ../shared (skipped if absent).
     .venv/bin/python benchmarks/bench_speedup.py
     .venv/bin/python benchmarks/bench_speedup.py --nets sphereface20 --rounds 9
 """
-import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
-import time
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from common import MFN, ROOT, machine, parser  # first: puts the repository on sys.path
 
-import prune  # noqa: E402,F401  (quiets glog before caffe is imported)
 from prune import caffe_io  # noqa: E402
 from prune.graph import build_graph  # noqa: E402
 from prune.speed import forward_ms  # noqa: E402
 from prune.stats import net_stats  # noqa: E402
 from prune.surgery import prune_net, save_pruned  # noqa: E402
 
-from prune.data import shared_dir  # noqa: E402
-
-SHARED = shared_dir()
-MFN = os.path.join(SHARED, "models", "mobilefacenet", "mobilefacenet-v0")
-
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--nets", default="sphereface4,sphereface10,sphereface20,mobilefacenet",
                    help="comma-separated: sphereface<depth> (prototxt/sphereface<depth>_deploy.prototxt, random "
                         "weights) and/or mobilefacenet (--mobilefacenet)")
@@ -123,7 +112,7 @@ def main(argv=None):
     for b in batches:
         head += "  %12s  %8s  %9s" % ("b%d ms/img" % b, "speed-up", "meas/theo")
     print("Caffe CPU, %d BLAS thread(s), median of %d interleaved rounds, %s" % (args.threads, args.rounds,
-                                                                              platform.node()))
+                                                                              machine()["node"]))
     print(head)
     for r in rows:
         line = "%-14s  %-10s  %8.1f  %8.2fx" % (r["net"], r["variant"], r["macs"] / 1e6, r["macs_reduction"])
@@ -132,8 +121,7 @@ def main(argv=None):
             line += "  %12.2f  %7.2fx  %9.2f" % (m["ms_per_image"], m["speedup"], m["measured_over_theoretical"])
         print(line)
     result = {"keeps": keeps, "batches": list(batches), "rounds": args.rounds, "min_seconds": args.min_seconds,
-              "threads": args.threads, "node": platform.node(), "cpu_count": os.cpu_count(),
-              "date": time.strftime("%Y-%m-%d"), "rows": rows}
+              "threads": args.threads, "rows": rows, **machine()}
     caffe_io.atomic_write(args.out, json.dumps(result, indent=2) + "\n")
     print("wrote %s" % args.out)
 

@@ -237,11 +237,8 @@ def plot_loss(rows, path, title):
     ax.set_xlabel("iteration")
     ax.set_ylabel("training loss")
     ax.set_title(title)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from prune.report import save_figure
+    save_figure(fig, path)
 
 
 def _loss_value(net):
