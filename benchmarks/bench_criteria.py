@@ -63,13 +63,19 @@ def main(argv=None):
     root, rels = image_files(a.lfw_dir, lfw_folds="1-5", pairs=a.pairs, limit=a.images)
     pre = preprocess_for((1, 3, 112, 112), root, rels, rgb=a.rgb, crop="none")
 
-    def accuracy(proto, weights):
+    def accuracy(proto, weights, record=None):
+        """LFW accuracy, params, MACs; kept in ``record`` (JSON) so a rerun skips finished evaluations."""
+        if record and os.path.exists(record):
+            return json.load(open(record))
         r = evaluate(proto, a.blob, a.lfw_dir, a.pairs, weights=weights, folds=a.test_folds, crop="none",
                      flip=False, bgr=not a.rgb, progress=False)
         s = net_stats(proto)
-        return dict(accuracy=r["accuracy_mean"], std=r["accuracy_std"], params=s.params, macs=s.macs)
+        out = dict(accuracy=r["accuracy_mean"], std=r["accuracy_std"], params=s.params, macs=s.macs)
+        if record:
+            caffe_io.atomic_write(record, json.dumps(out, indent=1))
+        return out
 
-    rows = [dict(criterion="none", keep=1.0, **accuracy(a.model, a.weights))]
+    rows = [dict(criterion="none", keep=1.0, **accuracy(a.model, a.weights, os.path.join(a.out, "original.json")))]
     for keep in [float(k) for k in a.keeps.split(",")]:
         for crit in a.criteria.split(","):
             cell = os.path.join(a.out, "%s_%g" % (crit, keep))
@@ -77,9 +83,9 @@ def main(argv=None):
             job = PruneJob(model=a.model, weights=a.weights, out=cell, criterion=crit, keep=keep,
                            data=dict(data=a.lfw_dir, images=len(rels), lfw_folds="1-5", rgb=a.rgb))
             log = run(job, lambda: image_batches(root, rels, pre, 32), progress=False)
-            prune_s = time.time() - start
+            prune_s = sum(step["seconds"] for step in log["steps"])   # the recorded steps: right on a rerun too
             row = dict(criterion=crit, keep=keep, prune_seconds=round(prune_s, 1),
-                       **accuracy(log["prototxt"], log["caffemodel"]))
+                       **accuracy(log["prototxt"], log["caffemodel"], os.path.join(cell, "accuracy.json")))
             if a.finetune_epochs:
                 from finetune.driver import FineTuneJob, finetune
                 job = FineTuneJob(deploy=log["prototxt"], weights=log["caffemodel"], train_list=train_list(a),
@@ -88,7 +94,7 @@ def main(argv=None):
                                   mirror=False, rgb=a.rgb, epochs=a.finetune_epochs, batch_size=a.finetune_batch,
                                   base_lr=a.finetune_lr, snapshot_every=100)
                 done = finetune(job, progress=False)
-                ft = accuracy(log["prototxt"], done["final"])
+                ft = accuracy(log["prototxt"], done["final"], os.path.join(cell, "finetune", "accuracy.json"))
                 row.update(finetuned_accuracy=ft["accuracy"], finetuned_std=ft["std"],
                            finetune=dict(epochs=a.finetune_epochs, lr=a.finetune_lr, batch=a.finetune_batch,
                                          iterations=done["iterations"], seconds=done["seconds"]))
