@@ -152,7 +152,7 @@ def save_figure(fig, path):
     import matplotlib.pyplot as plt
     fig.tight_layout()
     tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")   # colour-bar labels stay inside
     plt.close(fig)
     os.replace(tmp, path)
     return path

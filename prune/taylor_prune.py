@@ -290,7 +290,10 @@ def run(a):
             continue
         step_k = k
         if a.target_share is not None:
-            step_k = min(k, int(math.ceil(a.target_share * total - 1e-9)) - (total - steps[-1]["filters"]))
+            left = int(math.ceil(a.target_share * total - 1e-9)) - (total - steps[-1]["filters"])
+            # a remainder under half a step joins this one, rather than a whole step (scores, fine-tune,
+            # LFW) spent on a few filters
+            step_k = left if left < 1.5 * k else k
         step_k = min(step_k, steps[-1]["filters"] - len(steps[-1]["alive"]))
         if step_k < 1:
             raise TaylorPruneError("every group is down to one channel and the target is not reached")
@@ -422,7 +425,8 @@ def parser():
     s.add_argument("--remove-per-step", type=int, help="filters removed per step (K)")
     s.add_argument("--remove-share", type=float,
                    help="filters removed per step as a share of all prunable filters of the original net")
-    s.add_argument("--target-share", type=float, help="stop when this share of the prunable filters is removed")
+    s.add_argument("--target-share", type=float, help="stop when this share of the prunable filters is removed (the last step "
+                                                                     "takes the remainder when it is under half a step)")
     s.add_argument("--target-macs", type=float, help="stop when the MACs are down to this share of the original")
     s.add_argument("--finetune-iters", type=int, default=200, help="fine-tune iterations after each step (default 200)")
     s.add_argument("--score-batches", type=int, default=10,
