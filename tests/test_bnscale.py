@@ -20,7 +20,6 @@ from finetune.centerloss import CenterLossError, center_loss, center_update, par
 from prune import caffe_io
 from prune.criteria import make
 from prune.criteria.bnscale import global_threshold_keep, scale_gammas
-from prune.driver import PruneJob, run
 from prune.graph import build_graph
 from prune.sample import Evidence
 from prune.widths import export_width, level_keep, main as widths_main, masked_weights
