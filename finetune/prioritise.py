@@ -33,6 +33,7 @@ import types
 import numpy as np
 
 from prune import caffe_io
+from prune.cli import entry
 from . import bnscale, driver, lists, solver as solver_mod, trainnet
 
 
@@ -405,13 +406,10 @@ def parser():
     return ap
 
 
+@entry("python -m finetune.prioritise")
 def main(argv=None):
     a = parser().parse_args(argv)
-    try:
-        rec = run(a)
-    except (ValueError, OSError) as e:
-        print("python -m finetune.prioritise: error: %s" % e, file=sys.stderr)
-        return 2
+    rec = run(a)
     for r in rec["levels"]:
         acc = "LFW %.2f%%" % (100 * r["accuracy"]) if r["accuracy"] is not None else "not evaluated"
         print("width %3g%%: %s, %s MACs, %.4gM params  %s" % (100 * r["level"], acc, _m(r["macs"]), r["params"] / 1e6,

@@ -34,7 +34,6 @@ replaces the 1000-way classifier is said per net:
     python -m prune.stats mobilenetv2_face.prototxt
 """
 import argparse
-import sys
 
 from prune import caffe_io  # first: it quiets glog before caffe loads
 from caffe.proto import caffe_pb2
@@ -219,10 +218,7 @@ def main(argv=None):
         net = facenet(args.net, args.embedding)
     except ValueError as e:
         ap.error(str(e))
-    if args.output:
-        caffe_io.write_net(net, args.output)
-    else:
-        sys.stdout.write(caffe_io.net_to_text(net))
+    caffe_io.write_or_print_net(net, args.output)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Layer names, blob names, fillers and lr/decay multipliers follow the release
 import argparse
 import functools
 import os
-import sys
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
@@ -210,10 +209,7 @@ def main(argv=None):
                          num_classes=args.num_classes, asoftmax=args.asoftmax)
     except ValueError as e:
         ap.error(str(e))
-    if args.output:
-        caffe_io.write_net(net, args.output)
-    else:
-        sys.stdout.write(caffe_io.net_to_text(net))
+    caffe_io.write_or_print_net(net, args.output)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import os
 import sys
 
 from prune import caffe_io
+from prune.cli import entry
 from prune.criteria import CRITERIA
 from prune.data import image_batches, image_files, preprocess_for
 from prune.driver import PruneError, PruneJob, plan_groups, run
@@ -139,37 +140,34 @@ def parser():
     return ap
 
 
+@entry("python -m prune")
 def main(argv=None):
     a = parser().parse_args(argv)
-    try:
-        for path in (a.model, a.weights):
-            if not os.path.exists(path):
-                raise PruneError("no such file: %s" % path)
-        net = caffe_io.read_net(a.model)
-        from finetune.trainnet import input_layer
-        _, shape = input_layer(net, a.model)
-        root, rels = image_files(a.data, a.root, a.lfw_folds, a.pairs, a.images or 0, a.seed)
-        if a.images is None and len(rels) > 500:
-            root, rels = image_files(a.data, a.root, a.lfw_folds, a.pairs, 500, a.seed)
-        pre = preprocess_for(shape, root, rels, a.rgb, a.crop)
-        layers = "all" if a.layers == "all" else [s.strip() for s in a.layers.split(",") if s.strip()]
-        if a.threshold is not None:
-            a.keep, layers = threshold_table(net, caffe_io.read_weights(a.weights), layers, a), "all"
-        elif a.macs_target is not None:
-            from prune.driver import ratio_for_macs
-            a.keep, reached = ratio_for_macs(net, caffe_io.read_weights(a.weights), layers, a.macs_target, a.model)
-            print("--macs-target %g: keep ratio %.4f on every selected group leaves %.2f%% of the MACs"
-                  % (a.macs_target, a.keep, 100 * reached))
-        job = PruneJob(model=a.model, weights=a.weights, out=a.out, criterion=a.criterion or "thinet", keep=a.keep,
-                       layers=layers, samples_per_image=a.samples_per_image, seed=a.seed,
-                       data=dict(data=a.data, root=root, images=len(rels), lfw_folds=a.lfw_folds,
-                                 rgb=a.rgb, crop=pre.crop))
-        step_ft, final_ft = finetune_hooks(a, net)
-        log = run(job, lambda: image_batches(root, rels, pre, a.batch), finetune=step_ft, final_finetune=final_ft,
-                  progress=not a.quiet)
-    except (ValueError, OSError) as e:
-        print("python -m prune: error: %s" % e, file=sys.stderr)
-        return 2
+    for path in (a.model, a.weights):
+        if not os.path.exists(path):
+            raise PruneError("no such file: %s" % path)
+    net = caffe_io.read_net(a.model)
+    from finetune.trainnet import input_layer
+    _, shape = input_layer(net, a.model)
+    root, rels = image_files(a.data, a.root, a.lfw_folds, a.pairs, a.images or 0, a.seed)
+    if a.images is None and len(rels) > 500:
+        root, rels = image_files(a.data, a.root, a.lfw_folds, a.pairs, 500, a.seed)
+    pre = preprocess_for(shape, root, rels, a.rgb, a.crop)
+    layers = "all" if a.layers == "all" else [s.strip() for s in a.layers.split(",") if s.strip()]
+    if a.threshold is not None:
+        a.keep, layers = threshold_table(net, caffe_io.read_weights(a.weights), layers, a), "all"
+    elif a.macs_target is not None:
+        from prune.driver import ratio_for_macs
+        a.keep, reached = ratio_for_macs(net, caffe_io.read_weights(a.weights), layers, a.macs_target, a.model)
+        print("--macs-target %g: keep ratio %.4f on every selected group leaves %.2f%% of the MACs"
+              % (a.macs_target, a.keep, 100 * reached))
+    job = PruneJob(model=a.model, weights=a.weights, out=a.out, criterion=a.criterion or "thinet", keep=a.keep,
+                   layers=layers, samples_per_image=a.samples_per_image, seed=a.seed,
+                   data=dict(data=a.data, root=root, images=len(rels), lfw_folds=a.lfw_folds,
+                             rgb=a.rgb, crop=pre.crop))
+    step_ft, final_ft = finetune_hooks(a, net)
+    log = run(job, lambda: image_batches(root, rels, pre, a.batch), finetune=step_ft, final_finetune=final_ft,
+              progress=not a.quiet)
     for s in log["steps"]:
         err = ", ".join("%s %.3f->%.3f" % (k, v["removed"], v["rescaled"]) for k, v in s["error"].items())
         print("%-12s %4d -> %-4d  rel. error %s" % (s["group"], s["channels"], s["kept"], err))

@@ -15,6 +15,7 @@ the target only when complete, so a crash never leaves half a model behind,
 and ``protect`` refuses to write over a path the caller read from.
 """
 import os
+import sys
 import shutil
 import subprocess
 import tempfile
@@ -73,6 +74,13 @@ def net_to_text(net):
 def write_net(net, path, protect=()):
     """NetParameter -> prototxt (text format)."""
     return atomic_write(path, net_to_text(net), protect)
+
+
+def write_or_print_net(net, path=None):
+    """The generators' output: the prototxt at ``path``, or on stdout without one."""
+    if path:
+        return write_net(net, path)
+    sys.stdout.write(net_to_text(net))
 
 
 # Protobuf's Python containers copy floats one by one (seconds for a

@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 from prune import caffe_io
+from prune.cli import entry
 from prune.data import shared_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -333,13 +334,10 @@ def run_pipeline(a):
     return rep
 
 
+@entry("python -m prune.pipeline")
 def main(argv=None):
     a = parser().parse_args(argv)
-    try:
-        rep = run_pipeline(a)
-    except (ValueError, OSError) as e:
-        print("python -m prune.pipeline: error: %s" % e, file=sys.stderr)
-        return 2
+    rep = run_pipeline(a)
     b, f = rep["stages"][0], rep["stages"][-1]
     print("baseline %.2f%% -> pruned %.2f%% on LFW folds %s; MACs %.1fM -> %.1fM (%.2fx); "
           "Caffe CPU forward (batch 1) %.2f -> %.2f ms/image"

@@ -31,6 +31,7 @@ from collections import OrderedDict
 import numpy as np
 
 from prune import caffe_io
+from prune.cli import entry
 from prune.report import save_figure
 
 
@@ -445,13 +446,10 @@ def parser():
     return ap
 
 
+@entry("python -m prune.taylor_prune")
 def main(argv=None):
     a = parser().parse_args(argv)
-    try:
-        log = run(a)
-    except (ValueError, OSError) as e:
-        print("python -m prune.taylor_prune: error: %s" % e, file=sys.stderr)
-        return 2
+    log = run(a)
     print_summary(log)
     print("pruned net: %s + %s\nlog: %s, plots: %s" % (
         os.path.join(a.out, "deploy.prototxt"), os.path.join(a.out, "model.caffemodel"),
