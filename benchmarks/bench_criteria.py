@@ -19,8 +19,10 @@ import time
 from common import LFW_DIR, MFN, PAIRS, ROOT, machine, parser  # first: puts the repository on sys.path
 
 from eval_lfw.evaluator import evaluate  # noqa: E402
-from prune import caffe_io  # noqa: E402
-from prune.data import image_batches, image_files, preprocess_for  # noqa: E402
+from base import caffe_io  # noqa: E402
+from base.images import image_batches, preprocess_for  # noqa: E402
+from base.lists import image_files  # noqa: E402
+from eval_lfw.pairs import lfw_people  # noqa: E402
 from prune.driver import PruneJob, run  # noqa: E402
 from prune.stats import net_stats  # noqa: E402
 
@@ -60,7 +62,7 @@ def train_list(a):
 def main(argv=None):
     a = parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
-    root, rels = image_files(a.lfw_dir, lfw_folds="1-5", pairs=a.pairs, limit=a.images)
+    root, rels = image_files(a.lfw_dir, people=lfw_people(a.pairs, "1-5"), limit=a.images)
     pre = preprocess_for((1, 3, 112, 112), root, rels, rgb=a.rgb, crop="none")
 
     def accuracy(proto, weights, record=None):

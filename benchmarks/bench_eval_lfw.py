@@ -17,9 +17,9 @@ from common import LFW_DIR, MFN, PAIRS, ROOT, machine, parser  # first: puts the
 import caffe  # noqa: E402
 
 from eval_lfw.features import extract  # noqa: E402
-from eval_lfw.images import Preprocess  # noqa: E402
+from base.images import Preprocess  # noqa: E402
 from eval_lfw.pairs import read_pairs  # noqa: E402
-from prune import caffe_io  # noqa: E402
+from base import caffe_io  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -27,9 +27,9 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from common import ROOT, machine, parser  # first: puts the repository on sys.path
+from common import ROOT, add_threads_and_seed, machine, parser  # first: puts the repository on sys.path
 
-from prune import caffe_io  # noqa: E402
+from base import caffe_io  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -43,9 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--scales", default="1,2,4", help="comma-separated multiples of --images, one subprocess each")
     p.add_argument("--samples-per-image", type=int, default=100, help="samples per image and consumer")
     p.add_argument("--batch", type=int, default=32, help="images per Caffe forward pass")
-    p.add_argument("--threads", type=int, default=1,
-                   help="BLAS threads (Caffe and numpy); on a busy machine extra threads wait on each other")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights, the images and the sampled positions")
+    add_threads_and_seed(p, "BLAS threads (Caffe and numpy)", "seed of the weights, the images and the sampled positions")
     p.add_argument("--single", choices=["sample", "forward"],
                    help="measure one run of --images images in this process and print it as JSON "
                         "(what each subprocess does): 'sample' runs collect(), 'forward' Caffe's forward passes only")

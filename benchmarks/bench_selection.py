@@ -30,7 +30,7 @@ from threadpoolctl import threadpool_limits
 
 from common import ROOT, machine, parser  # first: puts the repository on sys.path
 
-from prune import caffe_io  # noqa: E402
+from base import caffe_io  # noqa: E402
 from prune.gram import remove_greedy  # noqa: E402
 
 

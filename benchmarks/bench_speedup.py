@@ -25,9 +25,9 @@ import tempfile
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from common import MFN, ROOT, machine, parser  # first: puts the repository on sys.path
+from common import MFN, ROOT, add_threads_and_seed, machine, parser  # first: puts the repository on sys.path
 
-from prune import caffe_io  # noqa: E402
+from base import caffe_io  # noqa: E402
 from prune.graph import build_graph  # noqa: E402
 from prune.speed import forward_ms  # noqa: E402
 from prune.stats import net_stats  # noqa: E402
@@ -44,9 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds; the median counts")
     p.add_argument("--min-seconds", type=float, default=0.2, help="least time per net, batch and round")
-    p.add_argument("--threads", type=int, default=1,
-                   help="BLAS threads of Caffe; on a busy machine extra threads wait on each other")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the input")
+    add_threads_and_seed(p, "BLAS threads of Caffe", "seed of the random weights and the input")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "bench_speedup.json"), help="JSON results")
     return p.parse_args(argv)
 

@@ -10,8 +10,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import prune  # noqa: E402,F401  (quiets glog before caffe is imported)
-from prune.data import shared_dir  # noqa: E402
+import base  # noqa: E402,F401  (quiets glog before caffe is imported)
+from base.shared import shared_dir  # noqa: E402
 
 SHARED = shared_dir()
 MFN = os.path.join(SHARED, "models", "mobilefacenet", "mobilefacenet-v0")
@@ -23,6 +23,13 @@ def parser(doc):
     """The script's parser: its docstring's first paragraph as description, defaults shown in --help."""
     return argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def add_threads_and_seed(p, threads_help, seed_help):
+    """--threads (BLAS threads) and --seed, as every timing benchmark has them."""
+    p.add_argument("--threads", type=int, default=1,
+                   help=threads_help + "; on a busy machine extra threads wait on each other")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
 
 
 def machine():

@@ -8,15 +8,14 @@ The protocol (``eval_lfw.protocol``) is numpy on features. Caffe is imported
 only with ``evaluate`` and friends, so the image-decoding worker processes,
 which import this package, start without it.
 """
-from .align import align_face, read_landmarks, similarity_transform
 from .errors import EvalError
-from .pairs import Pairs, parse_folds, read_pairs
+from .pairs import Pairs, lfw_people, parse_folds, read_pairs
 from .protocol import best_threshold, cross_validate
 
-_LAZY = ("evaluate", "summary", "to_json", "write_report")
+_LAZY = ("evaluate", "evaluate_net", "EvalSpec", "summary", "to_json", "write_report")
 
-__all__ = list(_LAZY) + ["read_pairs", "parse_folds", "Pairs", "cross_validate", "best_threshold",
-                         "align_face", "similarity_transform", "read_landmarks", "EvalError"]
+__all__ = list(_LAZY) + ["read_pairs", "parse_folds", "lfw_people", "Pairs", "cross_validate", "best_threshold",
+                         "EvalError"]
 
 
 def __getattr__(name):

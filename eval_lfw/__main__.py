@@ -1,12 +1,10 @@
 """python -m eval_lfw: LFW verification accuracy (10-fold protocol) of a Caffe face model."""
-import argparse
-import sys
+from base import cli
+from base.netinput import CROPS
 
-import prune  # noqa: F401  (quiets glog before caffe is imported)
-
-from .errors import EvalError
 from .features import DEFAULT_CACHE
-from .images import CROPS
+
+PROG = "python -m eval_lfw"
 
 EPILOG = """\
 Protocol: each test fold is scored with the mean feature of the other selected
@@ -22,26 +20,14 @@ Example (the MobileFaceNet at hand, 112x112 input, no crop, no flip):
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="python -m eval_lfw", description=__doc__.split(":", 1)[1].strip(),
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="deploy prototxt; its Input layer gives the image size")
-    p.add_argument("--weights", required=True, help="the .caffemodel for --model")
-    p.add_argument("--blob", required=True, help="blob whose values are the face embedding (fc5 for SphereFace)")
-    p.add_argument("--lfw-dir", required=True,
-                   help="LFW images as NAME/NAME_0001.jpg: 112x112 aligned images, or raw ones with --landmarks")
-    p.add_argument("--pairs", required=True, help="the View 2 pairs.txt (header '10 300')")
-    p.add_argument("--folds", default=None,
-                   help="folds to cross-validate over, e.g. 6-10 for a model trained on folds 1-5 "
-                        "(default: all folds in --pairs)")
+    p = cli.parser(PROG, description=__doc__.split(":", 1)[1].strip(), epilog=EPILOG, raw=True)
+    cli.add_net(p, weights_required=True, weights_help="the .caffemodel for --model", blob_default=None,
+                blob_required=True, blob_help="blob whose values are the face embedding (fc5 for SphereFace)",
+                model_help="deploy prototxt; its Input layer gives the image size")
+    cli.add_lfw(p, required=True, folds_default=None)
     p.add_argument("--crop", choices=CROPS, default="112x96",
                    help="112x96: the SphereFace crop, columns 8..103 of the 112x112 aligned images (default); "
                         "none: images go in whole and must match the net's input size")
-    p.add_argument("--no-flip", action="store_true",
-                   help="embedding of the image alone (default: image and its mirror image, concatenated)")
-    p.add_argument("--rgb", action="store_true",
-                   help="feed pixels in RGB order (e.g. the MobileFaceNet of ../shared); default BGR, the order "
-                        "nets trained with Caffe's ImageData layer (the official SphereFace models) expect and the "
-                        "default of python -m prune and python -m finetune")
     p.add_argument("--landmarks", default=None,
                    help="5-point landmark file for raw (e.g. 250x250) LFW images, lines "
                         "'NAME/NAME_0001.jpg x1 y1 ... x5 y5' (eyes, nose, mouth corners; 0-based pixels); "
@@ -58,26 +44,23 @@ def parser():
     return p
 
 
+@cli.entry(PROG)
 def main(argv=None):
     args = parser().parse_args(argv)
     if args.batch < 1 or args.workers < 0:
-        parser().error("--batch must be >= 1 and --workers >= 0")
+        raise cli.UsageError("--batch must be >= 1 and --workers >= 0")
+    cli.check_files(model=args.model, weights=args.weights, pairs=args.pairs, landmarks=args.landmarks)
     from . import evaluator
-    try:
-        result = evaluator.evaluate(
-            args.model, args.blob, args.lfw_dir, args.pairs, weights=args.weights, folds=args.folds,
-            crop=args.crop, flip=not args.no_flip, bgr=not args.rgb, landmarks=args.landmarks, batch=args.batch,
-            workers=args.workers, cache_dir=None if args.no_cache else args.cache_dir, progress=not args.quiet)
-        if args.out:
-            paths = evaluator.write_report(result, args.out, protect=(args.model, args.weights, args.pairs))
-    except (EvalError, ValueError) as e:
-        print("eval_lfw: error: %s" % e, file=sys.stderr)
-        return 2
+    result = evaluator.evaluate(
+        args.model, args.blob, args.lfw_dir, args.pairs, weights=args.weights, folds=args.eval_folds,
+        crop=args.crop, flip=not args.no_flip, bgr=not args.rgb, landmarks=args.landmarks, batch=args.batch,
+        workers=args.workers, cache_dir=None if args.no_cache else args.cache_dir, progress=not args.quiet)
+    paths = evaluator.write_report(result, args.out, protect=(args.model, args.weights, args.pairs)) if args.out else ()
     print("\n".join(evaluator.summary(result)))
-    if args.out:
+    if paths:
         print("wrote %s" % ", ".join(paths))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

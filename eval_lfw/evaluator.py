@@ -2,14 +2,16 @@
 import json
 import os
 import time
+from dataclasses import dataclass
+from typing import Optional
 
-
-from prune import caffe_io
+from base import caffe_io
+from base.figures import pyplot
+from base.images import Preprocess, check_images, preprocess_for, read_landmarks
+from base.netinput import input_layer
 
 from . import features as F
-from .align import read_landmarks
 from .errors import EvalError
-from .images import Preprocess, check_images
 from .pairs import Pairs, parse_folds, read_pairs
 from .protocol import cross_validate
 
@@ -37,7 +39,7 @@ def evaluate(model, blob, lfw_dir, pairs, *, weights=None, folds=None, crop="112
     if from_files:
         model = os.fspath(model)
         netparam = caffe_io.read_net(model)
-        _, (_, height, width) = F.net_input(netparam, model)
+        _, (_, _, height, width) = input_layer(netparam, model)
         F.check_blob(F.net_blobs(netparam), blob, model)
         if weights is None:
             raise EvalError("%s: the weights (a .caffemodel) are needed too" % model)
@@ -77,6 +79,32 @@ def evaluate(model, blob, lfw_dir, pairs, *, weights=None, folds=None, crop="112
         "images_per_second": round(n_todo / seconds, 2) if seconds else None,
     })
     return result
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """How the drivers evaluate a net: built once from the command line, never changed."""
+    lfw_dir: Optional[str]               # None until the caller knows it (dataclasses.replace fills it in)
+    pairs: Optional[str]
+    folds: str = "6-10"
+    blob: str = "fc5"
+    flip: bool = True
+    rgb: bool = False
+    progress: bool = True
+
+
+def evaluate_net(spec, proto, weights):
+    """The LFW protocol of ``spec`` on one net given by files, the crop by base.netinput's rule
+    (decided on the first image); returns the record a driver keeps."""
+    _, shape = input_layer(caffe_io.read_net(proto), proto)
+    pairs = read_pairs(spec.pairs)
+    rels, _ = pairs.images()
+    check_images(spec.lfw_dir, rels[:1])
+    crop = preprocess_for(shape, spec.lfw_dir, rels[:1], spec.rgb).crop
+    r = evaluate(proto, spec.blob, spec.lfw_dir, pairs, weights=weights, folds=spec.folds, crop=crop, flip=spec.flip,
+                 bgr=not spec.rgb, progress=spec.progress)
+    return dict(accuracy=r["accuracy_mean"], std=r["accuracy_std"], tar_at_far_1e3=r["tar_at_far_1e-3"],
+                folds=r["folds"], flip=r["flip"])
 
 
 def summary(result):
@@ -121,9 +149,7 @@ def write_report(result, out_dir, protect=()):
 def roc_png(result):
     """The ROC curve (TAR against FAR, log scale) as PNG bytes."""
     import io
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     far, tar = result["roc"]["far"], result["roc"]["tar"]
     fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
     keep = far > 0

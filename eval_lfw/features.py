@@ -12,27 +12,14 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from prune import caffe_io
+from base import caffe_io
+
+from base.images import batches, check_images
 
 from .errors import EvalError
-from .images import batches, check_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CACHE = os.path.join(ROOT, ".cache", "eval_lfw")
-
-
-def net_input(netparam, source="net"):
-    """(input blob name, (C, H, W)) of a deploy NetParameter's first Input layer."""
-    for layer in netparam.layer:
-        if layer.type == "Input":
-            for top, shape in zip(layer.top, layer.input_param.shape):
-                dims = list(shape.dim)
-                if len(dims) == 4:
-                    if dims[1] != 3:
-                        raise EvalError("%s: input %r has %d channels; face nets take 3 (colour)"
-                                        % (source, top, dims[1]))
-                    return top, tuple(dims[1:])
-    raise EvalError("%s has no Input layer with a 4-D shape (N, 3, H, W): pass a deploy prototxt" % source)
 
 
 def net_blobs(netparam):

@@ -132,3 +132,11 @@ def parse_folds(text):
     if min(folds) < 1:
         raise EvalError("bad fold list %r: folds are numbered from 1" % text)
     return sorted(folds)
+
+
+def lfw_people(pairs_path, folds):
+    """Names of the people in the given folds of an LFW View 2 pairs file (e.g. to train on folds 1-5 only)."""
+    if isinstance(folds, str):
+        folds = parse_folds(folds)
+    pairs = read_pairs(pairs_path).select(folds)
+    return {p.split("/", 1)[0] for p in pairs.left + pairs.right}

@@ -1,5 +1,3 @@
-"""Training and fine-tuning with Caffe's own solver: A-Softmax layer, image lists."""
-import os
-
-# Caffe's glog INFO lines drown the toolkit's own output; users can override.
-os.environ.setdefault("GLOG_minloglevel", "2")
+"""Training and fine-tuning with Caffe's own solver: train nets, A-Softmax and centre-loss layers, the solver,
+the one training loop, image-list building."""
+import base  # noqa: F401  (quiets glog before caffe is imported)

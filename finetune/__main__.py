@@ -1,35 +1,29 @@
 """python -m finetune: fine-tune (or train) a Caffe deploy net with Caffe's solver."""
-import argparse
 import json
-import sys
 
-from .driver import FineTuneError, FineTuneJob, finetune
-from .lists import ListError
-from .solver import POLICIES, SolverError
-from .trainnet import TrainNetError
+from base import cli
+from .driver import FineTuneJob, finetune
+from .solver import POLICIES
+
+PROG = "python -m finetune"
 
 
 def parser():
-    ap = argparse.ArgumentParser(
-        prog="python -m finetune",
+    ap = cli.parser(
+        PROG,
         description="Fine-tune a Caffe deploy net with Caffe's own SGD solver, from an image list. "
                     "Writes train/solver prototxts, Caffe snapshots, loss.csv/loss.png and final.caffemodel "
                     "(weights for the unchanged deploy prototxt) into --out. Re-run with --resume to continue "
                     "a killed run from its newest snapshot.")
-    ap.add_argument("--model", required=True, help="deploy prototxt of the net to train (one N x 3 x H x W Input)")
-    ap.add_argument("--weights", help="its starting caffemodel; omit to train from Caffe's fillers")
-    ap.add_argument("--train-list", required=True,
-                    help="image list, 'relative/path label' per line (python -m finetune.lists makes one)")
-    ap.add_argument("--root", default="", help="folder the list's paths are relative to")
+    cli.add_net(ap, weights_help="its starting caffemodel; omit to train from Caffe's fillers",
+                model_help="deploy prototxt of the net to train (one N x 3 x H x W Input)")
+    cli.add_train_list(ap, required=True)
     ap.add_argument("--out", required=True, help="run folder (created)")
     ap.add_argument("--loss", choices=("distill", "asoftmax"), default="distill",
                     help="distill: reproduce a teacher's L2-normalised embedding (EuclideanLoss), needs no "
                          "identity labels; asoftmax: A-Softmax classification on the list's labels (default distill)")
-    ap.add_argument("--blob", default="fc5", help="embedding blob of --model (default fc5)")
-    ap.add_argument("--teacher", help="distill: teacher deploy prototxt (default: --model itself, i.e. the net "
-                                      "before this fine-tune)")
-    ap.add_argument("--teacher-weights", help="distill: teacher caffemodel (default: --weights)")
-    ap.add_argument("--teacher-blob", help="distill: teacher embedding blob (default: --blob)")
+    cli.add_teacher(ap, teacher_help="distill: teacher deploy prototxt (default: --model itself, i.e. the net "
+                                     "before this fine-tune; its weights default to --weights)")
     ap.add_argument("--precompute-teacher", action="store_true",
                     help="distill: compute the teacher's embeddings of the list images once (cached in "
                          ".cache/eval_lfw) and let the train net look them up (a frozen Embed layer) instead of "
@@ -44,25 +38,21 @@ def parser():
     ap.add_argument("--epochs", type=float, default=1.0,
                     help="passes over the list; iterations = ceil(images * epochs / batch) (default 1)")
     ap.add_argument("--batch", type=int, default=64, help="images per iteration (default 64)")
-    ap.add_argument("--lr", type=float, default=1e-3, help="base learning rate (default 1e-3, the recipe's)")
+    cli.add_finetune_lr(ap, 1e-3, "base learning rate (default 1e-3, the recipe's)")
     ap.add_argument("--lr-policy", choices=POLICIES, default="fixed",
                     help="fixed, step (x gamma every --stepsize iterations) or multistep (x gamma at each of "
                          "--stepvalues) (default fixed)")
     ap.add_argument("--gamma", type=float, default=0.1, help="lr multiplier of step/multistep (default 0.1)")
     ap.add_argument("--stepsize", type=int, default=0, help="step policy: iterations between lr drops")
-    ap.add_argument("--stepvalues", default="", help="multistep policy: comma-separated iterations, e.g. 16000,24000")
+    ap.add_argument("--stepvalues", type=cli.int_list, default=(),
+                    help="multistep policy: comma-separated iterations, e.g. 16000,24000")
     ap.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     ap.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (default 5e-4)")
     ap.add_argument("--snapshot-every", type=int, default=500,
                     help="Caffe snapshot (caffemodel + solverstate) every N iterations, and at the end (default 500)")
-    ap.add_argument("--rgb", action="store_true",
-                    help="the net expects RGB planes (e.g. the MobileFaceNet of ../shared); default BGR, the "
-                         "order Caffe's ImageData and the SphereFace release use")
-    ap.add_argument("--teacher-rgb", choices=("yes", "no"), default=None,
-                    help="distill: whether the teacher expects RGB planes (default: same as --rgb)")
     ap.add_argument("--no-mirror", action="store_true", help="no random horizontal flips")
     ap.add_argument("--seed", type=int, default=0, help="Caffe's random seed (fillers, list shuffling)")
-    ap.add_argument("--gpu", default=None,
+    ap.add_argument("--gpu", type=cli.gpu_ids, default=None,
                     help="GPU id(s): '0' trains with pycaffe on GPU 0; '0,1' runs Caffe's own `caffe train` "
                          "with NCCL on both. Default: CPU")
     ap.add_argument("--resume", action="store_true",
@@ -71,26 +61,27 @@ def parser():
     return ap
 
 
+def job_of(a):
+    """The FineTuneJob of the parsed arguments."""
+    return FineTuneJob(
+        deploy=a.model, weights=a.weights, train_list=a.train_list, out=a.out, root_folder=a.train_root,
+        head=a.loss, embedding=a.blob, teacher=a.teacher, teacher_weights=a.teacher_weights,
+        teacher_embedding=a.teacher_blob, precompute_teacher=a.precompute_teacher, num_classes=a.num_classes,
+        margin=a.margin, native_asoftmax=a.native_asoftmax, epochs=a.epochs, batch_size=a.batch,
+        base_lr=a.finetune_lr, lr_policy=a.lr_policy, gamma=a.gamma, stepsize=a.stepsize,
+        stepvalues=a.stepvalues, momentum=a.momentum, weight_decay=a.weight_decay, snapshot_every=a.snapshot_every,
+        rgb=a.rgb, mirror=not a.no_mirror, teacher_rgb=a.teacher_rgb, seed=a.seed, gpu=a.gpu)
+
+
+@cli.entry(PROG)
 def main(argv=None):
     a = parser().parse_args(argv)
-    try:
-        job = FineTuneJob(
-            deploy=a.model, weights=a.weights, train_list=a.train_list, out=a.out, root_folder=a.root,
-            head=a.loss, embedding=a.blob, teacher=a.teacher, teacher_weights=a.teacher_weights,
-            teacher_embedding=a.teacher_blob, precompute_teacher=a.precompute_teacher, num_classes=a.num_classes, margin=a.margin,
-            native_asoftmax=a.native_asoftmax, epochs=a.epochs, batch_size=a.batch, base_lr=a.lr,
-            lr_policy=a.lr_policy, gamma=a.gamma, stepsize=a.stepsize,
-            stepvalues=tuple(int(v) for v in a.stepvalues.split(",") if v.strip()), momentum=a.momentum,
-            weight_decay=a.weight_decay, snapshot_every=a.snapshot_every, rgb=a.rgb, mirror=not a.no_mirror,
-            teacher_rgb=None if a.teacher_rgb is None else a.teacher_rgb == "yes",
-            seed=a.seed, gpu=[int(g) for g in a.gpu.split(",")] if a.gpu else None)
-        done = finetune(job, resume=a.resume, progress=not a.quiet)
-    except (FineTuneError, ListError, SolverError, TrainNetError, ValueError) as e:
-        print("python -m finetune: error: %s" % e, file=sys.stderr)
-        return 2
+    job = job_of(a)
+    cli.check_files(**job.inputs())
+    done = finetune(job, resume=a.resume, progress=not a.quiet)
     print(json.dumps({k: v for k, v in done.items() if k != "config"}, indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -10,13 +10,12 @@ keeps the factors sorted, so that "the first p % of the channels" are the
 important ones and one set of weights serves several widths.  Pre-training
 starts from the monotone initialisation gamma_k = 1 - (k-1)/N.
 
-Caffe's solvers know neither term; a pycaffe loop adds their subgradients to
-the Scale diffs between backward and the update:
+Caffe's solvers know neither term; ``step`` is the per-iteration hook of
+finetune.loop that adds their subgradients to the Scale diffs between
+backward and the update:
 
-    solver = caffe.get_solver("solver.prototxt")
-    monotone_init(solver.net)
-    for it in range(n):
-        loss, penalty = step(solver, lambda_s=1e-3, lambda_m=4e-5)
+    loop.train(folder, deploy, n, init, step=lambda solver: step(solver, 1e-3, 4e-5), columns=("penalty",),
+               on_start=monotone_init)
 
 ``step`` is clear_param_diffs, forward/backward (iter_size times),
 add_penalty_grad, apply_update; ``apply_update`` runs the solver's whole
@@ -65,12 +64,6 @@ def penalty_grad(gamma, lambda_s, lambda_m):
     out[1:] += lambda_m * rising
     out[:-1] -= lambda_m * rising
     return out.reshape(g.shape)
-
-
-def net_penalty(net, lambda_s, lambda_m, layers=None):
-    """The penalty summed over the Scale layers of a caffe.Net."""
-    _check(lambda_s, lambda_m)
-    return sum(penalty(net.params[name][0].data, lambda_s, lambda_m) for name in scale_layers(net, layers))
 
 
 def add_penalty_grad(net, lambda_s, lambda_m, layers=None, scale=1.0):

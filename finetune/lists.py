@@ -1,9 +1,8 @@
 """Image lists for Caffe's ImageData layer, built from a folder-per-identity tree.
 
-The list format is what ImageData reads: one ``relative/path label`` per line,
-the label (an integer 0..K-1) after the last space, the path relative to the
-layer's ``root_folder`` (which Caffe prepends as a plain string, so it must
-end with ``/``: see ``image_data_root``).
+The list format (base.lists) is what ImageData reads: one ``relative/path
+label`` per line, the label (an integer 0..K-1) after the last space, the
+path relative to the layer's ``root_folder``.
 
 ``python -m finetune.lists ROOT OUT`` turns a CASIA-WebFace-style tree
 (ROOT/identity/*.jpg) into OUT/train.txt (+ OUT/val.txt, a held-out share of
@@ -16,7 +15,6 @@ into OUT/images/, which then becomes the list's root.  With ``--pairs`` only
 the people of the chosen LFW View 2 folds (default 1-5) are kept, so an
 evaluation on the other folds stays identity-disjoint from training.
 """
-import argparse
 import json
 import math
 import os
@@ -25,107 +23,12 @@ import zlib
 
 import numpy as np
 
-from prune.caffe_io import atomic_write
+from base import cli
+from base.caffe_io import atomic_write
+from base.lists import ListError, image_data_root, list_text, scan_tree
+from base.netinput import ALIGNED_SIZE, crop_112x96 as crop_columns
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".webp")
-CROP_COLUMNS = (8, 104)   # ArcFace 112x112 template -> SphereFace 112x96 (BRIEF)
-
-
-class ListError(ValueError):
-    """An image list or image tree that cannot be used; names file and line."""
-
-
-# ------------------------------------------------------------------ the list format
-
-def image_data_root(root):
-    """``root`` as ImageData's root_folder wants it: with a trailing slash."""
-    root = os.path.abspath(os.fspath(root))
-    return root if root.endswith(os.sep) else root + os.sep
-
-
-def parse_line(line, source, lineno):
-    """``path label`` -> (path, label); the label follows the last space, as in ImageData."""
-    text = line.rstrip("\r\n")
-    path, _, label = text.rstrip().rpartition(" ")
-    if not path.strip() or not label:
-        raise ListError("%s:%d: expected 'relative/path label', got %r" % (source, lineno, text))
-    try:
-        value = int(label)
-    except ValueError:
-        raise ListError("%s:%d: label %r is not an integer" % (source, lineno, label)) from None
-    if value < 0:
-        raise ListError("%s:%d: label %d is negative" % (source, lineno, value))
-    return path.strip(), value
-
-
-def read_list(path, root="", num_classes=None, check_files=True):
-    """Read and validate an image list -> [(root-joined path, label), ...].
-
-    A malformed line, a label outside 0..num_classes-1 or (``check_files``) an
-    image that does not exist raises ListError naming the list file, the
-    line and the image.
-    """
-    path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ListError("cannot read image list %s: %s" % (path, getattr(e, "strerror", None) or e)) from None
-    items = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        rel, label = parse_line(line, path, lineno)
-        if num_classes is not None and label >= num_classes:
-            raise ListError("%s:%d: label %d is out of range for %d classes (0..%d)"
-                            % (path, lineno, label, num_classes, num_classes - 1))
-        full = os.path.join(root, rel) if root else rel
-        if check_files and not os.path.isfile(full):
-            raise ListError("%s:%d: image %s does not exist" % (path, lineno, full))
-        items.append((full, label))
-    if not items:
-        raise ListError("image list %s is empty" % path)
-    return items
-
-
-def list_text(items):
-    """[(relative path, label)] -> the list file's text."""
-    out = []
-    for rel, label in items:
-        if "\n" in rel or "\r" in rel or rel != rel.strip():
-            raise ListError("image path %r cannot be written to an ImageData list" % rel)
-        out.append("%s %d\n" % (rel, label))
-    return "".join(out)
-
-
-# ------------------------------------------------------------------ building one
-
-def scan_tree(root):
-    """ROOT/identity/image -> {identity: [identity/image, ...]}, both sorted."""
-    root = os.fspath(root)
-    if not os.path.isdir(root):
-        raise ListError("image folder %s does not exist" % root)
-    tree = {}
-    for name in sorted(os.listdir(root)):
-        folder = os.path.join(root, name)
-        if name.startswith(".") or not os.path.isdir(folder):
-            continue
-        files = sorted(f for f in os.listdir(folder)
-                       if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
-                       and os.path.isfile(os.path.join(folder, f)))
-        if files:
-            tree[name] = [name + "/" + f for f in files]
-    if not tree:
-        raise ListError("%s holds no identity folders with images (expected ROOT/identity/*.jpg)" % root)
-    return tree
-
-
-def lfw_people(pairs_path, folds):
-    """Names of the people in the given folds of an LFW View 2 pairs file."""
-    from eval_lfw.pairs import read_pairs
-    pairs = read_pairs(pairs_path).select(folds)
-    return {p.split("/", 1)[0] for p in pairs.left + pairs.right}
-
+PROG = "python -m finetune.lists"
 
 def split_validation(files, fraction, seed, identity):
     """Hold out round(fraction * n) of one identity's images (at least one stays for training).
@@ -144,9 +47,9 @@ def split_validation(files, fraction, seed, identity):
 
 def crop_112x96(image):
     """Aligned 112x112 (ArcFace template) -> SphereFace's 112x96: columns 8..103."""
-    if image.shape[:2] != (112, 112):
+    if image.shape[:2] != ALIGNED_SIZE:
         raise ListError("is %dx%d (HxW), not an aligned 112x112 image" % image.shape[:2])
-    return image[:, CROP_COLUMNS[0]:CROP_COLUMNS[1]]
+    return crop_columns(image)
 
 
 def _encode(image, path):
@@ -184,6 +87,7 @@ def build(root, out, val_fraction=0.0, seed=0, crop=False, min_images=1, folds=N
                "val_fraction": val_fraction, "min_images": min_images, "crop_112x96": crop}
     if pairs is not None:
         folds = sorted(folds or range(1, 6))
+        from eval_lfw.pairs import lfw_people
         people = lfw_people(pairs, folds)
         summary.update(pairs=os.path.abspath(pairs), lfw_folds=folds, lfw_people=len(people),
                        lfw_people_without_folder=len(people - set(tree)))
@@ -238,9 +142,9 @@ def build(root, out, val_fraction=0.0, seed=0, crop=False, min_images=1, folds=N
 
 # ------------------------------------------------------------------ command line
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(
-        prog="python -m finetune.lists",
+def parser():
+    ap = cli.parser(
+        PROG,
         description="Build Caffe ImageData lists (train.txt, val.txt) from a folder-per-identity image tree "
                     "(ROOT/identity/*.jpg, the CASIA-WebFace layout). Labels are 0..K-1 in sorted identity order. "
                     "Every image is decoded once; unreadable ones are reported, skipped and listed in summary.json.")
@@ -258,17 +162,10 @@ def main(argv=None):
     ap.add_argument("--pairs", help="LFW View 2 pairs.txt: keep only the people of --lfw-folds")
     ap.add_argument("--lfw-folds", default=None,
                     help="LFW folds whose people are kept, e.g. 1-5 or 1,3,5 (default 1-5; needs --pairs)")
-    args = ap.parse_args(argv)
-    try:
-        folds = None
-        if args.lfw_folds is not None:
-            from eval_lfw.pairs import parse_folds
-            folds = parse_folds(args.lfw_folds)
-        s = build(args.root, args.out, args.val_fraction, args.seed, args.crop_112x96, args.min_images,
-                  folds, args.pairs)
-    except ValueError as e:
-        print("error: %s" % e, file=sys.stderr)
-        return 2
+    return ap
+
+
+def report(s, out):
     print("%d identities, %d training and %d validation images; ImageData root_folder: %s"
           % (s["num_classes"], s["train"], s["val"], s["root"]))
     if "lfw_folds" in s:
@@ -279,9 +176,21 @@ def main(argv=None):
               % (s["identities_below_min_images"], s["min_images"]))
     if s["skipped"]:
         print("WARNING: %d of %d images skipped as unreadable; they are listed in %s"
-              % (len(s["skipped"]), s["images_seen"], os.path.join(args.out, "summary.json")), file=sys.stderr)
+              % (len(s["skipped"]), s["images_seen"], os.path.join(out, "summary.json")), file=sys.stderr)
+
+
+@cli.entry(PROG)
+def main(argv=None):
+    args = parser().parse_args(argv)
+    cli.check_files(pairs=args.pairs)
+    folds = None
+    if args.lfw_folds is not None:
+        from eval_lfw.pairs import parse_folds
+        folds = parse_folds(args.lfw_folds)
+    s = build(args.root, args.out, args.val_fraction, args.seed, args.crop_112x96, args.min_images, folds, args.pairs)
+    report(s, args.out)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

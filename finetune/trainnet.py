@@ -9,6 +9,8 @@ Input is N x 3 x H x W and returns the NetParameter Caffe's solver trains:
   back with native Slice + Concat, so the deployed net keeps its convention.
 * head ``ASoftmax``: fc6 A-Softmax on the embedding (the toolkit's Python layer
   on BVLC Caffe, or the SphereFace fork's native layer) + SoftmaxWithLoss.
+* head ``SoftmaxCenter``: fc6 InnerProduct + SoftmaxWithLoss + the
+  centre-loss Python layer (finetune.centerloss) on the embedding.
 * head ``Distill``: a frozen teacher net (layers renamed ``teacher/...``,
   lr_mult 0) reads the same images; both embeddings are L2-normalised with
   native layers and compared by EuclideanLoss.  A learned linear projection
@@ -22,14 +24,20 @@ Only native Caffe layers are used outside the Python A-Softmax, so a user's
 GPU Caffe trains these nets unchanged.
 """
 import copy
+import functools
 import json
 from dataclasses import dataclass
 
-from prune import caffe_io  # noqa: F401  (first: quiets glog before caffe loads)
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+import base  # noqa: F401  (first: quiets glog before caffe loads)
+from base.images import MEAN, SCALE
+from base.netinput import input_layer
 from caffe.proto import caffe_pb2
 
 TEACHER = "teacher/"
-MEAN, SCALE = 127.5, 0.0078125
+# The SphereFace fork's names of the margins m = 1..4.
+MARGIN_TYPES = ("SINGLE", "DOUBLE", "TRIPLE", "QUADRUPLE")
 
 
 class TrainNetError(ValueError):
@@ -63,6 +71,15 @@ class ASoftmax:
 
 
 @dataclass
+class SoftmaxCenter:
+    """Softmax on the list's labels + centre loss (the channel-prioritisation recipe)."""
+    num_classes: int
+    embedding: str = "fc5"
+    lambda_c: float = 1e-3      # centre-loss weight
+    alpha: float = 0.5          # centre update rate
+
+
+@dataclass
 class Distill:
     teacher: caffe_pb2.NetParameter     # deploy net of the teacher; None: a table of its embeddings
     embedding: str = "fc5"              # student blob
@@ -75,17 +92,45 @@ class Distill:
     table_rows: int = 0                 # teacher None: rows of the embedding table (= images in the list)
 
 
-def input_layer(net, source="net"):
-    """The single Input layer of a deploy net and its (N, C, H, W)."""
-    inputs = [l for l in net.layer if l.type == "Input"]
-    if len(inputs) != 1 or len(inputs[0].top) != 1:
-        raise TrainNetError("%s: a deploy net with exactly one Input layer and one top is needed, found %d Input layers"
-                            % (source, len(inputs)))
-    shape = tuple(inputs[0].input_param.shape[0].dim)
-    if len(shape) != 4 or shape[1] != 3:
-        raise TrainNetError("%s: input %r has shape %s; an N x 3 x H x W image input is needed"
-                            % (source, inputs[0].top[0], shape))
-    return inputs[0], shape
+@functools.lru_cache(maxsize=None)
+def fork_net_class():
+    """NetParameter of the SphereFace Caffe fork: BVLC's schema plus MarginInnerProduct.
+
+    BVLC's caffe_pb2 has no ``margin_inner_product_param``; the fork adds it to
+    LayerParameter as field 147 (BVLC later gave 147 to ``swish_param``, which
+    is left out here). Building that schema here lets the native
+    train net be an ordinary message whose text is exactly what the fork parses.
+    """
+    F = descriptor_pb2.FieldDescriptorProto
+    fd = descriptor_pb2.FileDescriptorProto()
+    caffe_pb2.DESCRIPTOR.CopyToProto(fd)
+    fd.name = "caffe_sphereface_fork.proto"
+    msg = fd.message_type.add(name="MarginInnerProductParameter")
+    kinds = msg.enum_type.add(name="MarginType")
+    for number, name in enumerate(MARGIN_TYPES):
+        kinds.value.add(name=name, number=number)
+    for name, number, kind, extra in [
+            ("num_output", 1, F.TYPE_UINT32, {}),
+            ("type", 2, F.TYPE_ENUM, dict(type_name=".caffe.MarginInnerProductParameter.MarginType",
+                                          default_value="SINGLE")),
+            ("weight_filler", 3, F.TYPE_MESSAGE, dict(type_name=".caffe.FillerParameter")),
+            ("axis", 4, F.TYPE_INT32, dict(default_value="1")),
+            ("base", 5, F.TYPE_FLOAT, dict(default_value="1")),
+            ("gamma", 6, F.TYPE_FLOAT, dict(default_value="0")),
+            ("power", 7, F.TYPE_FLOAT, dict(default_value="1")),
+            ("iteration", 8, F.TYPE_INT32, dict(default_value="0")),
+            ("lambda_min", 9, F.TYPE_FLOAT, dict(default_value="0"))]:
+        msg.field.add(name=name, number=number, type=kind, label=F.LABEL_OPTIONAL, **extra)
+    layer = next(m for m in fd.message_type if m.name == "LayerParameter")
+    # The fork predates BVLC's swish_param, which took the same number 147.
+    kept = [f for f in layer.field if f.number != 147]
+    del layer.field[:]
+    layer.field.extend(kept)
+    layer.field.add(name="margin_inner_product_param", number=147, type=F.TYPE_MESSAGE, label=F.LABEL_OPTIONAL,
+                    type_name=".caffe.MarginInnerProductParameter")
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fd)
+    return message_factory.MessageFactory(pool).GetPrototype(pool.FindMessageTypeByName("caffe.NetParameter"))
 
 
 def _image_data(net, data, top, shape):
@@ -162,18 +207,20 @@ def _input_chain(net, raw, top, rgb, batch, shape, full):
 
 
 def train_net(deploy, data, head, name=None):
-    """Deploy NetParameter + ImageList + head (ASoftmax or Distill) -> train NetParameter.
+    """Deploy NetParameter + ImageList + head (ASoftmax, SoftmaxCenter or Distill) -> train NetParameter.
 
     With a Distill head whose teacher takes larger images, the list is read at
     the teacher's size and the student sees the centre crop.
     """
+    if not isinstance(head, (ASoftmax, SoftmaxCenter, Distill)):
+        raise TrainNetError("unknown head %r" % (head,))
     inp, shape = input_layer(deploy)
     top = inp.top[0]
     net = caffe_pb2.NetParameter(name=name or (deploy.name + "_train"))
     full = shape
     table = isinstance(head, Distill) and head.teacher is None
     if isinstance(head, Distill) and not table:
-        t_inp, full = input_layer(head.teacher, "teacher net")
+        _, full = input_layer(head.teacher, "teacher net")
     if data.size:
         full = shape[:2] + tuple(data.size)
     plain = not data.rgb and full[2:] == shape[2:]
@@ -187,45 +234,75 @@ def train_net(deploy, data, head, name=None):
             continue
         net.layer.add().CopyFrom(layer)
         blobs.update(layer.top)
-    emb = head.embedding
-    if emb not in blobs:
-        raise TrainNetError("embedding blob %r is not produced by the net (blobs: %s)" % (emb, ", ".join(sorted(blobs))))
-
+    if head.embedding not in blobs:
+        raise TrainNetError("embedding blob %r is not produced by the net (blobs: %s)"
+                            % (head.embedding, ", ".join(sorted(blobs))))
     if isinstance(head, ASoftmax):
-        if head.native:
-            # BVLC's caffe_pb2 has no margin_inner_product_param: use the fork's schema.
-            from prototxt.sphereface import fork_net_class
-            net = fork_net_class().FromString(net.SerializeToString())
-            fc6 = net.layer.add(name="fc6", type="MarginInnerProduct", bottom=[emb, "label"], top=["fc6", "lambda"])
-            fc6.param.add(lr_mult=1, decay_mult=1)
-            mp = fc6.margin_inner_product_param
-            mp.num_output, mp.type = head.num_classes, head.m - 1
-            mp.weight_filler.type = "xavier"
-            mp.base, mp.gamma, mp.power, mp.lambda_min, mp.iteration = (
-                head.base, head.gamma, head.power, head.lambda_min, head.iteration)
-        else:
-            p = dict(num_output=head.num_classes, m=head.m, base=head.base, gamma=head.gamma,
-                     power=head.power, lambda_min=head.lambda_min, iteration=head.iteration, seed=head.seed)
-            fc6 = net.layer.add(name="fc6", type="Python", bottom=[emb, "label"], top=["fc6", "lambda"])
-            fc6.param.add(lr_mult=1, decay_mult=1)
-            fc6.python_param.module = "finetune.asoftmax"
-            fc6.python_param.layer = "MarginInnerProduct"
-            fc6.python_param.param_str = json.dumps(p, sort_keys=True)
-        net.layer.add(name="softmax_loss", type="SoftmaxWithLoss", bottom=["fc6", "label"], top=["softmax_loss"])
-        return net
-
-    if not isinstance(head, Distill):
-        raise TrainNetError("unknown head %r" % (head,))
+        return _asoftmax_head(net, head)
+    if isinstance(head, SoftmaxCenter):
+        return _softmax_center_head(net, head)
     if table:
-        if head.table_rows < 1 or head.teacher_dim < 1:
-            raise TrainNetError("a teacher table needs its rows and dimension")
-        embed = net.layer.add(name=TEACHER + head.teacher_embedding, type="Embed", bottom=["label"],
-                              top=[TEACHER + head.teacher_embedding])
-        embed.param.add(lr_mult=0, decay_mult=0)
-        embed.embed_param.num_output = head.teacher_dim
-        embed.embed_param.input_dim = head.table_rows
-        embed.embed_param.bias_term = False
-        return _distill_loss(net, head, emb)
+        return _teacher_table(net, head)
+    return _teacher_net(net, head, data, raw, full)
+
+
+def _asoftmax_head(net, head):
+    """fc6 A-Softmax (Python layer, or the fork's native one) + SoftmaxWithLoss."""
+    emb = head.embedding
+    if head.native:
+        # BVLC's caffe_pb2 has no margin_inner_product_param: use the fork's schema.
+        net = fork_net_class().FromString(net.SerializeToString())
+        fc6 = net.layer.add(name="fc6", type="MarginInnerProduct", bottom=[emb, "label"], top=["fc6", "lambda"])
+        fc6.param.add(lr_mult=1, decay_mult=1)
+        mp = fc6.margin_inner_product_param
+        mp.num_output, mp.type = head.num_classes, head.m - 1
+        mp.weight_filler.type = "xavier"
+        mp.base, mp.gamma, mp.power, mp.lambda_min, mp.iteration = (
+            head.base, head.gamma, head.power, head.lambda_min, head.iteration)
+    else:
+        p = dict(num_output=head.num_classes, m=head.m, base=head.base, gamma=head.gamma,
+                 power=head.power, lambda_min=head.lambda_min, iteration=head.iteration, seed=head.seed)
+        fc6 = net.layer.add(name="fc6", type="Python", bottom=[emb, "label"], top=["fc6", "lambda"])
+        fc6.param.add(lr_mult=1, decay_mult=1)
+        fc6.python_param.module = "finetune.asoftmax"
+        fc6.python_param.layer = "MarginInnerProduct"
+        fc6.python_param.param_str = json.dumps(p, sort_keys=True)
+    net.layer.add(name="softmax_loss", type="SoftmaxWithLoss", bottom=["fc6", "label"], top=["softmax_loss"])
+    return net
+
+
+def _softmax_center_head(net, head):
+    """fc6 (InnerProduct) + SoftmaxWithLoss + the centre-loss Python layer (weight lambda_c) on the embedding."""
+    emb = head.embedding
+    fc6 = net.layer.add(name="fc6", type="InnerProduct", bottom=[emb], top=["fc6"])
+    fc6.inner_product_param.num_output = head.num_classes
+    fc6.inner_product_param.weight_filler.type = "xavier"
+    net.layer.add(name="softmax_loss", type="SoftmaxWithLoss", bottom=["fc6", "label"], top=["softmax_loss"])
+    center = net.layer.add(name="center_loss", type="Python", bottom=[emb, "label"], top=["center_loss"],
+                           loss_weight=[head.lambda_c])
+    center.param.add(lr_mult=0, decay_mult=0)   # the layer moves its centres itself
+    center.python_param.module = "finetune.centerloss"
+    center.python_param.layer = "CenterLoss"
+    center.python_param.param_str = json.dumps(dict(num_output=head.num_classes, alpha=head.alpha), sort_keys=True)
+    return net
+
+
+def _teacher_table(net, head):
+    """Distillation from precomputed teacher embeddings: a frozen Embed looks up the image's row (its label)."""
+    if head.table_rows < 1 or head.teacher_dim < 1:
+        raise TrainNetError("a teacher table needs its rows and dimension")
+    embed = net.layer.add(name=TEACHER + head.teacher_embedding, type="Embed", bottom=["label"],
+                          top=[TEACHER + head.teacher_embedding])
+    embed.param.add(lr_mult=0, decay_mult=0)
+    embed.embed_param.num_output = head.teacher_dim
+    embed.embed_param.input_dim = head.table_rows
+    embed.embed_param.bias_term = False
+    return _distill_loss(net, head, head.embedding)
+
+
+def _teacher_net(net, head, data, raw, full):
+    """Distillation from a frozen copy of the teacher net reading the same images."""
+    t_inp, _ = input_layer(head.teacher, "teacher net")
     teacher_input = raw
     if head.teacher_rgb:
         teacher_input = _input_chain(net, raw, TEACHER + "data", True, data.batch_size, full, full)
@@ -238,7 +315,7 @@ def train_net(deploy, data, head, name=None):
         t_blobs.update(layer.top)
     if head.teacher_embedding not in t_blobs:
         raise TrainNetError("teacher embedding blob %r not in the teacher net" % head.teacher_embedding)
-    return _distill_loss(net, head, emb)
+    return _distill_loss(net, head, head.embedding)
 
 
 def _distill_loss(net, head, emb):

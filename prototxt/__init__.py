@@ -1,1 +1,3 @@
-"""Net definitions: SphereFace-4/10/20/36/64 (`prototxt.sphereface`) and the committed prototxts beside this file."""
+"""Net definitions: SphereFace-4/10/20/36/64 (`prototxt.sphereface`), other face nets (`prototxt.facenets`) and the
+committed prototxts beside this file."""
+import base  # noqa: F401  (quiets glog before caffe is imported)

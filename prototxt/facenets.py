@@ -13,7 +13,7 @@ replaces the 1000-way classifier is said per net:
   cost the same 43M MACs each; then global AVERAGE pooling over the 7x7 map and
   fc5 (about 1.3M params, 179M MACs: the size of SphereFace-4 and the
   MobileFaceNet, trainable on a CPU). Every conv has its own Scale, so the
-  BN-scale criterion, ``--threshold`` and ``python -m finetune.prioritise``
+  BN-scale criterion, ``--threshold`` and ``python -m apps.prioritise``
   apply as they are.
 * ``squeezenet``: SqueezeNet 1.0 (conv1 7x7/2 96, fire2..fire9 of squeeze 1x1,
   expand 1x1 and 3x3 joined by ``Concat``, max pools after conv1, fire4 and
@@ -33,13 +33,18 @@ replaces the 1000-way classifier is said per net:
     python -m prototxt.facenets --net mobilenetv2 -o mobilenetv2_face.prototxt
     python -m prune.stats mobilenetv2_face.prototxt
 """
-import argparse
 
-from prune import caffe_io  # first: it quiets glog before caffe loads
+from base import cli  # first: it quiets glog before caffe loads
 from caffe.proto import caffe_pb2
 
 INPUT = (3, 112, 112)
 P = caffe_pb2.PoolingParameter
+
+
+PROG = "python -m prototxt.facenets"
+DESCRIPTION = ("Write a deploy prototxt of a VGG-like (BatchNorm+Scale, global average pooling), "
+               "SqueezeNet-, MobileNetV2- or ResNet-50-based face net "
+               "(Input 1x3x112x112 'data' -> embedding InnerProduct 'fc5').")
 
 
 class _Builder:
@@ -204,22 +209,15 @@ def facenet(name, embedding=512):
     return NETS[name](embedding)
 
 
+@cli.entry(PROG)
 def main(argv=None):
-    ap = argparse.ArgumentParser(
-        prog="python -m prototxt.facenets",
-        description="Write a deploy prototxt of a VGG-like (BatchNorm+Scale, global average pooling), "
-                    "SqueezeNet-, MobileNetV2- or ResNet-50-based face net "
-                    "(Input 1x3x112x112 'data' -> embedding InnerProduct 'fc5').")
+    ap = cli.parser(PROG, DESCRIPTION)
     ap.add_argument("--net", required=True, choices=sorted(NETS), help="which trunk")
     ap.add_argument("--embedding", type=int, default=512, help="fc5 outputs, the face embedding size (default 512)")
     ap.add_argument("-o", "--output", help="prototxt to write (default: print to stdout)")
     args = ap.parse_args(argv)
-    try:
-        net = facenet(args.net, args.embedding)
-    except ValueError as e:
-        ap.error(str(e))
-    caffe_io.write_or_print_net(net, args.output)
+    return cli.write_generated(lambda: facenet(args.net, args.embedding), args.output)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -15,62 +15,20 @@ Layer names, blob names, fillers and lr/decay multipliers follow the release
     python -m prototxt.sphereface --depth 20 --variant deploy -o sf20.prototxt
     python -m prototxt            # rewrites the committed prototxt/sphereface*.prototxt
 """
-import argparse
-import functools
 import os
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-from prune import caffe_io  # first: it quiets glog before caffe loads
+from base import caffe_io, cli  # first: it quiets glog before caffe loads
 from caffe.proto import caffe_pb2
 
 UNITS = {4: (0, 0, 0, 0), 10: (0, 1, 2, 0), 20: (1, 2, 4, 1), 36: (2, 4, 8, 2), 64: (3, 8, 16, 3)}
 WIDTHS = (64, 128, 256, 512)
 INPUT = (3, 112, 96)
-# The fork's names of the margins m = 1..4.
-MARGIN_TYPES = ("SINGLE", "DOUBLE", "TRIPLE", "QUADRUPLE")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@functools.lru_cache(maxsize=None)
-def fork_net_class():
-    """NetParameter of the SphereFace Caffe fork: BVLC's schema plus MarginInnerProduct.
-
-    BVLC's caffe_pb2 has no ``margin_inner_product_param``; the fork adds it to
-    LayerParameter as field 147 (BVLC later gave 147 to ``swish_param``, which
-    is left out here). Building that schema here lets the native
-    train net be an ordinary message whose text is exactly what the fork parses.
-    """
-    F = descriptor_pb2.FieldDescriptorProto
-    fd = descriptor_pb2.FileDescriptorProto()
-    caffe_pb2.DESCRIPTOR.CopyToProto(fd)
-    fd.name = "caffe_sphereface_fork.proto"
-    msg = fd.message_type.add(name="MarginInnerProductParameter")
-    kinds = msg.enum_type.add(name="MarginType")
-    for number, name in enumerate(MARGIN_TYPES):
-        kinds.value.add(name=name, number=number)
-    for name, number, kind, extra in [
-            ("num_output", 1, F.TYPE_UINT32, {}),
-            ("type", 2, F.TYPE_ENUM, dict(type_name=".caffe.MarginInnerProductParameter.MarginType",
-                                          default_value="SINGLE")),
-            ("weight_filler", 3, F.TYPE_MESSAGE, dict(type_name=".caffe.FillerParameter")),
-            ("axis", 4, F.TYPE_INT32, dict(default_value="1")),
-            ("base", 5, F.TYPE_FLOAT, dict(default_value="1")),
-            ("gamma", 6, F.TYPE_FLOAT, dict(default_value="0")),
-            ("power", 7, F.TYPE_FLOAT, dict(default_value="1")),
-            ("iteration", 8, F.TYPE_INT32, dict(default_value="0")),
-            ("lambda_min", 9, F.TYPE_FLOAT, dict(default_value="0"))]:
-        msg.field.add(name=name, number=number, type=kind, label=F.LABEL_OPTIONAL, **extra)
-    layer = next(m for m in fd.message_type if m.name == "LayerParameter")
-    # The fork predates BVLC's swish_param, which took the same number 147.
-    kept = [f for f in layer.field if f.number != 147]
-    del layer.field[:]
-    layer.field.extend(kept)
-    layer.field.add(name="margin_inner_product_param", number=147, type=F.TYPE_MESSAGE, label=F.LABEL_OPTIONAL,
-                    type_name=".caffe.MarginInnerProductParameter")
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(fd)
-    return message_factory.MessageFactory(pool).GetPrototype(pool.FindMessageTypeByName("caffe.NetParameter"))
+PROG = "python -m prototxt.sphereface"
+DESCRIPTION = ("Write a SphereFace prototxt with the official layer names (deploy: Input 1x3x112x96 -> fc5; "
+               "train: ImageData -> fc5 -> fc6 A-Softmax -> SoftmaxWithLoss).")
 
 
 def _conv(net, stage, index, bottom, num_output, bn):
@@ -132,7 +90,7 @@ def sphereface(depth=20, variant="deploy", widths=WIDTHS, embedding=512, inner=N
     prepends root_folder to each path as text: a "/" is added), num_classes,
     asoftmax "python" (finetune.asoftmax Python layer, runs on BVLC Caffe) or
     "native" (the fork's MarginInnerProduct; the result is then a message of
-    fork_net_class()), m the A-Softmax margin (1..4).
+    finetune.trainnet.fork_net_class()), m the A-Softmax margin (1..4).
     """
     if depth not in UNITS:
         raise ValueError("SphereFace depth must be one of %s, not %r" % (sorted(UNITS), depth))
@@ -181,11 +139,9 @@ def write_all(folder=HERE):
     return written
 
 
+@cli.entry(PROG)
 def main(argv=None):
-    ap = argparse.ArgumentParser(
-        prog="python -m prototxt.sphereface",
-        description="Write a SphereFace prototxt with the official layer names (deploy: Input 1x3x112x96 -> fc5; "
-                    "train: ImageData -> fc5 -> fc6 A-Softmax -> SoftmaxWithLoss).")
+    ap = cli.parser(PROG, DESCRIPTION)
     ap.add_argument("--depth", type=int, default=20, choices=sorted(UNITS), help="number of layers (default 20)")
     ap.add_argument("--variant", default="deploy", choices=("deploy", "train"), help="default deploy")
     ap.add_argument("--asoftmax", default="python", choices=("python", "native"),
@@ -203,14 +159,11 @@ def main(argv=None):
                     help="train: fc6 outputs, identities in the list (default 10572, CASIA-WebFace)")
     ap.add_argument("-o", "--output", help="prototxt to write (default: print to stdout)")
     args = ap.parse_args(argv)
-    try:
-        net = sphereface(args.depth, args.variant, widths=args.widths, embedding=args.embedding, bn=args.bn,
-                         source=args.source, root_folder=args.root_folder, batch_size=args.batch_size,
-                         num_classes=args.num_classes, asoftmax=args.asoftmax)
-    except ValueError as e:
-        ap.error(str(e))
-    caffe_io.write_or_print_net(net, args.output)
+    return cli.write_generated(lambda: sphereface(
+        args.depth, args.variant, widths=args.widths, embedding=args.embedding, bn=args.bn, source=args.source,
+        root_folder=args.root_folder, batch_size=args.batch_size, num_classes=args.num_classes,
+        asoftmax=args.asoftmax), args.output)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -1,5 +1,2 @@
-"""Channel pruning of Caffe nets: file I/O, channel-group graph, surgery, selection."""
-import os
-
-# Caffe's glog INFO lines drown the toolkit's own output; users can override.
-os.environ.setdefault("GLOG_minloglevel", "2")
+"""Channel pruning of Caffe nets: channel-group graph, surgery, sampling, selection criteria, size and widths."""
+import base  # noqa: F401  (quiets glog before caffe is imported)

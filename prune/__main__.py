@@ -1,39 +1,20 @@
-"""python -m prune: layer-by-layer channel pruning of a Caffe net."""
-import argparse
-import os
-import sys
-
-from prune import caffe_io
-from prune.cli import entry
+"""python -m prune: layer-by-layer channel pruning of a Caffe net (with optional fine-tuning)."""
+from base import caffe_io, cli
+from base.images import image_batches, preprocess_for
+from base.lists import image_files
+from base.netinput import input_layer
 from prune.criteria import CRITERIA
-from prune.data import image_batches, image_files, preprocess_for
 from prune.driver import PruneError, PruneJob, plan_groups, run
 
-
-def parse_keep(text):
-    """'0.5' -> 0.5; 'conv1_1=0.5,conv2_1=0.75' -> dict."""
-    try:
-        if "=" not in text:
-            return float(text)
-        table = {}
-        for item in text.split(","):
-            name, value = item.split("=")
-            table[name.strip()] = float(value)
-        return table
-    except ValueError:
-        raise argparse.ArgumentTypeError("--keep takes a ratio (0.5) or a table (conv1_1=0.5,conv2_1=0.75), not %r"
-                                         % text) from None
+PROG = "python -m prune"
 
 
 def threshold_table(net, weights, layers, a):
     """--threshold as the driver's per-group keep table (ratios), only groups that lose channels."""
     from prune.criteria.bnscale import global_threshold_keep
     from prune.graph import build_graph
-    if a.macs_target is not None:
-        raise PruneError("--threshold and --macs-target both choose how much to keep; give one")
     if a.criterion not in (None, "bnscale"):
         raise PruneError("--threshold prunes by |gamma|: it needs --criterion bnscale, not %s" % a.criterion)
-    a.criterion = "bnscale"
     graph = build_graph(net, source=a.model)
     kept = global_threshold_keep(graph, weights, a.threshold)
     if layers != "all":
@@ -48,43 +29,50 @@ def threshold_table(net, weights, layers, a):
     return table
 
 
+def keep_of(a, net, layers):
+    """(keep, layers) for the driver from --keep, --macs-target or --threshold (one of them)."""
+    if a.threshold is not None:
+        return threshold_table(net, caffe_io.read_weights(a.weights), layers, a), "all"
+    if a.macs_target is not None:
+        from prune.driver import ratio_for_macs
+        keep, reached = ratio_for_macs(net, caffe_io.read_weights(a.weights), layers, a.macs_target, a.model)
+        print("--macs-target %g: keep ratio %.4f on every selected group leaves %.2f%% of the MACs"
+              % (a.macs_target, keep, 100 * reached))
+        return keep, layers
+    return a.keep, layers
+
+
 def finetune_hooks(a, net):
-    """Callables for the driver: distill each pruned net from the original one."""
+    """The driver's fine-tune hooks: distil each pruned net from the original one (finetune.hooks)."""
     if not (a.finetune_epochs_per_layer or a.finetune_epochs_final):
         return None, None
     if not a.train_list:
-        raise PruneError("fine-tuning needs --train-list (python -m finetune.lists makes one)")
-    from finetune.driver import FineTuneJob, finetune
-    blob = a.blob or net.layer[-1].top[0]
-
-    def hook(epochs):
-        def run_one(out, proto, weights):
-            job = FineTuneJob(deploy=proto, weights=weights, train_list=a.train_list, root_folder=a.train_root,
-                              out=out,
-                              head="distill", embedding=blob, teacher=a.model, teacher_weights=a.weights,
-                              precompute_teacher=a.precompute_teacher,
-                              epochs=epochs, batch_size=a.finetune_batch, base_lr=a.finetune_lr, rgb=a.rgb,
-                              seed=a.seed, gpu=[int(g) for g in a.gpu.split(",")] if a.gpu else None)
-            return finetune(job, resume=True, progress=not a.quiet)["final"]
-        return run_one if epochs else None
-    return hook(a.finetune_epochs_per_layer), hook(a.finetune_epochs_final)
+        raise cli.UsageError("fine-tuning needs --train-list (python -m finetune.lists makes one)")
+    from finetune.hooks import FineTuneSpec, distill_hooks
+    spec = FineTuneSpec(train_list=a.train_list, train_root=a.train_root,
+                        epochs_per_layer=a.finetune_epochs_per_layer, epochs_final=a.finetune_epochs_final,
+                        lr=a.finetune_lr, batch=a.finetune_batch, embedding=a.blob or net.layer[-1].top[0],
+                        rgb=a.rgb, precompute_teacher=a.precompute_teacher, seed=a.seed,
+                        gpu=tuple(a.gpu) if a.gpu else None, progress=not a.quiet)
+    return distill_hooks(spec, a.model, a.weights)
 
 
 def parser():
-    ap = argparse.ArgumentParser(
-        prog="python -m prune",
+    ap = cli.parser(
+        PROG,
         description="Prune whole channels of a Caffe net, one channel group at a time in network order. "
                     "Before each group the current (already pruned) net is run over the images and every "
                     "consumer of the group is sampled; the criterion picks the channels to keep; ThiNet and "
                     "LASSO then rescale the consumers' kept inputs by least squares. A checkpoint is written "
                     "after every group: run the same command again to resume. Result: OUT/pruned.prototxt + "
                     "OUT/pruned.caffemodel (plain Caffe files) and OUT/log.json.")
-    ap.add_argument("--model", required=True, help="deploy prototxt")
-    ap.add_argument("--weights", required=True, help="its caffemodel (never modified)")
+    cli.add_net(ap, weights_required=True, blob_default=None,
+                blob_help="embedding blob, for fine-tuning (default: the net's last output)")
     ap.add_argument("--data", required=True,
-                    help="images to sample: an image list ('path label' lines, see --root) or a folder of "
+                    help="images to sample: an image list ('path label' lines, see --data-root) or a folder of "
                          "identity folders (e.g. ../shared/data/lfw/images-112x112)")
-    ap.add_argument("--root", default="", help="folder the list's paths are relative to")
+    ap.add_argument("--data-root", default="", help="folder the --data list's paths are relative to")
+    cli.hidden_alias(ap, "--root", "data_root")
     ap.add_argument("--lfw-folds", default=None,
                     help="with a folder --data: only people of these LFW View 2 folds, e.g. 1-5 (needs --pairs); "
                          "keeps folds 6-10 an honest test set")
@@ -100,14 +88,15 @@ def parser():
                          "least-squares refit; lasso: He et al. 2017; l1: filter L1 norm; random; actsum: the "
                          "original Sphereface-prune activation-sum pairs; bnscale: largest |gamma| of the "
                          "BatchNorm Scale layers (network slimming; the default with --threshold)")
-    ap.add_argument("--keep", type=parse_keep, default=0.5,
-                    help="share of channels kept: one ratio for every selected group (0.5), or a table by "
-                         "layer/group name (conv1_1=0.5,conv2_1=0.75)")
-    ap.add_argument("--macs-target", type=float, default=None,
+    how = ap.add_mutually_exclusive_group()
+    how.add_argument("--keep", type=cli.parse_keep, default=0.5,
+                     help="share of channels kept: one ratio for every selected group (0.5), or a table by "
+                          "layer/group name (conv1_1=0.5,conv2_1=0.75)")
+    how.add_argument("--macs-target", type=float, default=None,
                     help="instead of --keep: the share of the net's MACs to keep (e.g. 0.5); one keep ratio for "
                          "all selected groups is found by bisection (each probe a real surgery measured by "
                          "python -m prune.stats) and reported")
-    ap.add_argument("--threshold", type=float, default=None,
+    how.add_argument("--threshold", type=float, default=None,
                     help="instead of --keep: network slimming's global threshold (e.g. 0.1); every channel whose "
                          "|gamma| (Scale after BatchNorm, the largest over a residual stream) is below it goes, "
                          "so each group keeps its own share; a group keeps at least its largest channel. Needs "
@@ -115,8 +104,6 @@ def parser():
     ap.add_argument("--layers", default="all",
                     help="comma-separated layers or group ids to prune, in any order (they are pruned in "
                          "network order); default all prunable groups (python -m prune.groups lists them)")
-    ap.add_argument("--rgb", action="store_true",
-                    help="the net expects RGB planes (e.g. MobileFaceNet); default BGR (Caffe, SphereFace)")
     ap.add_argument("--crop", default="auto", choices=("auto", "112x96", "none"),
                     help="auto: SphereFace 112x96 crop when the images are 112x112 and the net takes 112x96")
     ap.add_argument("--batch", type=int, default=32, help="images per Caffe forward (default 32)")
@@ -126,46 +113,48 @@ def parser():
                     help="epochs of fine-tuning after each pruned group (the original recipe: 1; default 0 = none)")
     ft.add_argument("--finetune-epochs-final", type=float, default=0,
                     help="epochs after the last group (the original recipe: 8-9; default 0 = none)")
-    ft.add_argument("--train-list", help="image list for fine-tuning ('path label' lines; python -m finetune.lists)")
-    ft.add_argument("--train-root", default="", help="folder the training list's paths are relative to")
-    ft.add_argument("--blob", default=None, help="embedding blob (default: the net's last output)")
+    cli.add_train_list(ft, old_root=False)
     ft.add_argument("--finetune-batch", type=int, default=64, help="fine-tune batch size (default 64)")
-    ft.add_argument("--finetune-lr", type=float, default=1e-3, help="fine-tune base lr (default 1e-3, the recipe's)")
+    cli.add_finetune_lr(ft, 1e-3, "fine-tune base lr (default 1e-3, the recipe's)")
     ft.add_argument("--precompute-teacher", action="store_true",
                     help="compute the unpruned net's embeddings of the training images once instead of running "
                          "it inside every fine-tune (as python -m finetune --precompute-teacher; much faster on a CPU)")
-    ft.add_argument("--gpu", default=None, help="fine-tune on these GPU ids (as python -m finetune --gpu)")
+    ft.add_argument("--gpu", type=cli.gpu_ids, default=None,
+                    help="fine-tune on these GPU ids (as python -m finetune --gpu)")
     ap.add_argument("--out", required=True, help="run folder (steps/, pruned.prototxt, pruned.caffemodel, log.json)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
 
 
-@entry("python -m prune")
+def images_of(a, shape):
+    """(root, relative paths, Preprocess) of the images to sample."""
+    people = None
+    if a.lfw_folds:
+        if not a.pairs:
+            raise cli.UsageError("--lfw-folds needs --pairs (the LFW pairs.txt)")
+        from eval_lfw.pairs import lfw_people
+        people = lfw_people(a.pairs, a.lfw_folds)
+    root, rels = image_files(a.data, a.data_root, people, a.images or 0, a.seed)
+    if a.images is None and len(rels) > 500:
+        root, rels = image_files(a.data, a.data_root, people, 500, a.seed)
+    return root, rels, preprocess_for(shape, root, rels, a.rgb, a.crop)
+
+
+@cli.entry(PROG)
 def main(argv=None):
     a = parser().parse_args(argv)
-    for path in (a.model, a.weights):
-        if not os.path.exists(path):
-            raise PruneError("no such file: %s" % path)
+    cli.check_files(model=a.model, weights=a.weights, train_list=a.train_list, pairs=a.pairs)
     net = caffe_io.read_net(a.model)
-    from finetune.trainnet import input_layer
     _, shape = input_layer(net, a.model)
-    root, rels = image_files(a.data, a.root, a.lfw_folds, a.pairs, a.images or 0, a.seed)
-    if a.images is None and len(rels) > 500:
-        root, rels = image_files(a.data, a.root, a.lfw_folds, a.pairs, 500, a.seed)
-    pre = preprocess_for(shape, root, rels, a.rgb, a.crop)
+    root, rels, pre = images_of(a, shape)
     layers = "all" if a.layers == "all" else [s.strip() for s in a.layers.split(",") if s.strip()]
-    if a.threshold is not None:
-        a.keep, layers = threshold_table(net, caffe_io.read_weights(a.weights), layers, a), "all"
-    elif a.macs_target is not None:
-        from prune.driver import ratio_for_macs
-        a.keep, reached = ratio_for_macs(net, caffe_io.read_weights(a.weights), layers, a.macs_target, a.model)
-        print("--macs-target %g: keep ratio %.4f on every selected group leaves %.2f%% of the MACs"
-              % (a.macs_target, a.keep, 100 * reached))
-    job = PruneJob(model=a.model, weights=a.weights, out=a.out, criterion=a.criterion or "thinet", keep=a.keep,
+    step_ft, final_ft = finetune_hooks(a, net)
+    keep, layers = keep_of(a, net, layers)
+    criterion = a.criterion or ("bnscale" if a.threshold is not None else "thinet")
+    job = PruneJob(model=a.model, weights=a.weights, out=a.out, criterion=criterion, keep=keep,
                    layers=layers, samples_per_image=a.samples_per_image, seed=a.seed,
                    data=dict(data=a.data, root=root, images=len(rels), lfw_folds=a.lfw_folds,
                              rgb=a.rgb, crop=pre.crop))
-    step_ft, final_ft = finetune_hooks(a, net)
     log = run(job, lambda: image_batches(root, rels, pre, a.batch), finetune=step_ft, final_finetune=final_ft,
               progress=not a.quiet)
     for s in log["steps"]:
@@ -176,4 +165,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -18,8 +18,8 @@ import numpy as np
 
 def conv_geometry(p):
     """(kernel, stride, pad, dilation) as (h, w) pairs from a 2-D ConvolutionParameter."""
-    from prune.graph import _conv_geometry
-    return tuple(tuple(v) for v in _conv_geometry(p, 2))
+    from prune.graph import conv_geometry as geometry
+    return tuple(tuple(v) for v in geometry(p, 2))
 
 
 def conv_contributions(A, W, geometry, group, filters, images, rows, cols):

@@ -16,7 +16,6 @@ A killed run started again with the same arguments skips the finished steps.
 The result is ``pruned.prototxt`` + ``pruned.caffemodel`` in the run folder,
 plus ``log.json`` with every step.
 """
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,7 +23,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from prune import caffe_io, gram
+from base import caffe_io
+from base.runfolder import RunFolder
+from prune import gram
 from prune.criteria import make as make_criterion
 from prune.graph import build_graph
 from prune.sample import collect
@@ -157,15 +158,13 @@ def run(job, images, finetune: Optional[Callable] = None, final_finetune: Option
     pass (called once per step).  ``finetune(step_dir, proto, weights) ->
     weights`` runs after each step, ``final_finetune`` (same signature) once
     after the last.  Returns the log record."""
+    with RunFolder(job.out, PruneError) as folder:
+        return _run(job, folder, images, finetune, final_finetune, progress)
+
+
+def _run(job, folder, images, finetune, final_finetune, progress):
     from tqdm import tqdm
-    os.makedirs(job.out, exist_ok=True)
-    config = job.config()
-    cfg_path = os.path.join(job.out, "config.json")
-    if os.path.exists(cfg_path):
-        if json.load(open(cfg_path)) != config:
-            raise PruneError("%s holds a run with other settings (config.json differs); use another --out" % job.out)
-    else:
-        caffe_io.atomic_write(cfg_path, json.dumps(config, indent=1, sort_keys=True))
+    config = folder.check(job.config())
     net = caffe_io.read_net(job.model)
     weights = caffe_io.read_weights(job.weights)
     graph = build_graph(net, source=job.model)
@@ -173,6 +172,7 @@ def run(job, images, finetune: Optional[Callable] = None, final_finetune: Option
     if not plan:
         raise PruneError("nothing to prune: no prunable group selected")
     criterion = make_criterion(job.criterion, seed=job.seed)
+    folder.save_config(config)
     proto, model = job.model, job.weights
     steps = []
     bar = tqdm(plan, desc="prune", unit="group", disable=not progress, dynamic_ncols=True)
@@ -181,7 +181,7 @@ def run(job, images, finetune: Optional[Callable] = None, final_finetune: Option
         step_dir = os.path.join(job.out, "steps", "%02d_%s" % (k, gid.replace("/", "_")))
         record_path = os.path.join(step_dir, "step.json")
         if os.path.exists(record_path):
-            record = json.load(open(record_path))
+            record = folder.load(record_path)
             steps.append(record)
             proto, model = record["prototxt"], record["caffemodel"]
             continue
@@ -205,7 +205,7 @@ def run(job, images, finetune: Optional[Callable] = None, final_finetune: Option
         if finetune is not None:
             record["pruned_caffemodel"] = out_model
             record["caffemodel"] = finetune(os.path.join(step_dir, "finetune"), out_proto, out_model)
-        caffe_io.atomic_write(record_path, json.dumps(record, indent=1))
+        folder.save(record_path, record)
         steps.append(record)
         proto, model = record["prototxt"], record["caffemodel"]
     bar.close()
@@ -217,5 +217,5 @@ def run(job, images, finetune: Optional[Callable] = None, final_finetune: Option
                 inputs=(job.model, job.weights))
     log = dict(config=config, steps=steps, prototxt=final_proto, caffemodel=final_model,
                final_finetune=final_finetune is not None)
-    caffe_io.atomic_write(os.path.join(job.out, "log.json"), json.dumps(log, indent=1))
+    folder.save("log.json", log)
     return log

@@ -8,12 +8,10 @@ its per-channel passengers (PReLU, BatchNorm, Scale, depthwise conv ...) and
 the input channels of its consumers (the layers a ThiNet-style selector
 reconstructs). Groups that cannot be pruned are listed with the reason.
 """
-import argparse
 import json
-import sys
 
-from prune import caffe_io
-from prune.graph import GraphError, build_graph
+from base import cli
+from prune.graph import build_graph
 
 
 def _consumer_text(c, channels):
@@ -43,19 +41,16 @@ def describe(graph):
     return "\n".join(lines)
 
 
+@cli.entry("python -m prune.groups")
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m prune.groups", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser("python -m prune.groups", description=__doc__, raw=True)
     parser.add_argument("prototxt", help="net definition (.prototxt); the TEST-phase view is analysed")
     parser.add_argument("--json", action="store_true",
                         help="print a JSON list of groups with every parameter slice (layer, blob, axis, start, "
                              "block) instead of the listing")
     args = parser.parse_args(argv)
-    try:
-        graph = build_graph(args.prototxt)
-    except (GraphError, caffe_io.CaffeFileError) as e:
-        print("error: %s" % e, file=sys.stderr)
-        return 2
+    cli.check_file(args.prototxt, "net definition")
+    graph = build_graph(args.prototxt)
     if args.json:
         print(json.dumps([g.to_dict() for g in graph.groups.values()], indent=1))
     else:
@@ -64,4 +59,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -14,13 +14,12 @@ Memory: Caffe holds one batch of activations; the sampler adds
 batch x samples_per_image x C x kh x kw floats of windows and one C x C Gram
 per consumer, whatever the number of images.
 """
-import os
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from prune import caffe_io, contrib
+from base import caffe_io
+from prune import contrib
 from prune.gram import GramAccumulator
 
 
@@ -38,10 +37,6 @@ class Evidence:
     samples: int = 0
 
 
-def _layer(net_param, name):
-    return next(l for l in net_param.layer if l.name == name)
-
-
 def collect(net_param, weights, group, images, samples_per_image=10, seed=0, progress=None):
     """Evidence for one group. ``images``: an iterable of (N, 3, H, W) float32 batches."""
     return collect_many(net_param, weights, [group], images, samples_per_image, seed, progress)[group.id]
@@ -49,7 +44,6 @@ def collect(net_param, weights, group, images, samples_per_image=10, seed=0, pro
 
 def collect_many(net_param, weights, groups, images, samples_per_image=10, seed=0, progress=None):
     """{group id: Evidence} for several groups from one pass over the images."""
-    import caffe
     layers = {l.name: l for l in net_param.layer}
     for group in groups:
         for c in group.consumers:
@@ -57,10 +51,7 @@ def collect_many(net_param, weights, groups, images, samples_per_image=10, seed=
             if layer.type == "Convolution" and layer.convolution_param.group != 1:
                 raise SampleError("consumer %r of group %r is a grouped convolution; sampling needs a plain one"
                                   % (c.layer, group.id))
-    with tempfile.TemporaryDirectory() as tmp:
-        proto = os.path.join(tmp, "net.prototxt")
-        caffe_io.write_net(net_param, proto)
-        net = caffe.Net(proto, caffe.TEST)
+    net = caffe_io.net_from_param(net_param)
     caffe_io.load_into(net, weights)
     rng = np.random.default_rng(seed)
     found = {g.id: Evidence(group=g, weights=weights, actsum=np.zeros(g.channels)) for g in groups}

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from prune import caffe_io
+from base import caffe_io
 
 
 def forward_ms(nets, batches=(1, 32), rounds=7, min_seconds=0.2, seed=0):

@@ -17,19 +17,16 @@ Convention
 
     python -m prune.stats NET.prototxt [--weights W.caffemodel] [--exclude LAYER] [--json]
 """
-import argparse
 import copy
 import dataclasses
 import importlib
 import json
 import os
-import sys
-import tempfile
 
 import numpy as np
 
-from prune import caffe_io
-from prune.caffe_io import CaffeFileError
+from base import caffe_io, cli
+from base.caffe_io import CaffeFileError
 from caffe.proto import caffe_pb2
 
 CONVENTION = ("MACs = multiply-accumulates per image (not 2xMACs) of Convolution (incl. group/depthwise), "
@@ -162,14 +159,6 @@ def _macs(layer_type, weight, bottom, top):
     return 0
 
 
-def _instantiate(net):
-    import caffe
-    with tempfile.NamedTemporaryFile("w", suffix=".prototxt") as f:
-        f.write(caffe_io.net_to_text(net))
-        f.flush()
-        return caffe.Net(f.name, caffe.TEST)
-
-
 def net_stats(net, exclude=(), weights=None):
     """Per-layer params and MACs of a net (prototxt path or NetParameter).
 
@@ -186,7 +175,7 @@ def net_stats(net, exclude=(), weights=None):
     excluded = _drop(net, set(exclude), source)
     _inputs_at_batch_one(net, source)
     _check_types(net, source)
-    caffe_net = _instantiate(net)
+    caffe_net = caffe_io.net_from_param(net)
 
     declared = {layer.name for layer in net.layer}
     records, inputs = [], {}
@@ -250,8 +239,9 @@ def report(stats, source=""):
     return "\n".join(lines)
 
 
+@cli.entry("python -m prune.stats")
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m prune.stats", description=__doc__.split("\n\n")[0],
+    ap = cli.parser("python -m prune.stats", description=__doc__.split("\n\n")[0],
                                  epilog=CONVENTION + " Loss layers, layers that read the label (A-Softmax fc6) and "
                                         "what depends on them are left out automatically.")
     ap.add_argument("prototxt", help="net definition (deploy or train; shapes are taken in TEST phase at batch 1)")
@@ -260,14 +250,12 @@ def main(argv=None):
                     help="leave this layer (and what depends on it) out of the count; repeatable")
     ap.add_argument("--json", action="store_true", help="print JSON (per-layer records, totals, left-out layers)")
     args = ap.parse_args(argv)
-    try:
-        stats = net_stats(args.prototxt, exclude=args.exclude, weights=args.weights)
-    except CaffeFileError as e:
-        print("error: %s" % e, file=sys.stderr)
-        return 2
+    cli.check_file(args.prototxt, "net definition")
+    cli.check_files(weights=args.weights)
+    stats = net_stats(args.prototxt, exclude=args.exclude, weights=args.weights)
     print(json.dumps(stats.as_dict(), indent=1) if args.json else report(stats, args.prototxt))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

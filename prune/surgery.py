@@ -14,13 +14,12 @@ of the kept input channels.
 import copy
 import importlib
 import os
-import tempfile
 from collections import OrderedDict, defaultdict
 
 import numpy as np
 
-from prune import caffe_io
-from prune.graph import build_graph, phase_view, _data_shapes
+from base import caffe_io
+from prune.graph import build_graph, data_shapes, phase_view
 
 
 class PlanError(ValueError):
@@ -69,7 +68,7 @@ def _checked_weights(graph, weights):
                 raise caffe_io.CaffeFileError("weights: layer %r has %d blobs, %s expects %d"
                                               % (name, len(arrays), graph.source, len(want)))
             for i, (a, shape) in enumerate(zip(arrays, want)):
-                if not caffe_io._legacy_equal(a.shape, shape):
+                if not caffe_io.legacy_equal(a.shape, shape):
                     raise caffe_io.CaffeFileError("weights: layer %r blob %d has shape %s, %s expects %s"
                                                   % (name, i, tuple(a.shape), graph.source, tuple(shape)))
                 arrays[i] = a.reshape(shape)
@@ -160,7 +159,7 @@ def _loadable_view(net, graph):
         if layer.type in ("Input", "DummyData") or layer.bottom or layer.type not in (
                 "Data", "ImageData", "HDF5Data", "MemoryData", "WindowData", "Python"):
             continue
-        shapes = _data_shapes(layer) if layer.type != "Python" else [graph.shapes.get(t) for t in layer.top]
+        shapes = data_shapes(layer) if layer.type != "Python" else [graph.shapes.get(t) for t in layer.top]
         if any(s is None for s in shapes):
             raise caffe_io.CaffeFileError("cannot check the pruned net: data layer %r (%s) has no fixed shape; "
                                           "prune the deploy net (Input layers)" % (layer.name, layer.type))
@@ -195,13 +194,9 @@ def verify(net, weights, proto_path, model_path, graph=None):
         if layer.type not in known:
             raise caffe_io.CaffeFileError("%s: layer %r has type %r, which this Caffe build does not have"
                                           % (proto_path, layer.name, layer.type))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = proto_path
-        if view != net:
-            path = caffe_io.write_net(view, os.path.join(tmp, "view.prototxt"))
-        cnet = caffe.Net(path, caffe.TEST)
-        caffe_io.check_weights(cnet, OrderedDict((k, list(v)) for k, v in weights.items()), source=model_path)
-        cnet.copy_from(model_path)
+    cnet = caffe_io.net_from_param(view) if view != net else caffe.Net(proto_path, caffe.TEST)
+    caffe_io.check_weights(cnet, OrderedDict((k, list(v)) for k, v in weights.items()), source=model_path)
+    cnet.copy_from(model_path)
     for name, blobs in cnet.params.items():
         for i, b in enumerate(blobs):
             if name in weights and not np.array_equal(b.data.ravel(), np.asarray(weights[name][i]).ravel()):

@@ -18,19 +18,29 @@ import argparse
 import json
 import math
 import os
-import sys
 
 import numpy as np
 
-from prune import caffe_io
+from base import caffe_io, cli
 from prune.graph import build_graph
 from prune.surgery import prune_net, save_pruned
+
+
+PROG = "python -m prune.widths"
+DESCRIPTION = ("Export the utilisation levels of a channel-prioritised net: for each level p, the first "
+               "ceil(p * C) channels of every prunable channel group are kept and a standalone deploy "
+               "prototxt + caffemodel is written (each loaded in real Caffe before it is kept), with a "
+               "params/MACs table (OUT/widths.json).")
+
+
+class WidthError(ValueError):
+    pass
 
 
 def level_keep(graph, p):
     """{group id: first ceil(p * C) channels} for every prunable group."""
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
-        raise ValueError("utilisation level must be in (0, 1], got %r" % (p,))
+        raise WidthError("utilisation level must be in (0, 1], got %r" % (p,))
     # the 1e-9 keeps 0.75 * 64 from becoming 49 by float rounding
     return {g.id: list(range(max(1, math.ceil(p * g.channels - 1e-9)))) for g in graph.prunable()}
 
@@ -44,7 +54,7 @@ def masked_weights(graph, weights, p):
         gone = np.arange(len(kept), group.channels)
         scales = [s for s in group.passengers if s.type == "Scale"]
         if gone.size and not scales:
-            raise ValueError("group %r has no Scale passenger to mask (layers %s)"
+            raise WidthError("group %r has no Scale passenger to mask (layers %s)"
                              % (gid, ", ".join(group.layers("producers"))))
         for s in scales:
             a = out[s.layer][s.blob]
@@ -75,37 +85,42 @@ def parse_levels(text):
     return levels
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(
-        prog="python -m prune.widths",
-        description="Export the utilisation levels of a channel-prioritised net: for each level p, the first "
-                    "ceil(p * C) channels of every prunable channel group are kept and a standalone deploy "
-                    "prototxt + caffemodel is written (each loaded in real Caffe before it is kept), with a "
-                    "params/MACs table (OUT/widths.json).")
-    ap.add_argument("--model", required=True, help="deploy prototxt of the full-width net")
-    ap.add_argument("--weights", required=True, help="its caffemodel (never modified)")
-    ap.add_argument("--levels", type=parse_levels, default=[1.0, 0.75, 0.5],
-                    help="comma-separated shares of channels to keep (default 1.0,0.75,0.5)")
-    ap.add_argument("--out", required=True, help="output folder: width<PCT>.prototxt/.caffemodel per level")
-    a = ap.parse_args(argv)
+def add_levels(ap, default=(1.0, 0.75, 0.5)):
+    """--levels: the utilisation levels (shares of every prunable group's channels)."""
+    ap.add_argument("--levels", type=parse_levels, default=list(default),
+                    help="comma-separated shares of channels, e.g. %s (default)" % ",".join("%g" % p for p in default))
+
+
+def export_levels(model, weights, levels, out, progress=True):
+    """Every level of ``levels`` as OUT/width<PCT>.prototxt/.caffemodel, and OUT/widths.json; returns the rows."""
     from tqdm import tqdm
     from prune.stats import CONVENTION
     rows = []
-    for p in tqdm(a.levels, desc="widths", unit="level"):
-        stem = os.path.join(a.out, "width%g" % (100 * p))
-        try:
-            stats = export_width(a.model, a.weights, p, stem + ".prototxt", stem + ".caffemodel")
-        except ValueError as e:
-            sys.exit("error: %s" % e)
+    for p in tqdm(levels, desc="widths", unit="level", disable=not progress):
+        stem = os.path.join(out, "width%g" % (100 * p))
+        stats = export_width(model, weights, p, stem + ".prototxt", stem + ".caffemodel")
         rows.append(dict(level=p, prototxt=stem + ".prototxt", caffemodel=stem + ".caffemodel",
                          params=stats.params, macs=stats.macs))
-    print("%-8s %14s %16s  %s" % ("level", "params", "MACs", "prototxt"))
-    for r in rows:
-        print("%-8s %14d %16d  %s" % ("%g%%" % (100 * r["level"]), r["params"], r["macs"], r["prototxt"]))
-    caffe_io.atomic_write(os.path.join(a.out, "widths.json"), json.dumps(
-        dict(model=a.model, weights=a.weights, convention=CONVENTION, levels=rows), indent=1))
+    caffe_io.atomic_write(os.path.join(out, "widths.json"), json.dumps(
+        dict(model=model, weights=weights, convention=CONVENTION, levels=rows), indent=1))
     return rows
 
 
+@cli.entry(PROG)
+def main(argv=None):
+    ap = cli.parser(PROG, DESCRIPTION)
+    ap.add_argument("--model", required=True, help="deploy prototxt of the full-width net")
+    ap.add_argument("--weights", required=True, help="its caffemodel (never modified)")
+    add_levels(ap)
+    ap.add_argument("--out", required=True, help="output folder: width<PCT>.prototxt/.caffemodel per level")
+    a = ap.parse_args(argv)
+    cli.check_files(model=a.model, weights=a.weights)
+    rows = export_levels(a.model, a.weights, a.levels, a.out)
+    print("%-8s %14s %16s  %s" % ("level", "params", "MACs", "prototxt"))
+    for r in rows:
+        print("%-8s %14d %16d  %s" % ("%g%%" % (100 * r["level"]), r["params"], r["macs"], r["prototxt"]))
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -4,5 +4,5 @@
 # finish in under 30 minutes on 2 CPU cores. Outputs: runs/demo/report.md, plots/, deploy.prototxt, model.caffemodel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec .venv/bin/python -m prune.pipeline --depth 4 --out runs/demo \
+exec .venv/bin/python -m apps.pipeline --depth 4 --out runs/demo \
     --baseline-epochs 6 --finetune-epochs-per-layer 0.5 --finetune-epochs-final 4 --finetune-lr 0.01 "$@"

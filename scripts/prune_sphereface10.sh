@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # SphereFace-10 through the whole pipeline: baseline, layer-by-layer pruning with fine-tuning,
 # LFW evaluation of every stage, report and plots in runs/sphereface10 (or --out DIR).
-# Every flag of python -m prune.pipeline can be added (see --help), e.g.
+# Every flag of python -m apps.pipeline can be added (see --help), e.g.
 #   scripts/prune_sphereface10.sh --weights sphereface10_model.caffemodel --train-list casia/train.txt --train-root casia/
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec .venv/bin/python -m prune.pipeline --depth 10 --out runs/sphereface10 "$@"
+exec .venv/bin/python -m apps.pipeline --depth 10 --out runs/sphereface10 "$@"

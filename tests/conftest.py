@@ -2,8 +2,8 @@ import os
 
 import pytest
 
-import prune  # noqa: F401  (quiets glog before caffe is imported)
-from prune.data import shared_dir
+import base  # noqa: F401  (quiets glog before caffe is imported)
+from base.shared import shared_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = shared_dir()

@@ -6,7 +6,7 @@ import numpy as np
 import caffe
 from caffe import layers as L, params as P
 
-from prune import caffe_io
+from base import caffe_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

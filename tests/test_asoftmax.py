@@ -14,7 +14,7 @@ from caffe.proto import caffe_pb2
 
 from finetune import lists
 from finetune.asoftmax import AsoftmaxError, annealed_lambda, margin_inner_product, parse_params, psi
-from prune import caffe_io
+from base import caffe_io
 from conftest import shared_path
 
 N, D, K = 8, 5, 4

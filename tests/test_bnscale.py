@@ -17,7 +17,7 @@ from google.protobuf import text_format
 
 from finetune import bnscale
 from finetune.centerloss import CenterLossError, center_loss, center_update, parse_params
-from prune import caffe_io
+from base import caffe_io
 from prune.criteria import make
 from prune.criteria.bnscale import global_threshold_keep, scale_gammas
 from prune.graph import build_graph
@@ -253,7 +253,7 @@ def test_bnscale_criterion_and_global_threshold(tmp_path, capsys):
     steps = json.load(open(str(tmp_path / "run2" / "log.json")))["steps"]
     assert [(s["group"], s["removed_channels"]) for s in steps] == [("c2", [0, 3, 5])]
     for bad, says in ((["--threshold", "0.1", "--criterion", "l1"], "needs --criterion bnscale"),
-                      (["--threshold", "0.1", "--macs-target", "0.5"], "give one"),
+                      (["--threshold", "0.1", "--macs-target", "0.5"], "not allowed with"),
                       (["--threshold", "0"], "nothing to prune")):
         assert prune_main(args + bad + ["--out", str(tmp_path / "bad")]) == 2
         assert says in capsys.readouterr().err
@@ -301,7 +301,8 @@ def test_widths_cli_writes_every_level_with_its_size(tmp_path, capsys):
     proto, weights = small_bn(tmp_path)
     model = caffe_io.write_weights(caffe_io.read_net(proto), weights, str(tmp_path / "bn.caffemodel"))
     out = str(tmp_path / "widths")
-    rows = widths_main(["--model", proto, "--weights", model, "--levels", "1,0.75,0.5", "--out", out])
+    assert widths_main(["--model", proto, "--weights", model, "--levels", "1,0.75,0.5", "--out", out]) == 0
+    rows = json.load(open(os.path.join(out, "widths.json")))["levels"]
     assert [r["level"] for r in rows] == [1.0, 0.75, 0.5]
     assert rows[0]["macs"] > rows[1]["macs"] > rows[2]["macs"] and rows[0]["params"] > rows[2]["params"]
     for r in rows:
@@ -311,8 +312,8 @@ def test_widths_cli_writes_every_level_with_its_size(tmp_path, capsys):
     assert nets.rel_err(nets.caffe_forward(rows[0]["prototxt"], rows[0]["caffemodel"], x)["fc"], full) < 1e-6
     assert json.load(open(os.path.join(out, "widths.json")))["levels"][2]["macs"] == rows[2]["macs"]
     assert "75%" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        widths_main(["--model", proto, "--weights", model, "--levels", "0.5,1.5", "--out", out])
+    assert widths_main(["--model", proto, "--weights", model, "--levels", "0.5,1.5", "--out", out]) == 2
+    assert "--levels must be shares in (0, 1]" in capsys.readouterr().err
 
 
 def test_real_mobilefacenet_half_width_equals_masked_net_on_a_real_face(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import caffe
 from caffe.proto import caffe_pb2
 
-from prune import caffe_io
+from base import caffe_io
 
 V1_NET = """name: "old"
 input: "data"

@@ -3,7 +3,7 @@ import numpy as np
 import caffe
 from caffe import layers as L
 
-from prune import caffe_io
+from base import caffe_io
 
 
 def tiny_net_proto():

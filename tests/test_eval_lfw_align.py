@@ -4,10 +4,8 @@ import numpy as np
 import pytest
 from skimage.transform import SimilarityTransform
 
-from eval_lfw.align import (ALIGNED_112x112, SPHEREFACE_96x112, align_face, read_landmarks,
+from base.images import (ALIGNED_112x112, SPHEREFACE_96x112, ImageError, Preprocess, align_face, read_landmarks,
                             similarity_transform)
-from eval_lfw.errors import EvalError
-from eval_lfw.images import Preprocess
 
 
 def similarity(angle_deg, scale, shift):
@@ -51,7 +49,7 @@ def test_never_reflects():
     mirrored = ALIGNED_112x112 * [-1, 1] + [112, 0]
     m = similarity_transform(ALIGNED_112x112, mirrored)
     assert np.linalg.det(m[:, :2]) > 0
-    with pytest.raises(EvalError, match="coincide"):
+    with pytest.raises(ImageError, match="coincide"):
         similarity_transform(np.ones((5, 2)), ALIGNED_112x112)
 
 
@@ -85,8 +83,8 @@ def test_preprocess_with_landmarks_matches_the_aligned_image(tmp_path):
 def test_landmark_file_errors(tmp_path):
     bad = tmp_path / "lm.txt"
     bad.write_text("A/A_0001.jpg 1 2 3 4 5 6 7 8 9 10\nA/A_0002.jpg 1 2 3\n")
-    with pytest.raises(EvalError, match=r"lm.txt:2: expected .* \(11 fields\), got 4"):
+    with pytest.raises(ImageError, match=r"lm.txt:2: expected .* \(11 fields\), got 4"):
         read_landmarks(str(bad))
     bad.write_text("A/A_0001.jpg 1 2 3 4 5 6 7 8 9 x\n")
-    with pytest.raises(EvalError, match="lm.txt:1: landmark coordinates must be numbers"):
+    with pytest.raises(ImageError, match="lm.txt:1: landmark coordinates must be numbers"):
         read_landmarks(str(bad))

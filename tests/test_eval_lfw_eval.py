@@ -14,10 +14,10 @@ from eval_lfw import evaluate
 from eval_lfw.__main__ import main
 from eval_lfw.errors import EvalError
 from eval_lfw.features import extract
-from eval_lfw.images import Preprocess
+from base.images import ImageError, Preprocess
 from eval_lfw.pairs import read_pairs
 from eval_lfw.protocol import cross_validate
-from prune import caffe_io
+from base import caffe_io
 
 PEOPLE = ["Ann", "Bob", "Cid", "Dee"]
 PAIRS = """2\t2
@@ -159,7 +159,7 @@ def test_a_single_fold_is_refused_before_compute(data):
 def test_missing_images_are_counted_before_compute(data, tmp_path):
     pairs = tmp_path / "pairs.txt"
     pairs.write_text(PAIRS.replace("Dee\t2\t3", "Eve\t2\t3").replace("Cid\t3\tBob\t1", "Cid\t7\tBob\t1"))
-    with pytest.raises(EvalError) as e:
+    with pytest.raises(ImageError) as e:
         evaluate(data["model"], "feat", data["root"], str(pairs), weights="/nonexistent.caffemodel", cache_dir=None)
     msg = str(e.value)
     assert msg.startswith("3 of the 13 images the pairs name are missing under %s" % data["root"])
@@ -167,12 +167,12 @@ def test_missing_images_are_counted_before_compute(data, tmp_path):
 
 
 def test_wrong_image_size_without_crop(data):
-    with pytest.raises(EvalError, match=r"image .*Ann_0001.jpg is 112x112 \(HxW\), expected 112x96: "
+    with pytest.raises(ImageError, match=r"image .*Ann_0001.jpg is 112x112 \(HxW\), expected 112x96: "
                                         r"with --crop none .* need --crop 112x96"):
         evaluate(data["model"], "feat", data["root"], data["pairs"], weights=data["weights"], crop="none",
                  cache_dir=None)
     model, weights = tiny_net(data["tmp"], 112, 112)
-    with pytest.raises(EvalError, match="net's input is 112x112; use --crop none"):
+    with pytest.raises(ImageError, match="net's input is 112x112; use --crop none"):
         evaluate(model, "feat", data["root"], data["pairs"], weights=weights, cache_dir=None)
     r = evaluate(model, "feat", data["root"], data["pairs"], weights=weights, crop="none", flip=False,
                  cache_dir=None, workers=0, progress=False)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import caffe
 
-from prune import caffe_io
+from base import caffe_io
 from prune.graph import build_graph
 from prune.stats import net_stats
 from prune.surgery import prune_net, save_pruned

@@ -12,8 +12,10 @@ from PIL import Image
 import caffe
 from caffe import layers as L
 
-from prune import caffe_io
-from finetune import driver, lists, solver, trainnet
+from base import caffe_io
+from base import lists
+from finetune import driver, heads, solver, trainnet
+from finetune.loop import latest_snapshot
 from conftest import ROOT
 
 
@@ -51,14 +53,20 @@ def saved_weights(proto, path):
     return str(path)
 
 
+def distill_job(tmp_path, image_list, student, teacher, teacher_weights, **settings):
+    """A short distillation job of ``student`` from ``teacher`` on the fixture's list."""
+    root, listing = image_list
+    return driver.FineTuneJob(deploy=student, weights=None, train_list=listing, root_folder=root,
+                              out=str(tmp_path / "run"), teacher=teacher, teacher_weights=teacher_weights, epochs=8,
+                              batch_size=8, base_lr=0.05, snapshot_every=0, **settings)
+
+
 def test_distillation_trains_student_and_keeps_teacher_frozen(tmp_path, image_list):
     root, listing = image_list
     student = tiny_deploy(tmp_path / "student.prototxt", width=4, emb=5)
     teacher = tiny_deploy(tmp_path / "teacher.prototxt", width=8, emb=6, size=(28, 24))
     tw = saved_weights(teacher, tmp_path / "teacher.caffemodel")
-    job = driver.FineTuneJob(deploy=student, weights=None, train_list=listing, root_folder=root,
-                             out=str(tmp_path / "run"), teacher=teacher, teacher_weights=tw, rgb=True,
-                             teacher_rgb=False, epochs=8, batch_size=8, base_lr=0.05, snapshot_every=0)
+    job = distill_job(tmp_path, image_list, student, teacher, tw, rgb=True, teacher_rgb=False)
     done = driver.finetune(job, progress=False)
     train = caffe_io.read_net(os.path.join(job.out, "train.prototxt"))
     types = [l.type for l in train.layer]
@@ -70,7 +78,7 @@ def test_distillation_trains_student_and_keeps_teacher_frozen(tmp_path, image_li
     losses = np.array([float(r[1]) for r in rows])
     assert losses[-10:].mean() < losses[:5].mean(), "distillation loss did not go down"
     # the teacher is frozen: its weights in Caffe's last snapshot equal the given ones
-    snap = driver.latest_snapshot(os.path.join(job.out, "snapshots"))[1].replace(".solverstate", ".caffemodel")
+    snap = latest_snapshot(os.path.join(job.out, "snapshots"))[1].replace(".solverstate", ".caffemodel")
     after = caffe_io.read_weights(snap)
     for name, arrays in caffe_io.read_weights(tw).items():
         for a, b in zip(arrays, after[trainnet.TEACHER + name]):
@@ -87,15 +95,13 @@ def test_precomputed_teacher_table_matches_the_teacher_and_trains(tmp_path, imag
     student = tiny_deploy(tmp_path / "student.prototxt", width=4, emb=6, size=(28, 24))
     teacher = tiny_deploy(tmp_path / "teacher.prototxt", width=8, emb=6, size=(28, 24))
     tw = saved_weights(teacher, tmp_path / "teacher.caffemodel")
-    job = driver.FineTuneJob(deploy=student, weights=None, train_list=listing, root_folder=root,
-                             out=str(tmp_path / "run"), teacher=teacher, teacher_weights=tw, precompute_teacher=True,
-                             mirror=False, epochs=8, batch_size=8, base_lr=0.05, snapshot_every=0)
+    job = distill_job(tmp_path, image_list, student, teacher, tw, precompute_teacher=True, mirror=False)
     done = driver.finetune(job, progress=False)
     train = caffe_io.read_net(os.path.join(job.out, "train.prototxt"))
     assert [l.type for l in train.layer].count("Embed") == 1
     assert not any(l.name.startswith(trainnet.TEACHER) and l.type == "Convolution" for l in train.layer)
     # row i of the frozen table is the teacher's embedding of line i of the index list, as Caffe computes it
-    snap = driver.latest_snapshot(os.path.join(job.out, "snapshots"))[1].replace(".solverstate", ".caffemodel")
+    snap = latest_snapshot(os.path.join(job.out, "snapshots"))[1].replace(".solverstate", ".caffemodel")
     table = caffe_io.read_weights(snap)[trainnet.TEACHER + "fc5"][0]
     index = lists.read_list(os.path.join(job.out, "teacher_index.txt"), root)
     assert [label for _, label in index] == list(range(len(index))) == list(range(len(table)))
@@ -121,11 +127,11 @@ def test_killed_run_resumes_from_its_snapshot(tmp_path, image_list):
             "--margin", "2", "--epochs", "400", "--batch", "8", "--lr", "0.01", "--snapshot-every", "50", "--quiet"]
     first = _run_cli(args)
     deadline = time.time() + 120
-    while not driver.latest_snapshot(str(out / "snapshots"))[1] and time.time() < deadline and first.poll() is None:
+    while not latest_snapshot(str(out / "snapshots"))[1] and time.time() < deadline and first.poll() is None:
         time.sleep(0.02)
     first.send_signal(signal.SIGKILL)
     first.wait()
-    killed_at = driver.latest_snapshot(str(out / "snapshots"))[0]
+    killed_at = latest_snapshot(str(out / "snapshots"))[0]
     assert killed_at > 0, "no snapshot appeared: " + first.stderr.read()[-2000:]
     assert not (out / "done.json").exists(), "the run finished before it could be killed; make it longer"
 
@@ -154,7 +160,7 @@ def test_bad_input_is_named(tmp_path, image_list):
     model = tiny_deploy(tmp_path / "net.prototxt")
     job = driver.FineTuneJob(deploy=model, weights=None, train_list=listing, root_folder=root, out=str(tmp_path / "r"),
                              head="asoftmax", num_classes=3, batch_size=8)
-    with pytest.raises(driver.FineTuneError, match="label 3 is out of range for 3 classes"):
+    with pytest.raises(heads.HeadError, match="label 3 is out of range for 3 classes"):
         driver.finetune(job, progress=False)
     job = driver.FineTuneJob(deploy=model, weights=None, train_list=listing, root_folder=root, out=str(tmp_path / "r2"),
                              head="asoftmax", batch_size=64)

@@ -5,7 +5,8 @@ import numpy as np
 import caffe
 from caffe import layers as L
 
-from prune import caffe_io, contrib, gram
+from base import caffe_io
+from prune import contrib, gram
 
 
 def test_silent_channels_are_removed_exactly():

@@ -7,7 +7,8 @@ import caffe
 from caffe import layers as L
 
 from conftest import shared_path
-from prune import caffe_io, groups
+from base import caffe_io
+from prune import groups
 from prune.graph import GraphError, build_graph
 import nets
 

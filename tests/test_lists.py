@@ -10,8 +10,10 @@ import caffe
 from caffe import layers as L
 
 from finetune import lists
-from finetune.lists import ListError, build, read_list
-from prune import caffe_io
+from base.lists import ListError, read_list
+from eval_lfw.pairs import lfw_people
+from finetune.lists import build
+from base import caffe_io
 from conftest import shared_path
 
 
@@ -148,7 +150,7 @@ def test_lfw_folds_keep_only_their_people(tmp_path, capsys):
 
 def test_real_lfw_folds_are_identity_disjoint():
     pairs = shared_path("data", "lfw", "pairs.txt")
-    first, last = lists.lfw_people(pairs, range(1, 6)), lists.lfw_people(pairs, range(6, 11))
+    first, last = lfw_people(pairs, range(1, 6)), lfw_people(pairs, range(6, 11))
     assert (len(first), len(last), len(first & last)) == (2086, 2195, 0)
 
 
@@ -159,7 +161,7 @@ def test_real_lfw_folds_1_5_cropped(tmp_path):
     s = build(root, str(tmp_path), val_fraction=0.1, crop=True, pairs=shared_path("data", "lfw", "pairs.txt"),
               progress=False)
     assert (s["num_classes"], s["train"] + s["val"], len(s["skipped"])) == (2086, 5373, 0)
-    last = lists.lfw_people(shared_path("data", "lfw", "pairs.txt"), range(6, 11))
+    last = lfw_people(shared_path("data", "lfw", "pairs.txt"), range(6, 11))
     names = {line.split()[1] for line in open(str(tmp_path / "identities.txt"))}
     assert not names & last
     items = read_list(str(tmp_path / "train.txt"), s["root"], num_classes=2086)

@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from prune import caffe_io
-from prune.pipeline import main as pipeline_main
+from base import caffe_io
+from apps.pipeline import main as pipeline_main
 from conftest import ROOT
 
 ARGS = ["--depth", "4", "--synthetic", "--baseline-epochs", "1", "--baseline-lr", "0.01",
@@ -59,7 +59,7 @@ def test_pipeline_end_to_end(finished):
 
 def test_killed_pipeline_resumes_to_the_same_report(tmp_path, finished):
     out = str(tmp_path / "run")
-    cmd = [sys.executable, "-m", "prune.pipeline"] + ARGS + ["--out", out]
+    cmd = [sys.executable, "-m", "apps.pipeline"] + ARGS + ["--out", out]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = os.path.join(out, "stages", "eval_step_02.json")
     deadline = time.time() + 300

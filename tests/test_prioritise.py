@@ -7,12 +7,13 @@ import os
 import numpy as np
 import pytest
 
-from finetune import lists, prioritise
-from prune import caffe_io
+from finetune import lists
+from apps import prioritise
+from base import caffe_io
 from prune.criteria.bnscale import scale_gammas
 from prune.graph import build_graph
 from prune.stats import net_stats
-from prune.synthetic import make_dataset
+from apps.synthetic import make_dataset
 from prototxt.sphereface import sphereface
 
 
@@ -81,7 +82,7 @@ def test_rerun_reuses_stages_and_other_settings_are_refused(run, capsys):
 
 
 def pretrained_gammas(setup, name, *extra):
-    a = prioritise.parser().parse_args(argv(setup, setup["base"] / name, "--pretrain-epochs", "0.6", *extra))
+    a = prioritise.settings(argv(setup, setup["base"] / name, "--pretrain-epochs", "0.6", *extra))
     rec = prioritise.pretrain_stage(a, progress=False)
     net = caffe_io.read_net(rec["deploy"])
     graph = build_graph(net)
@@ -114,7 +115,7 @@ def test_bad_input_is_named(setup, tmp_path, capsys):
 
 
 def test_killed_pretraining_resumes_from_its_snapshot(setup):
-    a = prioritise.parser().parse_args(argv(setup, setup["base"] / "resume", "--snapshot-every", "3"))
+    a = prioritise.settings(argv(setup, setup["base"] / "resume", "--snapshot-every", "3"))
     first = prioritise.pretrain_stage(a, progress=False)
     folder = os.path.dirname(first["caffemodel"])
     rows = open(os.path.join(folder, "loss.csv")).read().splitlines()

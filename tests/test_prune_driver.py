@@ -5,10 +5,13 @@ import os
 import numpy as np
 import pytest
 
-from prune import caffe_io, gram
+from base import caffe_io
+from prune import gram
 from prune.__main__ import main as prune_main
 from prune.criteria import make
-from prune.data import image_files, preprocess_for
+from base.images import preprocess_for
+from base.lists import image_files
+from eval_lfw.pairs import lfw_people
 from prune.driver import PruneError, PruneJob, plan_groups, run
 from prune.graph import build_graph
 from prune.sample import collect_many
@@ -29,7 +32,7 @@ def test_thinet_beats_l1_and_random_on_every_group_of_the_real_mobilefacenet():
     proto = shared_path("models", "mobilefacenet", "mobilefacenet-v0.prototxt")
     weights = caffe_io.read_weights(shared_path("models", "mobilefacenet", "mobilefacenet-v0.caffemodel"))
     lfw = shared_path("data", "lfw", "images-112x112")
-    root, rels = image_files(lfw, lfw_folds="1-5", pairs=shared_path("data", "lfw", "pairs.txt"), limit=72)
+    root, rels = image_files(lfw, people=lfw_people(shared_path("data", "lfw", "pairs.txt"), "1-5"), limit=72)
     pre = preprocess_for((1, 3, 112, 112), root, rels, rgb=True)
     fit, held = pre.batch(root, rels[:48]), pre.batch(root, rels[48:])
     net = caffe_io.read_net(proto)

@@ -12,8 +12,9 @@ from caffe import layers as L, params as P
 from google.protobuf import text_format
 
 from conftest import ROOT
-from prune import caffe_io
-from prototxt.sphereface import UNITS, committed_path, fork_net_class, sphereface
+from base import caffe_io
+from finetune.trainnet import fork_net_class
+from prototxt.sphereface import UNITS, committed_path, sphereface
 
 
 def convs(net):
@@ -91,15 +92,20 @@ def official_sphereface20(num_classes):
     return n.to_proto()
 
 
-def test_official_sphereface20_weights_load_by_name(tmp_path):
-    ref_path = write(official_sphereface20(num_classes=10), tmp_path, "official.prototxt")
-    ref = caffe.Net(ref_path, caffe.TEST)
-    rng = np.random.default_rng(0)
-    for blobs in ref.params.values():
+def randomised(proto, weights, rng):
+    """A caffe.Net of ``proto`` with small random weights, saved to ``weights``."""
+    net = caffe.Net(proto, caffe.TEST)
+    for blobs in net.params.values():
         for b in blobs:
             b.data[...] = rng.standard_normal(b.data.shape).astype(np.float32) * 0.05
-    weights = str(tmp_path / "official.caffemodel")
-    ref.save(weights)
+    net.save(weights)
+    return net, weights
+
+
+def test_official_sphereface20_weights_load_by_name(tmp_path):
+    ref_path = write(official_sphereface20(num_classes=10), tmp_path, "official.prototxt")
+    rng = np.random.default_rng(0)
+    ref, weights = randomised(ref_path, str(tmp_path / "official.caffemodel"), rng)
 
     ours = caffe.Net(committed_path(20, "deploy"), weights, caffe.TEST)
     assert set(ours.params) == set(ref.params) - {"fc6"}
@@ -235,13 +241,8 @@ def test_command_line(tmp_path):
 def test_deploy_net_runs_in_opencv_dnn(tmp_path):
     """A second Caffe runtime reads the generated deploy net and computes Caffe's embedding."""
     proto = committed_path(10, "deploy")
-    net = caffe.Net(proto, caffe.TEST)
     rng = np.random.default_rng(1)
-    for blobs in net.params.values():
-        for b in blobs:
-            b.data[...] = rng.standard_normal(b.data.shape).astype(np.float32) * 0.05
-    weights = str(tmp_path / "sf10.caffemodel")
-    net.save(weights)
+    net, weights = randomised(proto, str(tmp_path / "sf10.caffemodel"), rng)
     x = rng.standard_normal((1, 3, 112, 96)).astype(np.float32)
     net.blobs["data"].data[...] = x
     expected = net.forward()["fc5"]

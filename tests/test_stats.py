@@ -9,8 +9,8 @@ import caffe
 from caffe import layers as L
 
 from conftest import ROOT, shared_path
-from prune import caffe_io
-from prune.caffe_io import CaffeFileError
+from base import caffe_io
+from base.caffe_io import CaffeFileError
 from prune.stats import fmt_macs, fmt_params, net_stats
 from prototxt.sphereface import committed_path, sphereface
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import shared_path
-from prune import caffe_io
+from base import caffe_io
 from prune.graph import build_graph
 from prune.surgery import PlanError, prune_net, save_pruned
 import nets

@@ -11,7 +11,7 @@ import pytest
 import caffe
 from caffe import layers as L
 
-from prune import caffe_io
+from base import caffe_io
 from prune.graph import build_graph
 from prune.taylor import TaylorError, global_ranking, normalise, taylor_scores, taylor_terms
 import nets

@@ -14,10 +14,11 @@ import pytest
 import caffe
 from caffe import layers as L
 
-from prune import caffe_io, taylor_prune as tp
+from base import caffe_io
+from apps import taylor as tp
 from prune.graph import build_graph
 from prune.taylor import global_ranking, taylor_scores
-from prune.synthetic import make_dataset
+from apps.synthetic import make_dataset
 from finetune import driver, lists
 
 SIZE = 32
@@ -57,7 +58,7 @@ def setup(tmp_path_factory):
             "--score-batches", "3", "--batch", "8", "--lr", "0.01", "--lfw-dir", lfw, "--pairs", pairs,
             "--seed", "1", "--quiet"]
     out = str(tmp / "run")
-    log = tp.run(tp.parser().parse_args(args + ["--out", out]))
+    log = tp.run(tp.settings(args + ["--out", out]))
     return dict(tmp=tmp, args=args, out=out, log=log, model=model, weights=weights, root=s["root"],
                 listing=str(tmp / "list" / "train.txt"))
 
@@ -125,7 +126,7 @@ def test_plan_never_takes_the_last_channel_of_a_group():
 
 def test_resume_after_a_crash_or_a_deleted_step_gives_the_same_log(setup, monkeypatch):
     out = str(setup["tmp"] / "resumed")
-    args = tp.parser().parse_args(setup["args"] + ["--out", out])
+    args = tp.settings(setup["args"] + ["--out", out])
     real = driver.finetune
 
     def crash_in_step_two(job, **kw):
@@ -142,7 +143,7 @@ def test_resume_after_a_crash_or_a_deleted_step_gives_the_same_log(setup, monkey
     shutil.rmtree(os.path.join(out, "steps", "02"))
     assert without_seconds(tp.run(args)) == without_seconds(setup["log"])
     # the same folder with other settings is refused
-    other = tp.parser().parse_args(setup["args"][:-3] + ["--seed", "2", "--quiet", "--out", out])
+    other = tp.settings(setup["args"][:-3] + ["--seed", "2", "--quiet", "--out", out])
     with pytest.raises(tp.TaylorPruneError, match="other settings .*seed"):
         tp.run(other)
 
@@ -166,7 +167,7 @@ def test_bad_input_is_named(setup, tmp_path, change, message):
         else:
             args[i + 1] = value
     with pytest.raises(tp.TaylorPruneError, match=message):
-        tp.run(tp.parser().parse_args(args + ["--out", str(tmp_path / "bad")]))
+        tp.run(tp.settings(args + ["--out", str(tmp_path / "bad")]))
 
 
 def test_cli_help_and_error(capsys, tmp_path):

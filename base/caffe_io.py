@@ -9,6 +9,7 @@ through here:
 * ``write_weights(net, weights, path)``  -> caffemodel, atomically
 * ``check_weights(net, weights)``  every learnable layer has blobs of the
   shapes Caffe will ask for, named errors otherwise
+* ``open_net(prototxt, weights)``, ``net_from_param(net)``  a caffe.Net
 
 Writes go to a temporary file in the destination folder and are renamed over
 the target only when complete, so a crash never leaves half a model behind,
@@ -47,9 +48,12 @@ def atomic_write(path, data, protect=(), sync=True):
         if p and os.path.abspath(p) == os.path.abspath(path):
             raise CaffeFileError("refusing to overwrite the input file %s" % path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     mode = "w" if isinstance(data, str) else "wb"
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise CaffeFileError("cannot write %s: %s" % (path, e.strerror or e)) from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600; outputs are ordinary files
@@ -293,7 +297,7 @@ def read_weights(path):
     return weights
 
 
-def _legacy_equal(stored, wanted):
+def legacy_equal(stored, wanted):
     """Caffe accepts a legacy 4-D blob when its shape is `wanted` padded with 1s."""
     s, w = tuple(stored), tuple(wanted)
     if s == w:
@@ -316,7 +320,7 @@ def check_weights(caffe_net, weights, source="weights"):
             raise CaffeFileError("%s: layer %r has %d blobs, the net expects %d"
                                  % (source, name, len(arrays), len(blobs)))
         for i, (a, b) in enumerate(zip(arrays, blobs)):
-            if not _legacy_equal(a.shape, b.data.shape):
+            if not legacy_equal(a.shape, b.data.shape):
                 raise CaffeFileError("%s: layer %r blob %d has shape %s, the net expects %s"
                                      % (source, name, i, tuple(a.shape), tuple(b.data.shape)))
             arrays[i] = a.reshape(b.data.shape)
@@ -338,9 +342,21 @@ def open_net(prototxt, weights=None, phase="test"):
     """
     import caffe
     read_net(prototxt)
-    caffe_phase = caffe.TEST if phase == "test" else caffe.TRAIN
-    net = caffe.Net(os.fspath(prototxt), caffe_phase)
+    net = caffe.Net(os.fspath(prototxt), _phase(phase))
     if weights is not None:
         arrays = read_weights(weights) if isinstance(weights, (str, os.PathLike)) else weights
         load_into(net, arrays, source=os.fspath(weights) if isinstance(weights, (str, os.PathLike)) else "weights")
     return net
+
+
+def _phase(phase):
+    import caffe
+    return caffe.TEST if phase == "test" else caffe.TRAIN
+
+
+def net_from_param(net, phase="test"):
+    """caffe.Net of a NetParameter held in memory (through a temporary prototxt, as pycaffe needs a file)."""
+    import caffe
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_net(net, os.path.join(tmp, "net.prototxt"))
+        return caffe.Net(path, _phase(phase))

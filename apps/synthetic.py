@@ -12,7 +12,7 @@ import os
 import cv2
 import numpy as np
 
-from prune.caffe_io import atomic_write
+from base.caffe_io import atomic_write
 
 
 def make_dataset(out, identities_per_fold=6, images_per_identity=8, pairs_per_fold=20, folds=10, size=112,

@@ -1,4 +1,4 @@
-"""python -m prune.taylor_prune: iterative first-order Taylor filter pruning (Molchanov et al.).
+"""python -m apps.taylor: iterative first-order Taylor filter pruning (Molchanov et al.).
 
 Each step scores every channel of the CURRENT net with prune.taylor (Caffe's
 own backward through a distillation train net whose teacher embeddings are
@@ -20,28 +20,60 @@ OUT/ holds:
 A killed run goes on from where it stopped when the same command is run again;
 a run folder made with other settings is refused.
 """
-import argparse
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
-from prune import caffe_io
-from prune.cli import entry
-from prune.report import save_figure
+from base import caffe_io, cli
+from base.figures import pyplot, save_figure
+from base.runfolder import RunFolder, command_config
+from eval_lfw.evaluator import EvalSpec
+from finetune import driver
+
+PROG = "python -m apps.taylor"
 
 
 class TaylorPruneError(ValueError):
     pass
 
 
+@dataclass(frozen=True)
+class Settings:
+    """The whole command, typed; nothing changes it after ``settings()``."""
+    model: str
+    weights: str
+    train_list: str
+    out: str
+    blob: str = "fc5"
+    rgb: bool = False
+    train_root: str = ""
+    teacher: Optional[str] = None        # None: the unpruned --model (self-distillation)
+    teacher_weights: Optional[str] = None
+    teacher_blob: Optional[str] = None
+    remove_per_step: Optional[int] = None
+    remove_share: Optional[float] = None
+    target_share: Optional[float] = None
+    target_macs: Optional[float] = None
+    finetune_iters: int = 200
+    score_batches: int = 10
+    batch: int = 32
+    lr: float = 1e-3
+    evaluation: Optional[EvalSpec] = None   # None: no LFW evaluation
+    seed: int = 0
+    quiet: bool = False
+    config: dict = dataclasses.field(default_factory=dict, compare=False)   # the arguments, for the run folder
+
+
 def say(text, quiet=False):
-    if not quiet:
-        print("[taylor-prune] " + text, file=sys.stderr, flush=True)
+    cli.say("taylor", text, quiet)
 
 
 # ------------------------------------------------------------------ the schedule
@@ -63,12 +95,12 @@ def plan_removal(scores, k):
     return out
 
 
-def step_size(a, total):
+def step_size(st, total):
     """Filters removed per step (K) from --remove-per-step or --remove-share (of all prunable filters)."""
-    k = a.remove_per_step if a.remove_per_step is not None else int(round(a.remove_share * total))
+    k = st.remove_per_step if st.remove_per_step is not None else int(round(st.remove_share * total))
     if k < 1:
         raise TaylorPruneError("--remove-share %g of %d prunable filters is less than one filter per step"
-                               % (a.remove_share, total))
+                               % (st.remove_share, total))
     return k
 
 
@@ -80,75 +112,64 @@ def _min_macs(net, weights, graph):
     return net_stats(small).macs
 
 
-def check_targets(a, net, weights, graph, macs0):
+def check_targets(st, net, weights, graph, macs0):
     """Refuse up front what no schedule can reach."""
     groups = graph.prunable()
     if not groups:
-        raise TaylorPruneError("%s: no prunable channel group (python -m prune.groups shows why)" % a.model)
+        raise TaylorPruneError("%s: no prunable channel group (python -m prune.groups shows why)" % st.model)
     total = sum(g.channels for g in groups)
     removable = total - len(groups)
-    k = step_size(a, total)
+    k = step_size(st, total)
     if k > removable:
         raise TaylorPruneError("%d filters per step is more than the %d prunable filters that can go "
                                "(%d in %d groups, each keeps one)" % (k, removable, total, len(groups)))
-    if a.target_share is not None:
-        need = int(math.ceil(a.target_share * total - 1e-9))
+    if st.target_share is not None:
+        need = int(math.ceil(st.target_share * total - 1e-9))
         if need > removable:
             raise TaylorPruneError("--target-share %g means removing %d of %d prunable filters; at most %d can go "
-                                   "(each of the %d groups keeps one)" % (a.target_share, need, total, removable,
+                                   "(each of the %d groups keeps one)" % (st.target_share, need, total, removable,
                                                                          len(groups)))
     else:
         floor = _min_macs(net, weights, graph)
-        if floor > a.target_macs * macs0:
+        if floor > st.target_macs * macs0:
             raise TaylorPruneError("--target-macs %g is unreachable: with one channel left in every prunable group "
-                                   "the net still has %.4g of its MACs" % (a.target_macs, floor / macs0))
+                                   "the net still has %.4g of its MACs" % (st.target_macs, floor / macs0))
     return total, k
 
 
 # ------------------------------------------------------------------ one step
 
-def _job(a, d, out, proto, weights, iters):
-    from finetune.driver import FineTuneJob
+def _job(st, d, out, proto, weights, iters):
     from finetune.solver import iterations
-    epochs = iters * a.batch / float(d["images"])
-    while iterations(d["images"], epochs, a.batch) > iters:   # float rounding must not add an iteration
+    epochs = iters * st.batch / float(d["images"])
+    while iterations(d["images"], epochs, st.batch) > iters:   # float rounding must not add an iteration
         epochs = np.nextafter(epochs, 0)
     # Mirroring on: the teacher's row is the mean of its embeddings of an image and its mirror, the student
     # sees one view. Without it, self-distillation scores the unpruned net at a loss of exactly zero, where
     # every gradient, and so every Taylor score, is zero.
-    return FineTuneJob(deploy=proto, weights=weights, train_list=a.train_list, root_folder=a.train_root, out=out,
-                       head="distill", embedding=a.blob, teacher=a.teacher or a.model,
-                       teacher_weights=a.teacher_weights or a.weights, teacher_embedding=a.teacher_blob or a.blob,
-                       precompute_teacher=True, mirror=True, rgb=a.rgb, epochs=float(epochs), batch_size=a.batch,
-                       base_lr=a.lr, snapshot_every=100, seed=a.seed)
+    return driver.FineTuneJob(deploy=proto, weights=weights, train_list=st.train_list, root_folder=st.train_root, out=out,
+                       head="distill", embedding=st.blob, teacher=st.teacher or st.model,
+                       teacher_weights=st.teacher_weights or st.weights, teacher_embedding=st.teacher_blob or st.blob,
+                       precompute_teacher=True, mirror=True, rgb=st.rgb, epochs=float(epochs), batch_size=st.batch,
+                       base_lr=st.lr, snapshot_every=100, seed=st.seed)
 
 
-def score_net(a, d, out, proto, weights):
+def score_net(st, d, out, proto, weights):
     """The distillation train net of the current net (TRAIN phase, current weights, teacher table
     loaded), its own ImageData seeded with --seed, ready for prune.taylor."""
     import caffe
-    from finetune import driver
-    paths, _, init = driver.build(_job(a, d, out, proto, weights, 1), progress=not a.quiet)
-    caffe.set_random_seed(a.seed)
+    paths, _, init = driver.build(_job(st, d, out, proto, weights, 1), progress=not st.quiet)
+    caffe.set_random_seed(st.seed)
     net = caffe.Net(paths["train"], caffe.TRAIN)
     caffe_io.load_into(net, init, source=weights)
     return net
 
 
-def score(a, d, folder, proto, weights, graph):
+def score(st, d, folder, proto, weights, graph):
     """{group id: Taylor score per current channel} (scores.json is the record)."""
     from prune.taylor import taylor_scores
-    net = score_net(a, d, os.path.join(folder, "score"), proto, weights)
-    return taylor_scores(net, graph.prunable(), a.score_batches)
-
-
-def evaluate(a, proto, weights):
-    from eval_lfw.evaluator import evaluate as lfw
-    from eval_lfw.features import net_input
-    _, (_, h, w) = net_input(caffe_io.read_net(proto), proto)
-    r = lfw(proto, a.blob, a.lfw_dir, a.pairs, weights=weights, folds=a.eval_folds,
-            crop="112x96" if (h, w) == (112, 96) else "none", bgr=not a.rgb, progress=not a.quiet)
-    return dict(accuracy=r["accuracy_mean"], std=r["accuracy_std"], folds=r["folds"])
+    net = score_net(st, d, os.path.join(folder, "score"), proto, weights)
+    return taylor_scores(net, graph.prunable(), st.score_batches)
 
 
 def _where(path, out):
@@ -157,7 +178,7 @@ def _where(path, out):
     return os.path.abspath(path) if rel.startswith("..") else rel
 
 
-def _record(a, out, proto, weights, total, alive):
+def _record(st, out, proto, weights, total, alive):
     """What every step.json holds about the net it ends with."""
     from prune.stats import net_stats
     s = net_stats(proto)
@@ -165,43 +186,47 @@ def _record(a, out, proto, weights, total, alive):
                params=s.params, macs=s.macs, filters=int(sum(len(v) for v in alive.values())),
                alive={gid: [int(c) for c in v] for gid, v in alive.items()})
     rec["removed_share"] = 1 - rec["filters"] / total
-    if a.lfw_dir:
-        rec["lfw"] = evaluate(a, proto, weights)
+    if st.evaluation is not None:
+        from eval_lfw.evaluator import evaluate_net
+        rec["lfw"] = evaluate_net(st.evaluation, proto, weights)
     return rec
 
 
-def run_step(a, d, n, prev, k):
+def step_plan(st, d, folder, n, k, proto, weights, graph):
+    """Step n's scores and the channels it removes (steps/NN/scores.json, computed once)."""
+    rel = os.path.join("steps", "%02d" % n, "scores.json")
+    plan = folder.load(rel)
+    if plan is not None:
+        return plan
+    say("step %d: scoring %d batches" % (n, st.score_batches), st.quiet)
+    scores = score(st, d, folder.file("steps", "%02d" % n), proto, weights, graph)
+    removed = OrderedDict((gid, []) for gid in scores)
+    for gid, c in plan_removal(scores, k):
+        removed[gid].append(c)
+    return folder.save(rel, dict(scores={gid: [float(x) for x in s] for gid, s in scores.items()},
+                                 removed={gid: sorted(int(c) for c in cs) for gid, cs in removed.items() if cs}))
+
+
+def run_step(st, d, run, n, prev, k):
     """Step n from the net of step n-1's record ``prev``; resumes inside the step."""
     from prune.graph import build_graph
     from prune.surgery import prune_net, save_pruned
-    from finetune.driver import finetune
-    folder = os.path.join(a.out, "steps", "%02d" % n)
-    proto, weights = (os.path.join(a.out, prev[key]) for key in ("prototxt", "caffemodel"))
+    folder = run.file("steps", "%02d" % n)
+    proto, weights = (os.path.join(st.out, prev[key]) for key in ("prototxt", "caffemodel"))
     net = caffe_io.read_net(proto)
     graph = build_graph(net, proto)
     start = time.time()
-    score_path = os.path.join(folder, "scores.json")
-    if os.path.exists(score_path):
-        plan = json.load(open(score_path))
-    else:
-        say("step %d: scoring %d batches" % (n, a.score_batches), a.quiet)
-        scores = score(a, d, folder, proto, weights, graph)
-        removed = OrderedDict((gid, []) for gid in scores)
-        for gid, c in plan_removal(scores, k):
-            removed[gid].append(c)
-        plan = dict(scores={gid: [float(x) for x in s] for gid, s in scores.items()},
-                    removed={gid: sorted(int(c) for c in cs) for gid, cs in removed.items() if cs})
-        caffe_io.atomic_write(score_path, json.dumps(plan, indent=1))
+    plan = step_plan(st, d, run, n, k, proto, weights, graph)
     pruned = os.path.join(folder, "pruned.prototxt"), os.path.join(folder, "pruned.caffemodel")
     if not os.path.exists(pruned[1]):   # save_pruned renames the caffemodel last
         keep = {gid: np.setdiff1d(np.arange(graph.groups[gid].channels), cs) for gid, cs in plan["removed"].items()}
         net2, w2 = prune_net(net, caffe_io.read_weights(weights), keep, graph=graph)
         save_pruned(net2, w2, *pruned, inputs=(proto, weights))
     say("step %d: removed %d filters from %d groups; fine-tuning %d iterations"
-        % (n, k, len(plan["removed"]), a.finetune_iters), a.quiet)
-    if a.finetune_iters:
-        done = finetune(_job(a, d, os.path.join(folder, "finetune"), *pruned, a.finetune_iters),
-                        progress=not a.quiet)
+        % (n, k, len(plan["removed"]), st.finetune_iters), st.quiet)
+    if st.finetune_iters:
+        done = driver.finetune(_job(st, d, os.path.join(folder, "finetune"), *pruned, st.finetune_iters),
+                        progress=not st.quiet)
         result, loss = (done["deploy"], done["final"]), done["final_loss"]
     else:
         result, loss = pruned, None
@@ -211,99 +236,94 @@ def run_step(a, d, n, prev, k):
         removed_orig[gid] = [int(c) for c in alive[gid][cs]]
         alive[gid] = np.delete(alive[gid], cs)
     rec = dict(step=n, removed={gid: len(cs) for gid, cs in removed_orig.items()}, removed_channels=removed_orig,
-               finetune_iters=a.finetune_iters, final_loss=loss)
-    rec.update(_record(a, a.out, *result, d["total"], alive))
+               finetune_iters=st.finetune_iters, final_loss=loss)
+    rec.update(_record(st, st.out, *result, d["total"], alive))
     rec["seconds"] = round(time.time() - start, 1)
-    caffe_io.atomic_write(os.path.join(folder, "step.json"), json.dumps(rec, indent=1))
-    return json.loads(json.dumps(rec))
+    return run.save(os.path.join("steps", "%02d" % n, "step.json"), rec)
 
 
-def reached(a, rec, base):
-    if a.target_share is not None:
-        return rec["removed_share"] >= a.target_share - 1e-9
-    return rec["macs"] <= a.target_macs * base["macs"]
+def reached(st, rec, base):
+    if st.target_share is not None:
+        return rec["removed_share"] >= st.target_share - 1e-9
+    return rec["macs"] <= st.target_macs * base["macs"]
 
 
 # ------------------------------------------------------------------ the run
 
-def check_args(a):
-    for flag, path in (("--model", a.model), ("--weights", a.weights), ("--train-list", a.train_list),
-                       ("--teacher", a.teacher), ("--teacher-weights", a.teacher_weights), ("--pairs", a.pairs)):
-        if path and not os.path.isfile(path):
-            raise TaylorPruneError("%s %s: no such file" % (flag, path))
-    if a.teacher and not a.teacher_weights:
-        raise TaylorPruneError("--teacher %s needs --teacher-weights" % a.teacher)
-    if (a.remove_per_step is None) == (a.remove_share is None):
+def check_args(st):
+    """What no schedule can do, refused before anything is read or written."""
+    if (st.remove_per_step is None) == (st.remove_share is None):
         raise TaylorPruneError("give one of --remove-per-step and --remove-share")
-    if (a.target_share is None) == (a.target_macs is None):
+    if (st.target_share is None) == (st.target_macs is None):
         raise TaylorPruneError("give one of --target-share and --target-macs")
-    for flag, v in (("--remove-share", a.remove_share), ("--target-share", a.target_share),
-                    ("--target-macs", a.target_macs)):
+    for flag, v in (("--remove-share", st.remove_share), ("--target-share", st.target_share),
+                    ("--target-macs", st.target_macs)):
         if v is not None and not 0 < v < 1:
             raise TaylorPruneError("%s must lie between 0 and 1, not %g" % (flag, v))
-    if a.remove_per_step is not None and a.remove_per_step < 1:
-        raise TaylorPruneError("--remove-per-step must be at least 1, not %d" % a.remove_per_step)
-    if a.score_batches < 1 or a.batch < 1 or a.finetune_iters < 0:
+    if st.remove_per_step is not None and st.remove_per_step < 1:
+        raise TaylorPruneError("--remove-per-step must be at least 1, not %d" % st.remove_per_step)
+    if st.score_batches < 1 or st.batch < 1 or st.finetune_iters < 0:
         raise TaylorPruneError("--score-batches and --batch must be positive, --finetune-iters not negative")
-    if a.lfw_dir and not a.pairs:
-        raise TaylorPruneError("--lfw-dir needs --pairs (LFW View 2 pairs.txt)")
-    if a.pairs and not a.lfw_dir:
-        raise TaylorPruneError("--pairs needs --lfw-dir")
 
 
-def run(a):
-    """The whole schedule; returns the log (also OUT/log.json)."""
+def base_step(st, run, graph, total):
+    """Step 0, the unpruned net (steps/00/step.json)."""
+    rel = os.path.join("steps", "00", "step.json")
+    base = run.load(rel)
+    if base is not None:
+        return base
+    say("step 0: the unpruned net%s" % (" on LFW folds " + st.evaluation.folds if st.evaluation else ""), st.quiet)
+    alive = {g.id: np.arange(g.channels) for g in graph.prunable()}
+    base = dict(step=0, removed={}, removed_channels={}, finetune_iters=0, final_loss=None)
+    base.update(_record(st, st.out, os.path.abspath(st.model), os.path.abspath(st.weights), total, alive))
+    base["seconds"] = 0
+    return run.save(rel, base)
+
+
+def step_size_left(st, k, total, last):
+    """Filters the next step removes: K, or the remainder of --target-share when under 1.5 K."""
+    step_k = k
+    if st.target_share is not None:
+        left = int(math.ceil(st.target_share * total - 1e-9)) - (total - last["filters"])
+        # a remainder under half a step joins this one, rather than a whole step (scores, fine-tune,
+        # LFW) spent on a few filters
+        step_k = left if left < 1.5 * k else k
+    step_k = min(step_k, last["filters"] - len(last["alive"]))
+    if step_k < 1:
+        raise TaylorPruneError("every group is down to one channel and the target is not reached")
+    return step_k
+
+
+def run(st):
+    """The whole schedule of settings ``st``; returns the log (also OUT/log.json)."""
     import caffe
-    from finetune import lists
+    from base.lists import read_list
     from prune.graph import build_graph
     from prune.stats import net_stats
     caffe.set_mode_cpu()
-    check_args(a)
-    net, weights = caffe_io.read_net(a.model), caffe_io.read_weights(a.weights)
-    caffe_io.open_net(a.model, weights)   # named errors when the caffemodel does not fit
-    graph = build_graph(net, a.model)
-    os.makedirs(a.out, exist_ok=True)
-    from prune.pipeline import check_same_command
-    config = check_same_command(a, ("model", "weights", "teacher", "teacher_weights", "train_list"),
-                                TaylorPruneError)
-    images = len(lists.read_list(a.train_list, a.train_root))
-    if a.batch > images:
-        raise TaylorPruneError("--batch %d is larger than the training list (%d images)" % (a.batch, images))
-    base_path = os.path.join(a.out, "steps", "00", "step.json")
-    macs0 = json.load(open(base_path))["macs"] if os.path.exists(base_path) else net_stats(a.model).macs
-    total, k = check_targets(a, net, weights, graph, macs0)
-    d = dict(images=images, total=total)
-    if os.path.exists(base_path):
-        base = json.load(open(base_path))
-    else:
-        say("step 0: the unpruned net%s" % (" on LFW folds " + a.eval_folds if a.lfw_dir else ""), a.quiet)
-        alive = {g.id: np.arange(g.channels) for g in graph.prunable()}
-        base = dict(step=0, removed={}, removed_channels={}, finetune_iters=0, final_loss=None)
-        base.update(_record(a, a.out, os.path.abspath(a.model), os.path.abspath(a.weights), total, alive))
-        base["seconds"] = 0
-        caffe_io.atomic_write(base_path, json.dumps(base, indent=1))
-    steps = [base]
-    while not reached(a, steps[-1], base):
-        n = len(steps)
-        path = os.path.join(a.out, "steps", "%02d" % n, "step.json")
-        if os.path.exists(path):
-            steps.append(json.load(open(path)))
-            continue
-        step_k = k
-        if a.target_share is not None:
-            left = int(math.ceil(a.target_share * total - 1e-9)) - (total - steps[-1]["filters"])
-            # a remainder under half a step joins this one, rather than a whole step (scores, fine-tune,
-            # LFW) spent on a few filters
-            step_k = left if left < 1.5 * k else k
-        step_k = min(step_k, steps[-1]["filters"] - len(steps[-1]["alive"]))
-        if step_k < 1:
-            raise TaylorPruneError("every group is down to one channel and the target is not reached")
-        steps.append(run_step(a, d, n, steps[-1], step_k))
-        s = steps[-1]
-        say("step %d: %.1f%% of the filters removed, MACs %.1f%% of the original%s"
-            % (n, 100 * s["removed_share"], 100 * s["macs"] / base["macs"],
-               ", LFW %.2f%%" % (100 * s["lfw"]["accuracy"]) if "lfw" in s else ""), a.quiet)
-    return finish(a, config, graph, steps)
+    check_args(st)
+    net, weights = caffe_io.read_net(st.model), caffe_io.read_weights(st.weights)
+    caffe_io.open_net(st.model, weights)   # named errors when the caffemodel does not fit
+    graph = build_graph(net, st.model)
+    images = len(read_list(st.train_list, st.train_root))
+    if st.batch > images:
+        raise TaylorPruneError("--batch %d is larger than the training list (%d images)" % (st.batch, images))
+    done = os.path.join(st.out, "steps", "00", "step.json")
+    macs0 = json.load(open(done))["macs"] if os.path.exists(done) else net_stats(st.model).macs
+    total, k = check_targets(st, net, weights, graph, macs0)
+    with RunFolder(st.out, TaylorPruneError) as folder:
+        config = folder.guard(st.config, flags=True)
+        d = dict(images=images, total=total)
+        steps = [base_step(st, folder, graph, total)]
+        while not reached(st, steps[-1], steps[0]):
+            n = len(steps)
+            done = folder.load(os.path.join("steps", "%02d" % n, "step.json"))
+            steps.append(done or run_step(st, d, folder, n, steps[-1], step_size_left(st, k, total, steps[-1])))
+            s = steps[-1]
+            say("step %d: %.1f%% of the filters removed, MACs %.1f%% of the original%s"
+                % (n, 100 * s["removed_share"], 100 * s["macs"] / steps[0]["macs"],
+                   ", LFW %.2f%%" % (100 * s["lfw"]["accuracy"]) if "lfw" in s else ""), st.quiet or done)
+        return finish(st, folder, config, graph, steps)
 
 
 def spearman(x, y):
@@ -333,22 +353,19 @@ def summary(graph, steps):
                 spearman_width_first_step=spearman(widths, firsts))
 
 
-def finish(a, config, graph, steps):
+def finish(st, run, config, graph, steps):
     last = steps[-1]
     for src, dst in ((last["prototxt"], "deploy.prototxt"), (last["caffemodel"], "model.caffemodel")):
-        caffe_io.atomic_write(os.path.join(a.out, dst), open(os.path.join(a.out, src), "rb").read(),
-                              protect=[a.model, a.weights])
+        run.copy(run.file(src), dst, protect=[st.model, st.weights])
     log = dict(config=config, steps=steps, summary=summary(graph, steps[1:]),
                deploy="deploy.prototxt", caffemodel="model.caffemodel")
-    caffe_io.atomic_write(os.path.join(a.out, "log.json"), json.dumps(log, indent=1))
-    plots(a.out, log, a.eval_folds if a.lfw_dir else None)
+    run.save("log.json", log)
+    plots(st.out, log, st.evaluation.folds if st.evaluation else None)
     return log
 
 
 def plots(out, log, folds):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     folder = os.path.join(out, "plots")
     os.makedirs(folder, exist_ok=True)
     steps = log["steps"]
@@ -408,54 +425,67 @@ def print_summary(log, out=sys.stdout):
 # ------------------------------------------------------------------ command line
 
 def parser():
-    ap = argparse.ArgumentParser(prog="python -m prune.taylor_prune", description=__doc__.split("\n\n")[0] + "\n\n"
-                                 + __doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="deploy prototxt of the net to prune")
-    ap.add_argument("--weights", required=True, help="its caffemodel (never overwritten)")
-    ap.add_argument("--blob", default="fc5", help="embedding blob (default fc5)")
-    ap.add_argument("--rgb", action="store_true", help="the net takes RGB planes (e.g. MobileFaceNet); default BGR")
-    ap.add_argument("--train-list", required=True,
-                    help="training images, 'path label' lines (python -m finetune.lists); used for the scores and "
-                         "the fine-tunes")
-    ap.add_argument("--train-root", default="", help="folder the list's paths are relative to")
-    ap.add_argument("--teacher", help="teacher deploy prototxt for the distillation loss (default: the unpruned "
-                                      "--model itself, i.e. self-distillation)")
-    ap.add_argument("--teacher-weights", help="the teacher's caffemodel (needed with --teacher)")
-    ap.add_argument("--teacher-blob", help="the teacher's embedding blob (default: --blob)")
+    ap = cli.parser(PROG, description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1], raw=True)
+    cli.add_net(ap, weights_required=True, model_help="deploy prototxt of the net to prune",
+                weights_help="its caffemodel (never overwritten)")
+    cli.add_train_list(ap, required=True,
+                       list_help="training images, 'path label' lines (python -m finetune.lists); used for the "
+                                 "scores and the fine-tunes")
+    cli.add_teacher(ap, teacher_help="teacher deploy prototxt for the distillation loss (default: the unpruned "
+                                     "--model itself, i.e. self-distillation; needs --teacher-weights)")
     s = ap.add_argument_group("schedule (one of each pair)")
-    s.add_argument("--remove-per-step", type=int, help="filters removed per step (K)")
-    s.add_argument("--remove-share", type=float,
-                   help="filters removed per step as a share of all prunable filters of the original net")
-    s.add_argument("--target-share", type=float, help="stop when this share of the prunable filters is removed (the last step "
-                                                                     "takes the remainder when it is under half a step)")
-    s.add_argument("--target-macs", type=float, help="stop when the MACs are down to this share of the original")
+    step = s.add_mutually_exclusive_group(required=True)
+    step.add_argument("--remove-per-step", type=int, help="filters removed per step (K)")
+    step.add_argument("--remove-share", type=float,
+                      help="filters removed per step as a share of all prunable filters of the original net")
+    stop = s.add_mutually_exclusive_group(required=True)
+    stop.add_argument("--target-share", type=float, help="stop when this share of the prunable filters is removed "
+                                                         "(the last step takes the remainder when it is under half "
+                                                         "a step)")
+    stop.add_argument("--target-macs", type=float, help="stop when the MACs are down to this share of the original")
     s.add_argument("--finetune-iters", type=int, default=200, help="fine-tune iterations after each step (default 200)")
     s.add_argument("--score-batches", type=int, default=10,
                    help="training batches the Taylor scores are averaged over (default 10)")
     s.add_argument("--batch", type=int, default=32, help="batch size for scoring and fine-tuning (default 32)")
-    s.add_argument("--lr", type=float, default=1e-3, help="fine-tune learning rate, SGD, fixed (default 0.001)")
-    e = ap.add_argument_group("evaluation after every step (optional)")
-    e.add_argument("--lfw-dir", help="LFW aligned images (e.g. ../shared/data/lfw/images-112x112)")
-    e.add_argument("--pairs", help="LFW View 2 pairs.txt")
-    e.add_argument("--eval-folds", default="6-10",
-                   help="LFW folds to evaluate on, with cross-validation among them (default 6-10: keep the training "
-                        "list to people of folds 1-5)")
-    ap.add_argument("--out", required=True, help="run folder (the same command again resumes it)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of Caffe's data order and fillers (default 0)")
-    ap.add_argument("--quiet", action="store_true", help="no progress output")
+    cli.add_finetune_lr(s, 1e-3, "fine-tune learning rate, SGD, fixed (default 0.001)")
+    cli.add_lfw(ap.add_argument_group("evaluation after every step (optional)"))
+    cli.add_run(ap, "run folder (the same command again resumes it)",
+                seed_help="seed of Caffe's data order and fillers (default 0)")
     return ap
 
 
-@entry("python -m prune.taylor_prune")
-def main(argv=None):
+def settings(argv=None):
+    """The command line read, checked and typed once (nothing is created here)."""
     a = parser().parse_args(argv)
-    log = run(a)
+    cli.check_files(model=a.model, weights=a.weights, train_list=a.train_list, teacher=a.teacher,
+                    teacher_weights=a.teacher_weights, pairs=a.pairs)
+    if a.teacher and not a.teacher_weights:
+        raise cli.UsageError("--teacher %s needs --teacher-weights" % a.teacher)
+    if bool(a.lfw_dir) != bool(a.pairs):
+        raise cli.UsageError("--lfw-dir and --pairs go together (LFW images and their View 2 pairs.txt)")
+    evaluation = EvalSpec(a.lfw_dir, a.pairs, folds=a.eval_folds, blob=a.blob, flip=not a.no_flip, rgb=a.rgb,
+                          progress=not a.quiet) if a.lfw_dir else None
+    st = Settings(model=a.model, weights=a.weights, train_list=a.train_list, out=a.out, blob=a.blob, rgb=a.rgb,
+                  train_root=a.train_root, teacher=a.teacher, teacher_weights=a.teacher_weights,
+                  teacher_blob=a.teacher_blob, remove_per_step=a.remove_per_step, remove_share=a.remove_share,
+                  target_share=a.target_share, target_macs=a.target_macs, finetune_iters=a.finetune_iters,
+                  score_batches=a.score_batches, batch=a.batch, lr=a.finetune_lr, evaluation=evaluation, seed=a.seed,
+                  quiet=a.quiet,
+                  config=command_config(a, hashed=("model", "weights", "teacher", "teacher_weights", "train_list")))
+    check_args(st)
+    return st
+
+
+@cli.entry(PROG)
+def main(argv=None):
+    st = settings(argv)
+    log = run(st)
     print_summary(log)
     print("pruned net: %s + %s\nlog: %s, plots: %s" % (
-        os.path.join(a.out, "deploy.prototxt"), os.path.join(a.out, "model.caffemodel"),
-        os.path.join(a.out, "log.json"), os.path.join(a.out, "plots")))
+        os.path.join(st.out, "deploy.prototxt"), os.path.join(st.out, "model.caffemodel"),
+        os.path.join(st.out, "log.json"), os.path.join(st.out, "plots")))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

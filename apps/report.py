@@ -5,7 +5,6 @@ stated whatever it is.  Wall times and forward timings are the only numbers
 that differ between two runs of the same command (they live under "timing"
 and "wall_seconds").
 """
-import csv
 import glob
 import json
 import os
@@ -14,7 +13,9 @@ import time
 
 import numpy as np
 
-from prune import caffe_io
+from base import caffe_io
+from base.figures import pyplot, save_figure
+from finetune.loop import read_loss_csv
 
 TOLERANCE = 0.015   # the accuracy drop the SphereFace-4 demo is held to (issue: within 1.5 points)
 
@@ -30,57 +31,65 @@ def _layers(proto):
     return {k: v for k, v in out.items() if k in net}
 
 
-def _loss_rows(path):
-    rows = []
-    if path and os.path.exists(path):
-        with open(path) as f:
-            rows = [(int(r[0]), float(r[1])) for r in csv.reader(f) if len(r) == 2]
-    return rows
-
-
-def build(a, d, base, log, evals, timing, depth, opencv):
+def build(out, records):
+    """The report of a finished pipeline run in ``out``, from its stage records alone:
+    data, baseline, prune (the driver's log + its fine-tune settings), evaluations, timing, opencv."""
+    d, base, log, evals = records["data"], records["baseline"], records["prune"], records["evaluations"]
     before, after = _layers(base["prototxt"]), _layers(log["prototxt"])
     b, f = evals[0], evals[-1]
-    drop = b["accuracy"] - f["accuracy"]
-    t = timing["forward_ms"]
+    t = records["timing"]["forward_ms"]
     speed = {batch: t["baseline"][batch] / t["pruned"][batch] for batch in t["baseline"]}
-    stage_dir = os.path.join(a.out, "stages")
-    walls = {os.path.basename(p)[:-5]: json.load(open(p)).get("seconds")
-             for p in sorted(glob.glob(os.path.join(stage_dir, "*.json")), key=os.path.getmtime)}
-    finetunes = [("step %d %s" % (s["step"], s["group"]), os.path.join(os.path.dirname(s["prototxt"]), "finetune",
-                                                                      "loss.csv")) for s in log["steps"]]
-    if log["final_finetune"]:
-        finetunes.append(("final", os.path.join(a.out, "prune", "finetune_final", "loss.csv")))
     return dict(
-        net=a.model, depth=depth, criterion=a.criterion,
+        net=base["prototxt"], depth=base.get("depth"), criterion=log["config"]["criterion"],
         schedule=[dict(group=s["group"], layers=s["layers"], channels=s["channels"], kept=s["kept"],
                        error=s["error"]) for s in log["steps"]],
-        data=dict(train_list=d["train_list"], train_images=d["train_images"], eval_folds=a.eval_folds,
-                  flip=not a.no_flip, synthetic=d["synthetic"], lfw_dir=d["lfw_dir"]),
+        data=dict(train_list=d["train_list"], train_images=d["train_images"], eval_folds=b["eval_folds"],
+                  flip=b["flip"], synthetic=d["synthetic"], lfw_dir=d["lfw_dir"]),
         baseline=dict(trained=base["trained"], teacher=base.get("teacher"), epochs=base.get("epochs"),
                       iterations=base.get("iterations")),
-        finetune=dict(epochs_per_layer=a.finetune_epochs_per_layer, epochs_final=a.finetune_epochs_final,
-                      lr=a.finetune_lr, batch=a.batch,
-                      loss="distillation from the baseline"),
+        finetune=log["finetune"],
         stages=[{k: e[k] for k in ("stage", "accuracy", "std", "tar_at_far_1e3", "params", "macs", "caffemodel")}
                 for e in evals],
         layers={name: dict(channels_before=before[name][0], channels_after=after.get(name, (0,))[0],
                            params_before=before[name][1], params_after=after.get(name, (0, 0))[1],
                            macs_before=before[name][2], macs_after=after.get(name, (0, 0, 0))[2])
                 for name in before},
-        verdict=dict(baseline=b["accuracy"], final=f["accuracy"], drop_points=100 * drop,
-                     within_1_5_points=bool(drop <= TOLERANCE), macs_ratio=b["macs"] / f["macs"],
-                     params_ratio=b["params"] / f["params"]),
-        outputs=dict(prototxt=os.path.join(a.out, "deploy.prototxt"), caffemodel=os.path.join(a.out, "model.caffemodel"),
-                     opencv_dnn=dict(version=opencv["opencv"], max_rel_deviation_from_caffe=opencv["max_rel_deviation"])),
-        loss_curves=dict([("baseline", base.get("loss_csv"))] + finetunes),
+        verdict=verdict(b, f),
+        outputs=dict(prototxt=os.path.join(out, "deploy.prototxt"), caffemodel=os.path.join(out, "model.caffemodel"),
+                     opencv_dnn=dict(version=records["opencv"]["opencv"],
+                                     max_rel_deviation_from_caffe=records["opencv"]["max_rel_deviation"])),
+        loss_curves=loss_curves(out, base, log),
         timing=dict(forward_ms=t, speedup=speed, measured_over_macs={k: v / (b["macs"] / f["macs"])
                                                                     for k, v in speed.items()},
                     machine="%s, %d CPUs, Python %s" % (platform.platform(), os.cpu_count(),
                                                         platform.python_version()),
                     date=time.strftime("%Y-%m-%d")),
-        wall_seconds=walls,
+        wall_seconds=wall_seconds(out),
     )
+
+
+def verdict(b, f):
+    """Final accuracy against the baseline's, and the size ratios."""
+    drop = b["accuracy"] - f["accuracy"]
+    return dict(baseline=b["accuracy"], final=f["accuracy"], drop_points=100 * drop,
+                within_1_5_points=bool(drop <= TOLERANCE), macs_ratio=b["macs"] / f["macs"],
+                params_ratio=b["params"] / f["params"])
+
+
+def loss_curves(out, base, log):
+    """{name: loss.csv} of the baseline training and of every fine-tune."""
+    curves = [("baseline", base.get("loss_csv"))]
+    curves += [("step %d %s" % (s["step"], s["group"]), os.path.join(os.path.dirname(s["prototxt"]), "finetune",
+                                                                     "loss.csv")) for s in log["steps"]]
+    if log["final_finetune"]:
+        curves.append(("final", os.path.join(out, "prune", "finetune_final", "loss.csv")))
+    return dict(curves)
+
+
+def wall_seconds(out):
+    """Seconds of each finished stage, in the order they finished."""
+    paths = sorted(glob.glob(os.path.join(out, "stages", "*.json")), key=os.path.getmtime)
+    return {os.path.basename(p)[:-5]: json.load(open(p)).get("seconds") for p in paths}
 
 
 def write(rep, out):
@@ -147,21 +156,8 @@ def markdown(rep):
     return "\n".join(lines)
 
 
-def save_figure(fig, path):
-    """A matplotlib figure to PNG via temp + rename (never a half-written plot)."""
-    import matplotlib.pyplot as plt
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")   # colour-bar labels stay inside
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
 def plot_all(rep, folder):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     out = {}
     st = rep["stages"]
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -195,7 +191,7 @@ def plot_all(rep, folder):
     axes[1].set_xticks(x, names, rotation=60, fontsize=7)
     out["params_macs"] = save_figure(fig, os.path.join(folder, "params_macs.png"))
 
-    curves = [(k, _loss_rows(p)) for k, p in rep["loss_curves"].items()]
+    curves = [(k, [r[:2] for r in read_loss_csv(p)]) for k, p in rep["loss_curves"].items()]
     curves = [(k, r) for k, r in curves if r]
     if curves:
         fig, axes = plt.subplots(1, len(curves), figsize=(3 * len(curves), 3), squeeze=False)

@@ -1,5 +1,9 @@
 """From image files to the net's input: decode, align or crop, scale, batch, prefetch.
 
+Alignment: five points (x, y; 0-based pixels; left eye, right eye, nose tip,
+left and right mouth corner, as MTCNN gives them) are mapped onto a template
+by a similarity transform (rotation, uniform scale, shift).
+
 Channel order: ``Preprocess(bgr=True)`` keeps OpenCV's BGR order, what nets
 trained with Caffe's ImageData layer expect (the official SphereFace models;
 the default of evaluate(), python -m eval_lfw, prune and finetune);
@@ -17,15 +21,88 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .align import ALIGNED_112x112, align_face, landmark_key
-from .errors import EvalError
+
+from .netinput import ALIGNED_SIZE, CROP_COLUMNS, CROPS, crop_rule
 
 MEAN = 127.5
 SCALE = 0.0078125
-CROPS = ("112x96", "none")
-ALIGNED_SIZE = (112, 112)
-# The SphereFace 112x96 crop of a 112x112 aligned image: all rows, columns 8..103.
-CROP_COLUMNS = slice(8, 104)
+
+
+class ImageError(ValueError):
+    """An image, landmark file or preprocessing the net cannot use (the message names it)."""
+
+
+
+# The SphereFace template for 96x112 (width x height) crops.
+SPHEREFACE_96x112 = np.array([[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366],
+                              [33.5493, 92.3655], [62.7299, 92.2041]])
+# The same template moved 8 px right: the 112x112 layout of the aligned LFW set,
+# whose columns 8..103 are then exactly the SphereFace crop.
+ALIGNED_112x112 = SPHEREFACE_96x112 + [8.0, 0.0]
+
+
+def similarity_transform(src, dst):
+    """2x3 matrix M of the similarity that maps ``src`` points onto ``dst`` in the least-squares sense.
+
+    Closed form of Umeyama (1991): no reflection, so a mirrored point set is
+    matched by a rotation, never flipped.
+    """
+    src = np.asarray(src, dtype=np.float64)
+    dst = np.asarray(dst, dtype=np.float64)
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    xs, xd = src - mu_s, dst - mu_d
+    var_s = (xs ** 2).sum() / len(src)
+    if var_s == 0:
+        raise ImageError("the landmarks all coincide; no transform can be estimated")
+    u, sig, vt = np.linalg.svd(xd.T @ xs / len(src))
+    d = np.ones(2)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:
+        d[1] = -1.0
+    rot = u @ np.diag(d) @ vt
+    scale = (sig * d).sum() / var_s
+    m = np.empty((2, 3))
+    m[:, :2] = scale * rot
+    m[:, 2] = mu_d - scale * rot @ mu_s
+    return m
+
+
+def align_face(image, points, size=(112, 112), template=ALIGNED_112x112):
+    """Warp ``image`` so that its five ``points`` land on ``template``; ``size`` is (height, width)."""
+    m = similarity_transform(points, template)
+    return cv2.warpAffine(image, m, (int(size[1]), int(size[0])), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def landmark_key(path):
+    """'.../Name/Name_0001.jpg' -> 'Name/Name_0001.jpg', the key both files share."""
+    parts = os.fspath(path).replace("\\", "/").split("/")
+    return "/".join(parts[-2:])
+
+
+def read_landmarks(path):
+    """{'Name/Name_0001.jpg': (5, 2) array} from lines 'PATH x1 y1 x2 y2 ... x5 y5'."""
+    path = os.fspath(path)
+    out = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ImageError("cannot read landmark file %s: %s" % (path, getattr(e, "strerror", None) or e)) from None
+    for lineno, line in enumerate(lines, 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) != 11:
+            raise ImageError("%s:%d: expected 'PATH x1 y1 ... x5 y5' (11 fields), got %d"
+                            % (path, lineno, len(fields)))
+        try:
+            pts = np.array([float(v) for v in fields[1:]]).reshape(5, 2)
+        except ValueError:
+            raise ImageError("%s:%d: landmark coordinates must be numbers" % (path, lineno)) from None
+        out[landmark_key(fields[0])] = pts
+    if not out:
+        raise ImageError("%s holds no landmarks" % path)
+    return out
 
 
 @dataclass(frozen=True)
@@ -39,13 +116,13 @@ class Preprocess:
 
     def __post_init__(self):
         if self.crop not in CROPS:
-            raise EvalError("unknown crop %r: use one of %s" % (self.crop, ", ".join(CROPS)))
+            raise ImageError("unknown crop %r: use one of %s" % (self.crop, ", ".join(CROPS)))
         net = (self.height, self.width)
         if self.crop == "112x96" and net != (112, 96):
-            raise EvalError("--crop 112x96 makes 112x96 images but the net's input is %dx%d; "
+            raise ImageError("--crop 112x96 makes 112x96 images but the net's input is %dx%d; "
                             "use --crop none for a net that takes the whole image" % net)
         if self.landmarks is not None and self.crop == "none" and net != ALIGNED_SIZE:
-            raise EvalError("aligned faces are 112x112 (or 112x96 with --crop 112x96) but the net's input is %dx%d"
+            raise ImageError("aligned faces are 112x112 (or 112x96 with --crop 112x96) but the net's input is %dx%d"
                             % net)
 
     def source_size(self):
@@ -59,12 +136,12 @@ class Preprocess:
         hint = ("--crop 112x96 takes 112x112 aligned images" if self.crop == "112x96" else
                 "with --crop none the images must match the net's input; 112x112 aligned images "
                 "and a 112x96 net need --crop 112x96, raw LFW images need --landmarks")
-        return EvalError("image %s is %dx%d (HxW), expected %dx%d: %s" % (path, size[0], size[1], want[0], want[1], hint))
+        return ImageError("image %s is %dx%d (HxW), expected %dx%d: %s" % (path, size[0], size[1], want[0], want[1], hint))
 
     def __call__(self, path, rel=None):
         image = cv2.imread(path, cv2.IMREAD_COLOR)
         if image is None:
-            raise EvalError("cannot decode image %s" % path)
+            raise ImageError("cannot decode image %s" % path)
         if self.landmarks is not None:
             image = align_face(image, self.landmarks[landmark_key(rel or path)], ALIGNED_SIZE, ALIGNED_112x112)
         elif image.shape[:2] != self.source_size():
@@ -87,17 +164,17 @@ def check_images(root, rels, pre=None, show=5):
     """
     root = os.fspath(root)
     if not os.path.isdir(root):
-        raise EvalError("LFW image folder %s does not exist" % root)
+        raise ImageError("LFW image folder %s does not exist" % root)
     missing = [os.path.join(root, r) for r in rels if not os.path.isfile(os.path.join(root, r))]
     if missing:
-        raise EvalError("%d of the %d images the pairs name are missing under %s; first: %s"
+        raise ImageError("%d of the %d images the pairs name are missing under %s; first: %s"
                         % (len(missing), len(rels), root, ", ".join(missing[:show])))
     if pre is None:
         return
     if pre.landmarks is not None:
         lost = [r for r in rels if landmark_key(r) not in pre.landmarks]
         if lost:
-            raise EvalError("%d of the %d images have no landmarks; first: %s"
+            raise ImageError("%d of the %d images have no landmarks; first: %s"
                             % (len(lost), len(rels), ", ".join(lost[:show])))
         return
     want = pre.source_size()
@@ -107,7 +184,7 @@ def check_images(root, rels, pre=None, show=5):
             with Image.open(path) as im:
                 size = im.size[::-1]
         except OSError as e:
-            raise EvalError("cannot read image %s: %s" % (path, e)) from None
+            raise ImageError("cannot read image %s: %s" % (path, e)) from None
         if size != want:
             raise pre.size_error(path, size)
 
@@ -153,3 +230,23 @@ def batches(root, rels, pre, batch, workers=1):
             if nxt is not None:
                 pending.append((nxt, pool.submit(_load, nxt)))
             yield chunk, future.result()
+
+
+def preprocess_for(net_shape, root, rels, rgb, crop="auto"):
+    """Preprocess matching the net input (N, 3, H, W); crop 'auto' applies the crop rule to the first image."""
+    H, W = net_shape[2], net_shape[3]
+    if crop == "auto":
+        path = os.path.join(root, rels[0])
+        try:
+            with Image.open(path) as im:
+                size = im.size[::-1]
+        except OSError:
+            raise ImageError("cannot decode image %s" % path) from None
+        crop = crop_rule((H, W), size)
+    return Preprocess(H, W, crop=crop, bgr=not rgb)
+
+
+def image_batches(root, rels, pre, batch=32, workers=1):
+    """Float32 batches in order (decoded in a worker process ahead of Caffe)."""
+    for _, x in batches(root, rels, pre, batch, workers):
+        yield x

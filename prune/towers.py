@@ -1,4 +1,4 @@
-"""One Caffe net that trains several widths of the same weights (issue 9).
+"""One Caffe net that trains several widths of the same weights (channel prioritisation).
 
 The fine-tuning of channel prioritisation sums the loss of the sub-networks
 at utilisation levels p (100, 75, 50 %), the p % sub-network being the first
@@ -32,19 +32,26 @@ fine-tuning): BN uses its stored statistics in every phase (towers would
 otherwise overwrite each other's running averages in the shared blobs) and
 the Scale layers after BN get lr_mult 0.
 
-    python -m finetune.towers --model NET.prototxt --levels 1,0.75,0.5 --out towers.prototxt
+    python -m prune.towers --model NET.prototxt --levels 1,0.75,0.5 --out towers.prototxt
 """
-import argparse
 import copy
 
 import numpy as np
 
-from prune import caffe_io
+from base import caffe_io, cli
 from prune.graph import build_graph
-from prune.widths import level_keep, parse_levels
+from prune.widths import add_levels, level_keep
 from caffe.proto import caffe_pb2
 
 LEVELS = (1.0, 0.75, 0.5)
+
+
+PROG = "python -m prune.towers"
+DESCRIPTION = ("Write the multi-width net of a deploy prototxt: one tower per utilisation level, all "
+               "sharing the deploy's weights by param name, tower p keeping the first ceil(p * C) "
+               "channels of every prunable channel group through fixed masks. The deploy caffemodel "
+               "loads into it unchanged (by layer name) and one forward gives every width's outputs "
+               "(blobs suffixed @75, @50 ...).")
 
 
 class TowerError(ValueError):
@@ -268,33 +275,24 @@ def multiwidth_train_net(deploy, data, head, levels=LEVELS, loss_weights=None, g
     return add_heads(body, list(single.layer[last + 1:]), head.embedding, levels, loss_weights)
 
 
+@cli.entry(PROG)
 def main(argv=None):
-    ap = argparse.ArgumentParser(
-        prog="python -m finetune.towers",
-        description="Write the multi-width net of a deploy prototxt: one tower per utilisation level, all "
-                    "sharing the deploy's weights by param name, tower p keeping the first ceil(p * C) "
-                    "channels of every prunable channel group through fixed masks. The deploy caffemodel "
-                    "loads into it unchanged (by layer name) and one forward gives every width's outputs "
-                    "(blobs suffixed @75, @50 ...).")
+    ap = cli.parser(PROG, DESCRIPTION)
     ap.add_argument("--model", required=True, help="deploy prototxt of the full-width net (one Input)")
-    ap.add_argument("--levels", type=parse_levels, default=list(LEVELS),
-                    help="comma-separated shares of channels, 1.0 included (default 1.0,0.75,0.5)")
+    add_levels(ap, LEVELS)
     ap.add_argument("--keep-bn-trainable", action="store_true",
                     help="do not freeze BatchNorm statistics and the Scale after it (default: frozen, "
                          "as the method's fine-tuning does)")
     ap.add_argument("--out", required=True, help="output prototxt (never the --model file)")
     a = ap.parse_args(argv)
-    try:
-        deploy = caffe_io.read_net(a.model)
-        net = multiwidth_net(deploy, a.levels, build_graph(deploy, source=a.model),
-                             freeze_bn=not a.keep_bn_trainable)
-        caffe_io.write_net(net, a.out, protect=(a.model,))
-    except ValueError as e:
-        raise SystemExit("error: %s" % e)
+    cli.check_files(model=a.model)
+    deploy = caffe_io.read_net(a.model)
+    net = multiwidth_net(deploy, a.levels, build_graph(deploy, source=a.model), freeze_bn=not a.keep_bn_trainable)
+    caffe_io.write_net(net, a.out, protect=(a.model,))
     print("%s: %d towers (%s), %d layers" % (a.out, len(a.levels), ", ".join("%g%%" % (100 * p) for p in a.levels),
                                               len(net.layer)))
-    return a.out
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

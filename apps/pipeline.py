@@ -1,0 +1,369 @@
+"""python -m apps.pipeline: baseline -> prune layer by layer (+ fine-tune) -> final fine-tune -> report.
+
+Every stage is evaluated with the LFW protocol on the test folds and recorded;
+every stage is a file under OUT/stages/ written when the stage is done, so a
+killed run started again with the same command goes on from the last finished
+stage (the prune and fine-tune drivers resume inside their stages too) and
+ends with the same report.
+
+OUT/ holds at the end:
+    deploy.prototxt, model.caffemodel    the pruned net, plain Caffe files
+    report.md, report.json               every stage: accuracy, params, MACs; forward time before/after
+    plots/                               accuracy vs MACs, channels/params/MACs per layer, loss curves
+    baseline/, prune/, stages/           the baseline training, the prune run (steps, fine-tunes), records
+
+The command line is read once into typed settings (``settings(argv)``); the
+stages take those and the records of the stages before them, and the report
+is built from the records alone.
+"""
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from base import caffe_io, cli
+from base.runfolder import RunFolder, command_config
+from base.shared import shared_dir
+from eval_lfw.evaluator import EvalSpec
+from finetune.hooks import FineTuneSpec
+
+PROG = "python -m apps.pipeline"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The original Sphereface-prune schedules (layer -> share of channels kept);
+# "all" prunes every channel group the graph finds, residual streams included.
+PRESETS = {
+    4: {"original": dict(conv1_1=0.5, conv2_1=0.5, conv3_1=0.5, conv4_1=0.5)},
+    10: {"original": dict(conv1_1=0.75, conv2_2=0.75, conv3_2=0.75, conv3_4=0.75, conv4_1=0.75)},
+}
+
+
+class PipelineError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the training list and the evaluation set come from (the data stage resolves it)."""
+    train_list: Optional[str] = None     # None: the people of train_folds of LFW
+    train_root: str = ""
+    train_folds: str = "1-5"
+    lfw_dir: Optional[str] = None        # None: LFW from ../shared, else a generated set
+    pairs: Optional[str] = None
+    synthetic: bool = False              # the generated set even where LFW exists
+
+
+@dataclass(frozen=True)
+class BaselineSpec:
+    """The net to prune: given weights, or trained here from scratch."""
+    weights: Optional[str] = None
+    epochs: float = 8
+    lr: Optional[float] = None           # None: 0.1 with a teacher, 0.01 with A-Softmax
+    teacher: Optional[str] = None
+    teacher_weights: Optional[str] = None
+    teacher_blob: str = "fc1"
+    teacher_rgb: bool = True
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    criterion: str = "thinet"
+    keep: object = 0.5                   # a ratio or {layer: ratio}
+    images: int = 128
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole command, typed; nothing changes it after ``settings()``."""
+    out: str
+    model: str
+    depth: Optional[int]
+    blob: str
+    rgb: bool
+    data: DataSpec
+    baseline: BaselineSpec
+    prune: PruneSpec
+    finetune: FineTuneSpec               # train_list filled in from the data stage's record
+    evaluation: EvalSpec                 # lfw_dir and pairs filled in from the data stage's record
+    gpu: Optional[int] = None
+    timing_rounds: int = 7
+    seed: int = 0
+    quiet: bool = False
+    config: dict = dataclasses.field(default_factory=dict, compare=False)   # the arguments, for the run folder
+
+
+def say(text, quiet=False):
+    cli.say("pipeline", text, quiet)
+
+
+# ------------------------------------------------------------------ stages
+
+def data_stage(spec, out, quiet=False):
+    """The training list and the evaluation set: given, LFW from ../shared, or generated."""
+    from base.lists import read_list
+    from finetune import lists
+    shared = shared_dir()
+    lfw = os.path.join(shared, "data", "lfw")
+    lfw_dir, pairs, synthetic = spec.lfw_dir, spec.pairs, spec.synthetic
+    if lfw_dir is None and os.path.isdir(lfw) and not synthetic:
+        lfw_dir, pairs = os.path.join(lfw, "images-112x112"), os.path.join(lfw, "pairs.txt")
+    if lfw_dir is None:
+        from apps.synthetic import make_dataset
+        why = "--synthetic" if synthetic else "no LFW given and none in " + shared
+        say("generating a small synthetic data set (mechanics only: %s)" % why, quiet)
+        lfw_dir, pairs = make_dataset(os.path.join(out, "data", "synthetic"))
+        synthetic = True
+    train_list, train_root = spec.train_list, spec.train_root
+    if train_list is None:
+        from eval_lfw.pairs import parse_folds
+        say("training list: people of LFW folds %s under %s" % (spec.train_folds, lfw_dir), quiet)
+        s = lists.build(lfw_dir, os.path.join(out, "data"), folds=parse_folds(spec.train_folds), pairs=pairs,
+                        progress=False)
+        train_list, train_root = os.path.join(out, "data", "train.txt"), s["root"]
+    n = len(read_list(train_list, train_root))
+    return dict(train_list=os.path.abspath(train_list), train_root=train_root, train_images=n,
+                lfw_dir=lfw_dir, pairs=pairs, synthetic=bool(synthetic))
+
+
+def _schedule(epochs, lr, batch, n_images):
+    """SGD from ``lr``, divided by 10 at 60 % and 85 % of the iterations (the release's multistep shape)."""
+    from finetune.solver import iterations
+    n = iterations(n_images, epochs, batch)
+    steps = tuple(sorted({max(1, int(n * f)) for f in (0.6, 0.85)}))
+    return dict(epochs=epochs, base_lr=lr, batch_size=batch, lr_policy="multistep", gamma=0.1, stepvalues=steps,
+                snapshot_every=500)
+
+
+def baseline_stage(s, d):
+    """The net to prune: --weights, or trained here from scratch (distillation from --teacher, or
+    A-Softmax on the list's identities when there is no teacher)."""
+    b = s.baseline
+    if b.weights:
+        return dict(prototxt=s.model, caffemodel=b.weights, trained=False, depth=s.depth)
+    from finetune.driver import FineTuneJob, finetune
+    mfn = os.path.join(shared_dir(), "models", "mobilefacenet", "mobilefacenet-v0")
+    teacher = b.teacher or (mfn + ".prototxt" if os.path.exists(mfn + ".prototxt") and not d["synthetic"] else None)
+    common = dict(deploy=s.model, weights=None, train_list=d["train_list"], root_folder=d["train_root"],
+                  out=os.path.join(s.out, "baseline"), embedding=s.blob, rgb=s.rgb, seed=s.seed,
+                  gpu=None if s.gpu is None else [s.gpu])
+    if teacher:
+        say("baseline: training %s from scratch for %g epochs, distilled from %s" % (s.model, b.epochs, teacher),
+            s.quiet)
+        job = FineTuneJob(head="distill", teacher=teacher, teacher_weights=b.teacher_weights or mfn + ".caffemodel",
+                          teacher_embedding=b.teacher_blob, teacher_rgb=b.teacher_rgb, precompute_teacher=True,
+                          mirror=False, **_schedule(b.epochs, b.lr or 0.1, s.finetune.batch, d["train_images"]),
+                          **common)
+    else:
+        say("baseline: training %s from scratch for %g epochs with A-Softmax on the list's identities"
+            % (s.model, b.epochs), s.quiet)
+        job = FineTuneJob(head="asoftmax", **_schedule(b.epochs, b.lr or 0.01, s.finetune.batch, d["train_images"]),
+                          **common)
+    done = finetune(job, resume=True, progress=not s.quiet)
+    return dict(prototxt=s.model, caffemodel=done["final"], trained=True, loss_csv=done["loss_csv"],
+                teacher=teacher, epochs=b.epochs, iterations=done["iterations"], train_seconds=done["seconds"],
+                depth=s.depth)
+
+
+def evaluate_stage(spec, proto, weights):
+    """LFW protocol of ``spec`` (eval_lfw.evaluate_net), and the net's size."""
+    from eval_lfw.evaluator import evaluate_net
+    from prune.stats import net_stats
+    r = evaluate_net(spec, proto, weights)
+    st = net_stats(proto)
+    return dict(r, prototxt=proto, caffemodel=weights, eval_folds=spec.folds, params=st.params, macs=st.macs)
+
+
+def prune_stage(s, d, base):
+    """prune.driver.run over the whole schedule, fine-tuning after each group and at the end by
+    distillation from the baseline (finetune.hooks; its embeddings computed once, no mirroring)."""
+    from base.images import image_batches, preprocess_for
+    from base.lists import image_files
+    from base.netinput import input_layer
+    from finetune.hooks import distill_hooks
+    from prune.driver import PruneJob, run
+    _, shape = input_layer(caffe_io.read_net(s.model), s.model)
+    root, rels = image_files(d["train_list"], d["train_root"], limit=min(s.prune.images, d["train_images"]),
+                             seed=s.seed)
+    pre = preprocess_for(shape, root, rels, rgb=s.rgb)
+    ft = dataclasses.replace(s.finetune, train_list=d["train_list"], train_root=d["train_root"])
+    step, final = distill_hooks(ft, base["prototxt"], base["caffemodel"])
+    job = PruneJob(model=base["prototxt"], weights=base["caffemodel"], out=os.path.join(s.out, "prune"),
+                   criterion=s.prune.criterion, keep=s.prune.keep, layers="all", seed=s.seed,
+                   data=dict(list=d["train_list"], images=len(rels)))
+    log = run(job, lambda: image_batches(root, rels, pre, 32), finetune=step, final_finetune=final,
+              progress=not s.quiet)
+    return dict(log, finetune=dict(epochs_per_layer=ft.epochs_per_layer, epochs_final=ft.epochs_final, lr=ft.lr,
+                                   batch=ft.batch, loss="distillation from the baseline"))
+
+
+def opencv_stage(proto, model, blob, seed=0):
+    """The pruned net in OpenCV's DNN module (layer fusion off, so the numbers are comparable): the
+    largest deviation from Caffe's output on random inputs, relative to the output's scale."""
+    import cv2
+    net = caffe_io.open_net(proto, model)
+    inp = net.inputs[0]
+    x = np.random.default_rng(seed).uniform(-1, 1, (2,) + net.blobs[inp].data.shape[1:]).astype(np.float32)
+    net.blobs[inp].reshape(*x.shape)
+    ref = net.forward(**{inp: x})[blob].copy()
+    cv = cv2.dnn.readNetFromCaffe(proto, model)
+    cv.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+    cv.enableFusion(False)
+    cv.setInput(x)
+    out = cv.forward().reshape(ref.shape)   # the final output: forward(name) stops before in-place layers
+    return dict(opencv=cv2.__version__, max_rel_deviation=float(np.abs(out - ref).max() / np.abs(ref).max()))
+
+
+def evaluations(s, run, ev, base, log):
+    """The evaluation records of every stage: baseline, each pruned group, the final fine-tune."""
+    evals = [dict(stage="baseline", **run.stage("eval_baseline", lambda: evaluate_stage(
+        ev, base["prototxt"], base["caffemodel"])))]
+    say("baseline: LFW folds %s %.2f%%" % (ev.folds, 100 * evals[0]["accuracy"]), s.quiet)
+    for step in log["steps"]:
+        rec = run.stage("eval_step_%02d" % step["step"],
+                        lambda step=step: evaluate_stage(ev, step["prototxt"], step["caffemodel"]))
+        tuned = " + fine-tuned" if "pruned_caffemodel" in step else ""
+        evals.append(dict(stage="%s pruned%s" % (step["group"], tuned), **rec))
+        say("after %s: LFW %.2f%%" % (step["group"], 100 * rec["accuracy"]), s.quiet)
+    if log["final_finetune"]:
+        rec = run.stage("eval_final", lambda: evaluate_stage(ev, log["prototxt"], log["caffemodel"]))
+        evals.append(dict(stage="final fine-tune", **rec))
+        say("after the final fine-tune: LFW %.2f%%" % (100 * rec["accuracy"]), s.quiet)
+    return evals
+
+
+def run_pipeline(s):
+    """Every stage of settings ``s`` in its run folder; returns the report."""
+    from apps import report
+    from prune.speed import forward_ms
+    start = time.time()
+    if s.gpu is not None:
+        import caffe
+        caffe.set_device(s.gpu)
+        caffe.set_mode_gpu()
+    with RunFolder(s.out, PipelineError) as run:
+        run.guard(s.config, flags=True)
+        d = run.stage("data", lambda: data_stage(s.data, s.out, s.quiet))
+        ev = dataclasses.replace(s.evaluation, lfw_dir=d["lfw_dir"], pairs=d["pairs"])
+        base = run.stage("baseline", lambda: baseline_stage(s, d))
+        log = run.stage("prune", lambda: prune_stage(s, d, base))
+        evals = evaluations(s, run, ev, base, log)
+        deploy = run.copy(log["prototxt"], "deploy.prototxt")
+        model = run.copy(log["caffemodel"], "model.caffemodel")
+        timing = run.stage("timing", lambda: dict(forward_ms=forward_ms(
+            dict(baseline=(base["prototxt"], base["caffemodel"]), pruned=(deploy, model)), rounds=s.timing_rounds)))
+        cv = run.stage("opencv", lambda: opencv_stage(deploy, model, s.blob))
+        rep = report.build(s.out, dict(data=d, baseline=base, prune=log, evaluations=evals, timing=timing, opencv=cv))
+        report.write(rep, s.out)
+    say("done in %.0f s: %s" % (time.time() - start, os.path.join(s.out, "report.md")), s.quiet)
+    return rep
+
+
+# ------------------------------------------------------------------ command line
+
+def parser():
+    ap = cli.parser(PROG, description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1], raw=True)
+    ap.add_argument("--depth", type=int, choices=(4, 10, 20, 36, 64), default=4,
+                    help="SphereFace depth: its deploy prototxt from prototxt/ is the net (default 4)")
+    cli.add_net(ap, model_required=False, model_help="deploy prototxt of another net instead of --depth's",
+                weights_help="baseline caffemodel; omitted: a baseline is trained here from scratch")
+    ap.add_argument("--out", required=True, help="run folder, e.g. runs/sf4 (a second run resumes it)")
+    d = ap.add_argument_group("data")
+    cli.add_train_list(d, list_help="training list, 'path label' lines (python -m finetune.lists); default: "
+                                    "people of --train-folds of LFW (from ../shared)")
+    d.add_argument("--train-folds", default="1-5", help="LFW folds whose people the default list holds (default 1-5)")
+    cli.add_lfw(d)
+    d.add_argument("--synthetic", action="store_true", help="use the generated data set even where LFW exists")
+    b = ap.add_argument_group("baseline (only without --weights)")
+    b.add_argument("--baseline-epochs", type=float, default=8, help="epochs of baseline training (default 8)")
+    b.add_argument("--baseline-lr", type=float, default=None,
+                   help="base lr of baseline training, /10 at 60%% and 85%% of it (default 0.1 with a teacher, "
+                        "0.01 with A-Softmax, where 0.1 diverges from scratch)")
+    cli.add_teacher(b, blob_default="fc1", rgb_default=True,
+                    teacher_help="teacher deploy prototxt for the baseline's distillation (default: the "
+                                 "MobileFaceNet of ../shared; none: A-Softmax on the list's identities)")
+    p = ap.add_argument_group("pruning")
+    p.add_argument("--criterion", default="thinet", help="channel criterion (python -m prune --help; default thinet)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--preset", default="original", choices=("original", "all"),
+                     help="original: the Sphereface-prune schedule (SphereFace-4: conv1_1/2_1/3_1/4_1 at 0.5; "
+                          "SphereFace-10: conv1_1/2_2/3_2/3_4/4_1 at 0.75); all: every channel group the graph "
+                          "finds, residual streams included, at 0.5 (default original)")
+    how.add_argument("--keep", type=cli.parse_keep, help="instead of --preset: one ratio for every group (0.5) or a "
+                                                     "table (conv1_1=0.5,conv2_1=0.75)")
+    p.add_argument("--images", type=int, default=128, help="images of the training list sampled per group (default 128)")
+    f = ap.add_argument_group("fine-tuning (distillation from the baseline; Caffe's solver)")
+    f.add_argument("--finetune-epochs-per-layer", type=float, default=1, help="after each pruned group (default 1)")
+    f.add_argument("--finetune-epochs-final", type=float, default=9, help="after the last group (default 9)")
+    cli.add_finetune_lr(f, 1e-3, "fine-tune base lr (default 1e-3)")
+    ap.add_argument("--batch", type=int, default=64, help="training batch size (default 64)")
+    ap.add_argument("--gpu", type=int, default=None,
+                    help="GPU id for Caffe (training, sampling, evaluation; needs a CUDA build: "
+                         "scripts/setup.sh --gpu); forward times are always measured on the CPU. Default: CPU")
+    ap.add_argument("--timing-rounds", type=int, default=7, help="rounds of the forward-time measurement (default 7)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of sampling, image draws and Caffe (default 0)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    return ap
+
+
+def keep_schedule(a, depth):
+    """The driver's keep from --keep or --preset."""
+    if a.keep is not None:
+        return a.keep
+    if a.preset == "all":
+        return 0.5
+    table = PRESETS.get(depth, {}).get(a.preset)
+    if table is None:
+        raise cli.UsageError("no %r preset for %s (presets exist for SphereFace-%s); give --keep"
+                             % (a.preset, a.model or "this net", "/".join(str(k) for k in sorted(PRESETS))))
+    return dict(table)
+
+
+def settings(argv=None):
+    """The command line read, checked and typed once (nothing is created here)."""
+    a = parser().parse_args(argv)
+    depth = None if a.model else a.depth
+    model = a.model or os.path.join(ROOT, "prototxt", "sphereface%d_deploy.prototxt" % a.depth)
+    cli.check_files(model=model, weights=a.weights, train_list=a.train_list, pairs=a.pairs,
+                    teacher=a.teacher, teacher_weights=a.teacher_weights)
+    cli.check_dirs(lfw_dir=a.lfw_dir)
+    if a.teacher and not a.teacher_weights:
+        raise cli.UsageError("--teacher %s needs --teacher-weights" % a.teacher)
+    if a.lfw_dir and not a.pairs:
+        raise cli.UsageError("--lfw-dir needs --pairs (LFW View 2 pairs.txt)")
+    keep = keep_schedule(a, depth)
+    return Settings(
+        out=a.out, model=model, depth=depth, blob=a.blob, rgb=a.rgb,
+        data=DataSpec(a.train_list, a.train_root, a.train_folds, a.lfw_dir, a.pairs, a.synthetic),
+        baseline=BaselineSpec(a.weights, a.baseline_epochs, a.baseline_lr, a.teacher, a.teacher_weights,
+                              a.teacher_blob, a.teacher_rgb),
+        prune=PruneSpec(a.criterion, keep, a.images),
+        finetune=FineTuneSpec(train_list=None, epochs_per_layer=a.finetune_epochs_per_layer,
+                              epochs_final=a.finetune_epochs_final, lr=a.finetune_lr, batch=a.batch,
+                              embedding=a.blob, rgb=a.rgb, mirror=False, precompute_teacher=True, seed=a.seed,
+                              gpu=None if a.gpu is None else (a.gpu,), progress=not a.quiet),
+        evaluation=EvalSpec(lfw_dir=None, pairs=None, folds=a.eval_folds, blob=a.blob, flip=not a.no_flip,
+                            rgb=a.rgb, progress=not a.quiet),
+        gpu=a.gpu, timing_rounds=a.timing_rounds, seed=a.seed, quiet=a.quiet, config=command_config(a))
+
+
+@cli.entry(PROG)
+def main(argv=None):
+    s = settings(argv)
+    rep = run_pipeline(s)
+    b, f = rep["stages"][0], rep["stages"][-1]
+    print("baseline %.2f%% -> pruned %.2f%% on LFW folds %s; MACs %.1fM -> %.1fM (%.2fx); "
+          "Caffe CPU forward (batch 1) %.2f -> %.2f ms/image"
+          % (100 * b["accuracy"], 100 * f["accuracy"], s.evaluation.folds, b["macs"] / 1e6, f["macs"] / 1e6,
+             b["macs"] / f["macs"], rep["timing"]["forward_ms"]["baseline"]["1"],
+             rep["timing"]["forward_ms"]["pruned"]["1"]))
+    print("pruned net: %s + %s\nreport: %s" % (os.path.join(s.out, "deploy.prototxt"),
+                                              os.path.join(s.out, "model.caffemodel"),
+                                              os.path.join(s.out, "report.md")))
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

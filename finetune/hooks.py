@@ -1,0 +1,56 @@
+"""The fine-tunes a pruning driver runs: distillation of each pruned net from a teacher (the unpruned net).
+
+    spec = FineTuneSpec(train_list=..., epochs_per_layer=1, epochs_final=9, lr=1e-3, batch=64)
+    step, final = distill_hooks(spec, teacher_proto, teacher_weights)
+    prune.driver.run(job, images, finetune=step, final_finetune=final)
+
+Each hook is ``hook(out, proto, weights) -> fine-tuned caffemodel`` (None
+when its epochs are 0); every fine-tune is a resumable ``finetune.driver``
+job in ``out``.
+"""
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from . import driver
+
+
+@dataclass(frozen=True)
+class FineTuneSpec:
+    """How the pruned nets are fine-tuned: built once from the command line, never changed."""
+    train_list: Optional[str] = None     # None until the caller knows it (dataclasses.replace fills it in)
+    train_root: str = ""
+    epochs_per_layer: float = 0          # after each pruned group
+    epochs_final: float = 0              # after the last group
+    lr: float = 1e-3
+    batch: int = 64
+    embedding: str = "fc5"
+    rgb: bool = False
+    mirror: bool = True
+    precompute_teacher: bool = False
+    snapshot_every: int = 500
+    seed: int = 0
+    gpu: Optional[Tuple[int, ...]] = None
+    progress: bool = True
+
+    def job(self, out, proto, weights, epochs, teacher, teacher_weights):
+        """The finetune.driver job that distils ``proto`` + ``weights`` from the teacher for ``epochs``."""
+        return driver.FineTuneJob(deploy=proto, weights=weights, train_list=self.train_list,
+                                  root_folder=self.train_root, out=out, head="distill", embedding=self.embedding,
+                                  teacher=teacher, teacher_weights=teacher_weights,
+                                  precompute_teacher=self.precompute_teacher, mirror=self.mirror, rgb=self.rgb,
+                                  epochs=epochs, batch_size=self.batch, base_lr=self.lr,
+                                  snapshot_every=self.snapshot_every, seed=self.seed,
+                                  gpu=list(self.gpu) if self.gpu is not None else None)
+
+
+def distill_hooks(spec, teacher, teacher_weights):
+    """(after each group, after the last) fine-tune hooks of ``spec``; a hook is None where its epochs are 0."""
+    def hook(epochs):
+        if not epochs:
+            return None
+
+        def run_one(out, proto, weights):
+            job = spec.job(out, proto, weights, epochs, teacher, teacher_weights)
+            return driver.finetune(job, resume=True, progress=spec.progress)["final"]
+        return run_one
+    return hook(spec.epochs_per_layer), hook(spec.epochs_final)
