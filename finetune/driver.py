@@ -75,6 +75,8 @@ class FineTuneJob:
         c = asdict(self)
         c["stepvalues"] = list(self.stepvalues)
         c["gpu"] = list(self.gpu) if self.gpu is not None else None
+        if self.head != "softmax-center":   # settings of that head only (a run folder of another head
+            del c["lambda_c"], c["center_alpha"]   # made before they existed still resumes)
         for key in ("deploy", "weights", "train_list", "teacher", "teacher_weights"):
             if c[key]:
                 c[key + "_sha256"] = caffe_io.file_sha256(c[key])
