@@ -1,5 +1,6 @@
 """python -m prune: layer-by-layer channel pruning of a Caffe net."""
 import argparse
+import json
 import os
 import sys
 
@@ -23,6 +24,35 @@ def parse_keep(text):
     except ValueError:
         raise argparse.ArgumentTypeError("--keep takes a ratio (0.5) or a table (conv1_1=0.5,conv2_1=0.75), not %r"
                                          % text) from None
+
+
+def parse_ridge(text):
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("--ridge takes 'auto' or a number >= 0, not %r" % text)
+    return value
+
+
+def read_plan(path):
+    """The keep table of a plan file."""
+    try:
+        content = json.load(open(path))
+        table = content["keep"]
+        if not isinstance(table, dict) or not all(isinstance(v, (int, float)) for v in table.values()):
+            raise ValueError
+    except OSError as e:
+        raise PruneError("cannot read plan file %s: %s" % (path, e.strerror)) from None
+    except (ValueError, KeyError, TypeError):
+        raise PruneError("%s is not a plan file: it needs a JSON object with a 'keep' table "
+                         "{group: ratio}" % path) from None
+    if not table:
+        raise PruneError("%s: the plan's 'keep' table is empty; nothing to prune" % path)
+    return {k: float(v) for k, v in table.items()}
 
 
 def threshold_table(net, weights, layers, a):
@@ -112,9 +142,25 @@ def parser():
                          "|gamma| (Scale after BatchNorm, the largest over a residual stream) is below it goes, "
                          "so each group keeps its own share; a group keeps at least its largest channel. Needs "
                          "BatchNorm + Scale after the convs and --criterion bnscale (implied)")
+    ap.add_argument("--plan", default=None,
+                    help="instead of --keep: a plan file (JSON with a 'keep' table of per-group ratios, as "
+                         "python -m prune.sensitivity writes it; groups left out are not pruned)")
     ap.add_argument("--layers", default="all",
                     help="comma-separated layers or group ids to prune, in any order (they are pruned in "
                          "network order); default all prunable groups (python -m prune.groups lists them)")
+    rec = ap.add_argument_group("reconstruction of the layers that read a pruned group")
+    rec.add_argument("--reconstruct", default="full", choices=("full", "scale", "none"),
+                     help="full (default): least squares of every kept weight and the intercept of each "
+                          "consumer; scale: ThiNet's one scale per kept input channel; none: keep the weights")
+    rec.add_argument("--targets", default="original", choices=("original", "current"),
+                     help="reconstruct towards the unpruned net's outputs (default; later steps correct earlier "
+                          "ones) or the current, already pruned net's")
+    rec.add_argument("--ridge", default="auto", type=parse_ridge,
+                     help="ridge of the least squares, towards the current weights, relative to the mean "
+                          "diagonal of X'X; auto (default): chosen per layer on held-out images")
+    rec.add_argument("--positions-per-image", type=int, default=10,
+                     help="sampled output positions per image for the least squares (all output channels at "
+                          "each; default 10)")
     ap.add_argument("--rgb", action="store_true",
                     help="the net expects RGB planes (e.g. MobileFaceNet); default BGR (Caffe, SphereFace)")
     ap.add_argument("--crop", default="auto", choices=("auto", "112x96", "none"),
@@ -154,6 +200,8 @@ def main(argv=None):
         root, rels = image_files(a.data, a.root, a.lfw_folds, a.pairs, 500, a.seed)
     pre = preprocess_for(shape, root, rels, a.rgb, a.crop)
     layers = "all" if a.layers == "all" else [s.strip() for s in a.layers.split(",") if s.strip()]
+    if a.plan is not None:
+        a.keep = read_plan(a.plan)
     if a.threshold is not None:
         a.keep, layers = threshold_table(net, caffe_io.read_weights(a.weights), layers, a), "all"
     elif a.macs_target is not None:
@@ -163,6 +211,8 @@ def main(argv=None):
               % (a.macs_target, a.keep, 100 * reached))
     job = PruneJob(model=a.model, weights=a.weights, out=a.out, criterion=a.criterion or "thinet", keep=a.keep,
                    layers=layers, samples_per_image=a.samples_per_image, seed=a.seed,
+                   reconstruct=a.reconstruct, targets=a.targets, ridge=a.ridge,
+                   positions_per_image=a.positions_per_image,
                    data=dict(data=a.data, root=root, images=len(rels), lfw_folds=a.lfw_folds,
                              rgb=a.rgb, crop=pre.crop))
     step_ft, final_ft = finetune_hooks(a, net)

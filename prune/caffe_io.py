@@ -330,6 +330,17 @@ def load_into(caffe_net, weights, source="weights"):
             b.data[...] = a
 
 
+def caffe_net(net, weights=None):
+    """caffe.Net (TEST phase) of a NetParameter, through a temporary prototxt, with ``weights`` loaded."""
+    import caffe
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        cnet = caffe.Net(write_net(net, os.path.join(tmp, "net.prototxt")), caffe.TEST)
+    if weights is not None:
+        load_into(cnet, weights)
+    return cnet
+
+
 def open_net(prototxt, weights=None, phase="test"):
     """caffe.Net from a prototxt (+ optional caffemodel) with named errors.
 
