@@ -80,7 +80,7 @@ def say(text, quiet=False):
 
 def plan_removal(scores, k):
     """The k lowest (group id, channel) pairs of the global ranking that leave every group a channel."""
-    from prune.taylor import global_ranking
+    from prune.policy import global_ranking
     left = {gid: len(s) for gid, s in scores.items()}
     out = []
     for gid, c in global_ranking(scores):

@@ -1,45 +1,47 @@
 """python -m prune: layer-by-layer channel pruning of a Caffe net (with optional fine-tuning)."""
+import argparse
+
 from base import caffe_io, cli
 from base.images import image_batches, preprocess_for
 from base.lists import image_files
 from base.netinput import input_layer
+from prune import policy
 from prune.criteria import CRITERIA
-from prune.driver import PruneError, PruneJob, plan_groups, run
+from prune.driver import PruneError, PruneJob, run
 
 PROG = "python -m prune"
 
 
-def threshold_table(net, weights, layers, a):
-    """--threshold as the driver's per-group keep table (ratios), only groups that lose channels."""
-    from prune.criteria.bnscale import global_threshold_keep
-    from prune.graph import build_graph
-    if a.criterion not in (None, "bnscale"):
-        raise PruneError("--threshold prunes by |gamma|: it needs --criterion bnscale, not %s" % a.criterion)
-    graph = build_graph(net, source=a.model)
-    kept = global_threshold_keep(graph, weights, a.threshold)
-    if layers != "all":
-        chosen = {gid for gid, _ in plan_groups(graph, layers, 1.0)}
-        kept = {gid: k for gid, k in kept.items() if gid in chosen}
-    table = {gid: len(k) / graph[gid].channels for gid, k in kept.items() if len(k) < graph[gid].channels}
-    if not table:
-        raise PruneError("%s: no channel of the selected groups has |gamma| below %g; nothing to prune"
-                         % (a.weights, a.threshold))
-    print("--threshold %g: %d of %d channels kept in %d groups"
-          % (a.threshold, sum(len(k) for k in kept.values()), sum(graph[g].channels for g in kept), len(table)))
-    return table
-
-
 def keep_of(a, net, layers):
-    """(keep, layers) for the driver from --keep, --macs-target or --threshold (one of them)."""
+    """(keep, layers) for the driver from --keep, --macs-target, --threshold or --plan (one of them)."""
+    if a.plan is not None:
+        return policy.read_plan(a.plan), layers
     if a.threshold is not None:
-        return threshold_table(net, caffe_io.read_weights(a.weights), layers, a), "all"
+        if a.criterion not in (None, "bnscale"):
+            raise PruneError("--threshold prunes by |gamma|: it needs --criterion bnscale, not %s" % a.criterion)
+        table, kept, total = policy.threshold_table(net, caffe_io.read_weights(a.weights), layers, a.threshold,
+                                                    a.weights)
+        print("--threshold %g: %d of %d channels kept in %d groups" % (a.threshold, kept, total, len(table)))
+        return table, "all"
     if a.macs_target is not None:
-        from prune.driver import ratio_for_macs
-        keep, reached = ratio_for_macs(net, caffe_io.read_weights(a.weights), layers, a.macs_target, a.model)
+        keep, reached = policy.ratio_for_macs(net, None, layers, a.macs_target, a.model)
         print("--macs-target %g: keep ratio %.4f on every selected group leaves %.2f%% of the MACs"
               % (a.macs_target, keep, 100 * reached))
         return keep, layers
     return a.keep, layers
+
+
+def parse_ridge(text):
+    """--ridge: 'auto' or a number >= 0."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("expected 'auto' or a number >= 0, not %r" % text)
+    return value
 
 
 def finetune_hooks(a, net):
@@ -55,6 +57,23 @@ def finetune_hooks(a, net):
                         rgb=a.rgb, precompute_teacher=a.precompute_teacher, seed=a.seed,
                         gpu=tuple(a.gpu) if a.gpu else None, progress=not a.quiet)
     return distill_hooks(spec, a.model, a.weights)
+
+
+def add_reconstruction(ap):
+    """--reconstruct --targets --ridge --positions-per-image."""
+    rec = ap.add_argument_group("reconstruction of the layers that read a pruned group")
+    rec.add_argument("--reconstruct", default="full", choices=("full", "scale", "none"),
+                     help="full (default): least squares of every kept weight and the intercept of each "
+                          "consumer; scale: ThiNet's one scale per kept input channel; none: keep the weights")
+    rec.add_argument("--targets", default="original", choices=("original", "current"),
+                     help="reconstruct towards the unpruned net's outputs (default: later steps correct what "
+                          "earlier ones broke) or the current, already pruned net's (ThiNet's)")
+    rec.add_argument("--ridge", default="auto", type=parse_ridge,
+                     help="ridge of the least squares, pulling towards the current weights, relative to the mean "
+                          "diagonal of X'X; auto (default): chosen per layer on held-out images")
+    rec.add_argument("--positions-per-image", type=int, default=10,
+                     help="sampled output positions per image for the least squares, every output channel at "
+                          "each (default 10)")
 
 
 def parser():
@@ -101,9 +120,13 @@ def parser():
                          "|gamma| (Scale after BatchNorm, the largest over a residual stream) is below it goes, "
                          "so each group keeps its own share; a group keeps at least its largest channel. Needs "
                          "BatchNorm + Scale after the convs and --criterion bnscale (implied)")
+    how.add_argument("--plan", default=None,
+                     help="instead of --keep: a plan file, JSON with a 'keep' table {group or layer: ratio} (as "
+                          "python -m prune.sensitivity writes it; groups left out are not pruned)")
     ap.add_argument("--layers", default="all",
                     help="comma-separated layers or group ids to prune, in any order (they are pruned in "
                          "network order); default all prunable groups (python -m prune.groups lists them)")
+    add_reconstruction(ap)
     ap.add_argument("--crop", default="auto", choices=("auto", "112x96", "none"),
                     help="auto: SphereFace 112x96 crop when the images are 112x112 and the net takes 112x96")
     ap.add_argument("--batch", type=int, default=32, help="images per Caffe forward (default 32)")
@@ -143,7 +166,7 @@ def images_of(a, shape):
 @cli.entry(PROG)
 def main(argv=None):
     a = parser().parse_args(argv)
-    cli.check_files(model=a.model, weights=a.weights, train_list=a.train_list, pairs=a.pairs)
+    cli.check_files(model=a.model, weights=a.weights, train_list=a.train_list, pairs=a.pairs, plan=a.plan)
     net = caffe_io.read_net(a.model)
     _, shape = input_layer(net, a.model)
     root, rels, pre = images_of(a, shape)
@@ -153,12 +176,15 @@ def main(argv=None):
     criterion = a.criterion or ("bnscale" if a.threshold is not None else "thinet")
     job = PruneJob(model=a.model, weights=a.weights, out=a.out, criterion=criterion, keep=keep,
                    layers=layers, samples_per_image=a.samples_per_image, seed=a.seed,
+                   reconstruct=a.reconstruct, targets=a.targets, ridge=a.ridge,
+                   positions_per_image=a.positions_per_image,
                    data=dict(data=a.data, root=root, images=len(rels), lfw_folds=a.lfw_folds,
                              rgb=a.rgb, crop=pre.crop))
     log = run(job, lambda: image_batches(root, rels, pre, a.batch), finetune=step_ft, final_finetune=final_ft,
               progress=not a.quiet)
     for s in log["steps"]:
-        err = ", ".join("%s %.3f->%.3f" % (k, v["removed"], v["rescaled"]) for k, v in s["error"].items())
+        err = ", ".join("%s %.3f->%.3f" % (k, v["removed"], v.get("target_after", v["rescaled"]))
+                        for k, v in s["error"].items())
         print("%-12s %4d -> %-4d  rel. error %s" % (s["group"], s["channels"], s["kept"], err))
     print("pruned net: %s + %s" % (log["prototxt"], log["caffemodel"]))
     return 0

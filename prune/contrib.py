@@ -22,23 +22,30 @@ def conv_geometry(p):
     return tuple(tuple(v) for v in geometry(p, 2))
 
 
+def conv_windows(A, geometry, images, rows, cols):
+    """The input windows of the sampled output positions: S x C x kh x kw, gathered
+    without forming the im2col matrix of the whole layer (zero padding as Caffe)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry
+    if (kh, kw, ph, pw) == (1, 1, 0, 0):      # 1x1: no window, no padding to copy
+        return A[images, :, rows * sh, cols * sw][:, :, None, None]
+    C = A.shape[1]
+    r = rows[:, None] * sh + (np.arange(kh) * dh)[None, :] - ph    # S x kh, in unpadded coordinates
+    c = cols[:, None] * sw + (np.arange(kw) * dw)[None, :] - pw    # S x kw
+    inside = ((r >= 0) & (r < A.shape[2]))[:, :, None] & ((c >= 0) & (c < A.shape[3]))[:, None, :]
+    win = A[images[:, None, None, None], np.arange(C)[None, :, None, None],
+            np.clip(r, 0, A.shape[2] - 1)[:, None, :, None], np.clip(c, 0, A.shape[3] - 1)[:, None, None, :]]
+    return win * inside[:, None, :, :]
+
+
 def conv_contributions(A, W, geometry, group, filters, images, rows, cols):
     """x[n, c] for the sampled outputs n = (images[n], filters[n], rows[n], cols[n]).
 
     A: N x C x H x W bottom data; W: F x C/group x kh x kw.  Returns an
     array of shape (samples, C), zeros outside each filter's channel group.
     """
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry
-    N, C, H, Wd = A.shape
+    C = A.shape[1]
     F, Cg = W.shape[:2]
-    padded = np.pad(A, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    u = np.arange(kh) * dh
-    v = np.arange(kw) * dw
-    # windows: samples x C x kh x kw, gathered without forming the im2col matrix
-    r = rows[:, None] * sh + u[None, :]                       # S x kh
-    c = cols[:, None] * sw + v[None, :]                       # S x kw
-    win = padded[images[:, None, None, None], np.arange(C)[None, :, None, None],
-                 r[:, None, :, None], c[:, None, None, :]]    # S x C x kh x kw
+    win = conv_windows(A, geometry, images, rows, cols)
     S = len(filters)
     out = np.zeros((S, C), dtype=np.float64)
     fper = F // group

@@ -8,7 +8,12 @@ already pruned) net over the images once and returns an ``Evidence``:
   bias excluded (prune.contrib), ``samples_per_image`` per image;
 * ``actsum``: the sum over images and positions of each channel of the
   group's first blob (what the original Sphereface-prune scripts rank by);
-* ``weights`` and the ``group`` itself, for weight-based criteria.
+* ``weights`` and the ``group`` itself, for weight-based criteria;
+* ``normals[consumer]``: with ``targets``, the normal equations of every
+  consumer's least-squares reconstruction (prune.reconstruct): its input
+  windows at random output positions and, as targets, the output of that
+  layer at the same positions in the unpruned net (``targets.net``) or in
+  the current one.
 
 Memory: Caffe holds one batch of activations; the sampler adds
 batch x samples_per_image x C x kh x kw floats of windows and one C x C Gram
@@ -19,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from base import caffe_io
-from prune import contrib
+from prune import contrib, reconstruct
 from prune.gram import GramAccumulator
 
 
@@ -33,16 +38,32 @@ class Evidence:
     weights: dict
     grams: dict = field(default_factory=dict)      # consumer layer -> C x C
     actsum: np.ndarray = None
+    normals: dict = field(default_factory=dict)   # consumer layer -> prune.reconstruct.Normal
     images: int = 0
     samples: int = 0
 
 
-def collect(net_param, weights, group, images, samples_per_image=10, seed=0, progress=None):
+@dataclass
+class Targets:
+    """What the consumers are reconstructed towards.
+
+    net: the unpruned caffe.Net (its weights loaded), or None to take the
+    current net's own outputs as targets; out_map: {layer: original output
+    channel of each current output channel} for layers whose outputs were
+    pruned earlier; positions: sampled output positions per image."""
+    net: object = None
+    weights: dict = None
+    out_map: dict = field(default_factory=dict)
+    positions: int = 10
+
+
+def collect(net_param, weights, group, images, samples_per_image=10, seed=0, progress=None, targets=None):
     """Evidence for one group. ``images``: an iterable of (N, 3, H, W) float32 batches."""
-    return collect_many(net_param, weights, [group], images, samples_per_image, seed, progress)[group.id]
+    return collect_many(net_param, weights, [group], images, samples_per_image, seed, progress,
+                        targets)[group.id]
 
 
-def collect_many(net_param, weights, groups, images, samples_per_image=10, seed=0, progress=None):
+def collect_many(net_param, weights, groups, images, samples_per_image=10, seed=0, progress=None, targets=None):
     """{group id: Evidence} for several groups from one pass over the images."""
     layers = {l.name: l for l in net_param.layer}
     for group in groups:
@@ -59,11 +80,16 @@ def collect_many(net_param, weights, groups, images, samples_per_image=10, seed=
     W = {c.layer: np.asarray(weights[c.layer][0], dtype=np.float32).reshape(net.params[c.layer][0].data.shape)
          for g in groups for c in g.consumers}
     data = net.inputs[0]
+    last = max((c.layer for g in groups for c in g.consumers), key=list(net._layer_names).index)
+    normals = {} if targets is None else _normal_builders(layers, groups, W, weights, targets)
     n_images = 0
     for x in images:
-        net.blobs[data].reshape(*x.shape)
-        net.blobs[data].data[...] = x
-        net.forward()
+        _forward(net, data, x, last)
+        if normals:
+            if targets.net is not None:
+                _forward(targets.net, targets.net.inputs[0], x, last)
+            for name, add in normals.items():
+                add(net, rng, n_images)
         for g in groups:
             for c in g.consumers:
                 X = _contributions(layers[c.layer], c, W[c.layer], net.blobs[c.bottom].data, g.channels, rng,
@@ -81,8 +107,49 @@ def collect_many(net_param, weights, groups, images, samples_per_image=10, seed=
     for g in groups:
         ev = found[g.id]
         ev.grams = {c.layer: grams[(g.id, c.layer)].G for c in g.consumers}
+        ev.normals = {c.layer: normals[c.layer].normal for c in g.consumers if c.layer in normals}
         ev.images, ev.samples = n_images, n_images * samples_per_image
     return found
+
+
+def _forward(net, data, x, last):
+    net.blobs[data].reshape(*x.shape)
+    net.blobs[data].data[...] = x
+    net.forward(end=last)
+
+
+class _NormalBuilder:
+    """Accumulates one consumer's normal equations, batch by batch."""
+
+    def __init__(self, layer, bottom, weights, targets):
+        self.layer, self.bottom, self.targets = layer, bottom, targets
+        self.weights = weights
+        W = np.asarray(weights[0])
+        self.normal = reconstruct.Normal(int(np.prod(W.shape[1:])), W.shape[0])
+
+    def __call__(self, net, rng, first_image):
+        A = net.blobs[self.bottom].data
+        positions = reconstruct.sample_positions(self.layer, A.shape, self.targets.positions, A.shape[0], rng)
+        X = reconstruct.design(self.layer, A, positions)
+        if self.targets.net is None:
+            Y = reconstruct.layer_output(X, self.weights)
+        else:
+            orig = reconstruct.design(self.layer, self.targets.net.blobs[self.bottom].data, positions)
+            Y = reconstruct.layer_output(orig, self.targets.weights[self.layer.name])
+            rows = self.targets.out_map.get(self.layer.name)
+            if rows is not None:
+                Y = Y[:, rows]
+        self.normal.add(X, Y, first_image + positions[0])
+
+
+def _normal_builders(layers, groups, W, weights, targets):
+    """One builder per consumer whose design dimension fits prune.reconstruct.MAX_DIM."""
+    out = {}
+    for g in groups:
+        for c in g.consumers:
+            if c.layer not in out and int(np.prod(W[c.layer].shape[1:])) <= reconstruct.MAX_DIM:
+                out[c.layer] = _NormalBuilder(layers[c.layer], c.bottom, weights[c.layer], targets)
+    return out
 
 
 def _contributions(layer, consumer, W, A, C, rng, per_image):

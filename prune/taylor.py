@@ -12,7 +12,7 @@ channel, averaged over batches (Caffe's losses already average over the
 images of a batch, so the term of one batch is the first-order loss change
 on it); ``taylor_scores`` takes its absolute value and L2-normalises it per
 group (Molchanov's layer-wise normalisation), so channels of all groups can
-be ranked together by ``global_ranking``.
+be ranked together by ``prune.policy.global_ranking``.
 
 Which blob: the one the consumer reads, as Caffe feeds it. With in-place
 layers (conv -> BatchNorm -> Scale -> PReLU all writing blob ``conv1``) the
@@ -146,10 +146,3 @@ def normalise(terms):
 def taylor_scores(net, groups, batches):
     """{group id: per-channel importance}: |taylor_terms|, L2-normalised per group (unit norm)."""
     return normalise(taylor_terms(net, groups, batches))
-
-
-def global_ranking(scores):
-    """All (group id, channel) pairs, least important first; ties in group order, then channel order."""
-    pairs = [(float(s), order, gid, c) for order, (gid, values) in enumerate(scores.items())
-             for c, s in enumerate(values)]
-    return [(gid, c) for _, _, gid, c in sorted(pairs)]

@@ -220,7 +220,6 @@ def test_bnscale_criterion_and_global_threshold(tmp_path, capsys):
     np.testing.assert_allclose(scale_gammas(graph["c1"], weights), [0.9, 0.03, 0.6, 0.05, 0.04, 0.3, 0.01, 0.2],
                                rtol=1e-6)
     crit = make("bnscale")
-    assert not crit.rescale
     assert crit.select(Evidence(graph["c1"], weights), 3) == [0, 2, 5]
     assert crit.select(Evidence(graph["c2"], weights), 2) == [1, 6]
     assert global_threshold_keep(graph, weights, 0.1) == {"c1": [0, 2, 5, 7], "c2": [1, 2, 4, 6, 7]}

@@ -13,7 +13,8 @@ from caffe import layers as L
 
 from base import caffe_io
 from prune.graph import build_graph
-from prune.taylor import TaylorError, global_ranking, normalise, taylor_scores, taylor_terms
+from prune.policy import global_ranking
+from prune.taylor import TaylorError, normalise, taylor_scores, taylor_terms
 import nets
 
 BATCH = 4

@@ -17,7 +17,8 @@ from caffe import layers as L
 from base import caffe_io
 from apps import taylor as tp
 from prune.graph import build_graph
-from prune.taylor import global_ranking, taylor_scores
+from prune.policy import global_ranking
+from prune.taylor import taylor_scores
 from apps.synthetic import make_dataset
 from finetune import driver, lists
 

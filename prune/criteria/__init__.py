@@ -3,14 +3,24 @@
 A criterion is an object with
 
     select(evidence, n_keep) -> sorted kept channel indices of the group
-    rescale: bool   whether the kept input channels of every consumer are then
-                    rescaled by least squares (ThiNet's and He et al.'s last step)
+
+and, when it ranks channels one by one (L1, random, BN scale), also
+
+    scores(evidence) -> one importance per channel (higher: keep)
+
+so a policy may rank channels of several groups together (prune.policy);
+``Scored`` derives ``select`` from ``scores``.  Subset criteria (ThiNet's
+greedy, LASSO, the activation-sum pairs) only select.  How many channels a
+group keeps is the policy's business (prune.policy), and what happens to the
+layers that read the group is the reconstruction's (prune.reconstruct).
 
 ``evidence`` (prune.sample.Evidence) carries the group, the current weights,
 each consumer's Gram matrix of sampled contributions and the activation sums,
 so weight-based, data-based and reconstruction-based criteria share one call.
-Later criteria (BN-scale slimming, Taylor scores) plug in the same way.
+Taylor scores (prune.taylor) are computed from a loss's gradient by the
+Taylor app and ranked across groups by ``prune.policy.global_ranking``.
 """
+from .base import Scored  # noqa: F401
 from .actsum import ActSum
 from .bnscale import BNScale
 from .l1 import L1

@@ -9,8 +9,6 @@ import numpy as np
 
 
 class ActSum:
-    rescale = False
-
     def __init__(self, seed=0):
         pass
 

@@ -3,13 +3,15 @@
 gamma is the factor of the group's Scale passenger(s), the BatchNorm scale.
 A group with several Scale layers (a residual stream: one per conv feeding
 it) scores each channel by its largest |gamma|: a channel goes only when no
-layer of the stream uses it.  No least-squares rescale: slimming fine-tunes
-instead.
+layer of the stream uses it.  Slimming itself fine-tunes instead of
+reconstructing (``--reconstruct none``).
 
 ``global_threshold_keep`` is the slimming prune step itself: one threshold
 over the whole net instead of a ratio per group.
 """
 import numpy as np
+
+from .base import Scored
 
 
 def scale_gammas(group, weights):
@@ -29,15 +31,12 @@ def scale_gammas(group, weights):
     return score
 
 
-class BNScale:
-    rescale = False
-
+class BNScale(Scored):
     def __init__(self, seed=0):
         pass
 
-    def select(self, evidence, n_keep):
-        score = scale_gammas(evidence.group, evidence.weights)
-        return sorted(np.argsort(-score, kind="stable")[:n_keep].tolist())
+    def scores(self, evidence):
+        return scale_gammas(evidence.group, evidence.weights)
 
 
 def global_threshold_keep(graph, weights, threshold=0.1):

@@ -4,14 +4,14 @@ A group with several producers (a residual stream) sums each producer's
 norms, normalised by that producer's mean norm so no layer dominates."""
 import numpy as np
 
+from .base import Scored
 
-class L1:
-    rescale = False
 
+class L1(Scored):
     def __init__(self, seed=0):
         pass
 
-    def select(self, evidence, n_keep):
+    def scores(self, evidence):
         score = np.zeros(evidence.group.channels)
         for s in evidence.group.producers:
             if s.blob != 0:          # the bias rows carry no filter
@@ -20,4 +20,4 @@ class L1:
             rows = W.reshape(W.shape[0], -1)
             norms = np.abs(rows[s.indices(np.arange(evidence.group.channels))]).sum(axis=1)
             score += norms / max(norms.mean(), 1e-30)
-        return sorted(np.argsort(-score, kind="stable")[:n_keep].tolist())
+        return score

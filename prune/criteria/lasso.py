@@ -4,8 +4,6 @@ from prune import gram
 
 
 class Lasso:
-    rescale = True
-
     def __init__(self, seed=0):
         pass
 

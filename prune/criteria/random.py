@@ -3,8 +3,6 @@ import numpy as np
 
 
 class Random:
-    rescale = False
-
     def __init__(self, seed=0):
         self.rng = np.random.default_rng(seed)
 

@@ -9,8 +9,6 @@ from prune import gram
 
 
 class ThiNet:
-    rescale = True
-
     def __init__(self, variant="remove", seed=0):
         if variant not in ("remove", "add"):
             raise ValueError("ThiNet variant must be 'remove' or 'add', not %r" % variant)

@@ -1,0 +1,165 @@
+"""Sensitivity of a net to pruning each channel group, and the allocation it implies.
+
+For every prunable group and every keep ratio of a grid, the group alone is
+cut with the closed-form step of the driver (criterion + least-squares
+reconstruction of its consumers) and the damage to the net's output is
+measured on images the step did not sample: the mean of 1 - cos between the
+pruned and the unpruned net's embedding.  One sampling pass per group serves
+every ratio.  The curves are the data of Distiller's and NNI's sensitivity
+analysis; ``allocate`` turns them into per-group keep ratios that reach a MACs
+target with the least summed damage (greedy: each step takes the cut that
+costs the least damage per MAC saved, with the MACs of every layer recomputed
+for the current widths, since a 1x1 conv's cost depends on both groups it
+joins).  The result is a plan file a user can read and edit, which
+``python -m prune --plan FILE`` runs.
+"""
+import json
+import os
+
+import numpy as np
+
+from base import caffe_io
+from prune.criteria import make as make_criterion
+from prune.policy import keep_count
+from prune.reconstruct import cut
+from prune.graph import build_graph
+from prune.sample import Targets, collect
+
+
+class SensitivityError(ValueError):
+    pass
+
+
+RATIOS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
+
+
+def embed(net, weights, batches, blob):
+    """The ``blob`` output of the net for every image of ``batches``, rows L2-normalised."""
+    cnet = caffe_io.net_from_param(net)
+    caffe_io.load_into(cnet, weights)
+    data = cnet.inputs[0]
+    out = []
+    for x in batches:
+        cnet.blobs[data].reshape(*x.shape)
+        cnet.blobs[data].data[...] = x
+        cnet.forward()
+        out.append(np.array(cnet.blobs[blob].data).reshape(x.shape[0], -1))
+    e = np.concatenate(out).astype(np.float64)
+    return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+
+
+def group_curve(net, weights, graph, group, fit, judge, reference, blob, ratios, criterion="thinet",
+                samples_per_image=10, positions=10, ridge="auto", seed=0):
+    """{ratio: mean 1 - cos} for one group cut alone; ``fit()`` yields the sampling batches, ``judge()`` the
+    held-out ones, ``reference`` their unpruned embeddings."""
+    ev = collect(net, weights, group, fit(), samples_per_image, seed=seed,
+                 targets=Targets(net=None, positions=positions))
+    chooser = make_criterion(criterion, seed=seed)
+    curve = {}
+    for r in ratios:
+        kept = [int(c) for c in chooser.select(ev, keep_count(r, group.channels))]
+        net2, weights2, _ = cut(net, weights, graph, group, ev, kept, "full", ridge)
+        e = embed(net2, weights2, judge(), blob)
+        curve[r] = float(np.mean(1.0 - np.sum(e * reference, axis=1)))
+    return curve
+
+
+def analyse(net, weights, fit, judge, blob, out_path, ratios=RATIOS, groups=None, progress=True, **step):
+    """Curves of every prunable group (or ``groups``), saved to ``out_path`` (JSON) after each group so a
+    killed run resumes.  Returns the record."""
+    from tqdm import tqdm
+    graph = build_graph(net)
+    chosen = [g for g in graph.prunable() if groups is None or g.id in groups]
+    if not chosen:
+        raise SensitivityError("no prunable group to analyse")
+    record = json.load(open(out_path)) if os.path.exists(out_path) else {}
+    if record and (record.get("ratios") != list(ratios) or record.get("blob") != blob):
+        raise SensitivityError("%s holds an analysis with other ratios or blob; use another output" % out_path)
+    record.update(ratios=list(ratios), blob=blob, curves=record.get("curves", {}))
+    reference = embed(net, weights, judge(), blob)
+    for g in tqdm(chosen, desc="sensitivity", unit="group", disable=not progress):
+        if g.id in record["curves"]:
+            continue
+        curve = group_curve(net, weights, graph, g, fit, judge, reference, blob, ratios, **step)
+        record["curves"][g.id] = {"channels": g.channels, "damage": {"%g" % r: d for r, d in curve.items()}}
+        caffe_io.atomic_write(out_path, json.dumps(record, indent=1))
+    return record
+
+
+def _interpolated(curve, channels):
+    """Damage for every kept count 1..channels, linear in the ratio between the measured points
+    (whole group: no damage)."""
+    r = np.array(sorted(float(k) for k in curve["damage"]) + [1.0])
+    d = np.array([curve["damage"]["%g" % k] for k in r[:-1]] + [0.0])
+    d = np.maximum.accumulate(d[::-1])[::-1]     # more channels never hurt more
+    return np.interp(np.arange(channels + 1) / channels, r, d)
+
+
+def allocate(record, macs_model, target, min_ratio=None, step=None):
+    """Per-group kept channel counts that reach ``target`` (share of the net's MACs) with the least
+    summed damage.  min_ratio: the fewest channels a group keeps, as a share (default the smallest
+    measured ratio); step: channels removed per move (default 1/32 of the group, at least 1)."""
+    curves = record["curves"]
+    widths = {gid: c["channels"] for gid, c in curves.items()}
+    lowest = min(float(r) for r in record["ratios"]) if min_ratio is None else min_ratio
+    floor = {gid: max(1, int(np.ceil(lowest * c))) for gid, c in widths.items()}
+    damage = {gid: _interpolated(curves[gid], c) for gid, c in widths.items()}
+    kept = dict(widths)
+    goal = target * macs_model.total
+    now = macs_model.macs(kept)
+    while now > goal:
+        best = None
+        for gid, k in kept.items():
+            move = max(1, widths[gid] // 32) if step is None else step
+            k2 = max(floor[gid], k - move)
+            if k2 == k:
+                continue
+            saved = now - macs_model.macs(dict(kept, **{gid: k2}))
+            if saved <= 0:
+                continue
+            cost = (damage[gid][k2] - damage[gid][k]) / saved
+            if best is None or cost < best[0]:
+                best = (cost, gid, k2)
+        if best is None:
+            raise SensitivityError("the groups cannot be cut below %.1f%% of the MACs (each keeps at least %g "
+                                   "of its channels); --macs-target %g is out of reach"
+                                   % (100 * now / macs_model.total, lowest, target))
+        kept[best[1]] = best[2]
+        now = macs_model.macs(kept)
+    _refill(kept, widths, damage, macs_model, goal)
+    return kept
+
+
+def _refill(kept, widths, damage, macs_model, goal):
+    """Give back single channels where they buy the most damage while the target still holds (the
+    greedy moves in steps, so it overshoots by up to one step)."""
+    while True:
+        now = macs_model.macs(kept)
+        best = None
+        for gid, k in kept.items():
+            if k >= widths[gid]:
+                continue
+            extra = macs_model.macs(dict(kept, **{gid: k + 1}))
+            if extra > goal:
+                continue
+            gain = damage[gid][k] - damage[gid][k + 1]
+            if best is None or gain > best[0]:
+                best = (gain, gid)
+        if best is None or best[0] <= 0:
+            return
+        kept[best[1]] += 1
+
+
+def plan(record, macs_model, target, **kw):
+    """The plan file's content: per-group keep ratios (exact channel counts under the driver's rule)."""
+    kept = allocate(record, macs_model, target, **kw)
+    widths = macs_model.channels()
+    predicted = sum(float(_interpolated(record["curves"][g], widths[g])[k]) for g, k in kept.items())
+    return {
+        "about": "per-group keep ratios for python -m prune --plan; edit freely (a group left out is not pruned)",
+        "macs_target": target,
+        "macs_share": round(macs_model.share(kept), 6),
+        "predicted_damage": predicted,
+        "keep": {g: kept[g] / widths[g] for g in kept if kept[g] < widths[g]},
+        "channels": {g: [kept[g], widths[g]] for g in kept},
+    }

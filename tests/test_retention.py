@@ -1,0 +1,227 @@
+"""The closed-form recovery steps on real Caffe: least-squares reconstruction, targets from the
+unpruned net, BatchNorm re-estimation, the MACs model, sensitivity allocation and plan files."""
+import json
+import os
+
+import caffe
+import numpy as np
+import pytest
+from caffe import layers as L, params as P
+
+from base import caffe_io
+from prune import bnstats
+from prune.driver import PruneJob, run
+from prune.policy import keep_count
+from prune.reconstruct import cut
+from prune.graph import build_graph
+from prune.macs import MacsModel
+from prune.sample import Targets, collect
+from prune.sensitivity import allocate, plan
+from prune.stats import net_stats
+from prune.surgery import prune_net
+from nets import caffe_forward, random_weights, rel_err, sphereface_path, concat_net
+
+
+def _write(proto, path):
+    with open(path, "w") as f:
+        f.write(str(proto))
+    return str(path)
+
+
+def _images(n, shape, seed=0):
+    return np.random.default_rng(seed).normal(0, 1, (n,) + shape).astype(np.float32)
+
+
+def _batches(x, size):
+    return lambda: (x[i:i + size] for i in range(0, len(x), size))
+
+
+def linear_pair_net():
+    """a (3x3, 8 outputs, linear) -> b (3x3, 6 outputs): b's inputs live in a's output space."""
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 3, 10, 10]))
+    n.a = L.Convolution(n.data, num_output=8, kernel_size=3, pad=1)
+    n.b = L.Convolution(n.a, num_output=6, kernel_size=3, stride=2, pad=1, dilation=1)
+    n.out = L.InnerProduct(n.b, num_output=4)
+    return n.to_proto()
+
+
+@pytest.mark.parametrize("consumer", ["b", "out"])
+def test_full_least_squares_is_exact_when_removed_channels_are_combinations_of_kept_ones(tmp_path, consumer):
+    """Channels 5..7 of the producer are linear combinations of 0..4 (weights and biases), so the
+    consumer's output is reachable from 0..4 alone: the least squares finds it (ridge 0)."""
+    proto = _write(linear_pair_net(), tmp_path / "net.prototxt")
+    net = caffe_io.read_net(proto)
+    weights = random_weights(proto, seed=1)
+    producer = "a" if consumer == "b" else "b"
+    rng = np.random.default_rng(2)
+    channels = weights[producer][0].shape[0]
+    kept = list(range(channels - 3))
+    mix = rng.normal(0, 1, (3, len(kept)))
+    for i in range(2):
+        w = weights[producer][i].astype(np.float64)
+        w[len(kept):] = np.tensordot(mix, w[kept], axes=1)
+        weights[producer][i] = w.astype(np.float32)
+    graph = build_graph(net)
+    group = graph[producer]
+    x = _images(120, (3, 10, 10))     # an InnerProduct gives one sample per image: more than its 76 unknowns
+    ev = collect(net, weights, group, _batches(x, 40)(), seed=3, targets=Targets(net=None, positions=20))
+    net2, weights2, errors = cut(net, weights, graph, group, ev, kept, "full", ridge=0.0)
+    assert errors[consumer]["target_after"] < 1e-10
+    pruned = _write(net2, tmp_path / "pruned.prototxt")
+    held = _images(5, (3, 10, 10), seed=9)
+    want = caffe_forward(proto, weights, held)["out"]
+    got = caffe_forward(pruned, weights2, held)["out"]
+    assert rel_err(got, want) < 1e-6
+    # ThiNet's one scale per channel cannot do this
+    _, scaled, _ = cut(net, weights, graph, group, ev, kept, "scale")
+    assert rel_err(caffe_forward(pruned, scaled, held)["out"], want) > 1e-2
+
+
+def bn_net():
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 3, 8, 8]))
+    n.c1 = L.Convolution(n.data, num_output=5, kernel_size=3, pad=1)
+    n.bn1 = L.BatchNorm(n.c1)
+    n.sc1 = L.Scale(n.bn1, bias_term=True, in_place=True)
+    n.r1 = L.PReLU(n.bn1, in_place=True)
+    n.c2 = L.Convolution(n.bn1, num_output=4, kernel_size=3, stride=2)
+    n.bn2 = L.BatchNorm(n.c2)
+    n.out = L.InnerProduct(n.bn2, num_output=3)
+    return n.to_proto()
+
+
+def _blob_stats(proto, weights, x, blob):
+    cnet = caffe.Net(proto, caffe.TEST)
+    caffe_io.load_into(cnet, weights)
+    cnet.blobs["data"].reshape(*x.shape)
+    cnet.forward(data=x)
+    a = np.array(cnet.blobs[blob].data, dtype=np.float64)
+    return a.mean(axis=(0, 2, 3)), a.var(axis=(0, 2, 3))
+
+
+def test_batchnorm_reestimation_reproduces_numpy_mean_and_variance(tmp_path):
+    proto = _write(bn_net(), tmp_path / "bn.prototxt")
+    net = caffe_io.read_net(proto)
+    weights = random_weights(proto, seed=4)
+    x = _images(12, (3, 8, 8), seed=5) * 2 + 0.5
+    # several batches: the first layer's statistics are those of all images together (between-batch
+    # spread of the means included)
+    new = bnstats.reestimate(net, weights, _batches(x, 5)())
+    mean, var = _blob_stats(proto, weights, x, "c1")
+    np.testing.assert_allclose(new["bn1"][0], mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(new["bn1"][1], var, rtol=1e-4, atol=1e-6)
+    assert new["bn1"][2][0] == 1
+    # one batch: every layer's statistics are numpy's of what reaches it in the re-estimated net
+    new = bnstats.reestimate(net, weights, [x])
+    for bn, bottom in (("bn1", "c1"), ("bn2", "c2")):
+        mean, var = _blob_stats(proto, new, x, bottom)
+        np.testing.assert_allclose(new[bn][0], mean, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(new[bn][1], var, rtol=1e-4, atol=1e-6)
+    assert np.array_equal(new["c2"][0], weights["c2"][0])          # nothing else changes
+    with pytest.raises(bnstats.BNStatsError):
+        bnstats.reestimate(caffe_io.read_net(_write(linear_pair_net(), tmp_path / "l.prototxt")), {}, [x])
+
+
+@pytest.mark.parametrize("make", [lambda: caffe_io.read_net(sphereface_path(20)), concat_net])
+def test_macs_model_equals_prune_stats_after_surgery(tmp_path, make):
+    proto = _write(make(), tmp_path / "net.prototxt")
+    net = caffe_io.read_net(proto)
+    weights = random_weights(proto)
+    model = MacsModel(net)
+    rng = np.random.default_rng(6)
+    for _ in range(3):
+        kept = {g: int(rng.integers(1, c + 1)) for g, c in model.channels().items()}
+        net2, _ = prune_net(net, weights, {g: list(range(k)) for g, k in kept.items()})
+        assert model.macs(kept) == pytest.approx(net_stats(net2).macs, rel=1e-12)
+
+
+def _curves(model, seed=0):
+    """Made-up damage curves of every group, convex and of different steepness."""
+    rng = np.random.default_rng(seed)
+    ratios = (0.125, 0.25, 0.5, 0.75)
+    curves = {}
+    for g, c in model.channels().items():
+        k = rng.uniform(0.01, 1.0)
+        curves[g] = {"channels": c, "damage": {"%g" % r: k * (1 - r) ** 2 for r in ratios}}
+    return {"ratios": list(ratios), "curves": curves}
+
+
+@pytest.mark.parametrize("target", [0.7, 0.5, 0.35])
+def test_allocator_meets_the_macs_target_within_one_percent_and_keeps_every_group(target):
+    model = MacsModel(caffe_io.read_net(sphereface_path(20)))
+    record = _curves(model)
+    kept = allocate(record, model, target)
+    share = model.share(kept)
+    assert target - 0.01 <= share <= target
+    assert all(k >= 1 for k in kept.values())
+    # cheap groups are cut harder than expensive ones
+    steep = max(record["curves"], key=lambda g: record["curves"][g]["damage"]["0.5"])
+    flat = min(record["curves"], key=lambda g: record["curves"][g]["damage"]["0.5"])
+    assert kept[steep] / model.channels()[steep] >= kept[flat] / model.channels()[flat]
+    with pytest.raises(ValueError, match="out of reach"):
+        allocate(record, model, 0.001)
+
+
+def small_residual_net():
+    """Two residual stages with BatchNorm, the shape of the face nets at toy size."""
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 3, 16, 16]))
+    n.c1 = L.Convolution(n.data, num_output=12, kernel_size=3, stride=2, pad=1)
+    n.r1 = L.PReLU(n.c1, in_place=True)
+    n.u1 = L.Convolution(n.c1, num_output=16, kernel_size=3, pad=1)
+    n.b1 = L.BatchNorm(n.u1, in_place=True)
+    n.ru1 = L.PReLU(n.u1, in_place=True)
+    n.u2 = L.Convolution(n.u1, num_output=12, kernel_size=3, pad=1)
+    n.ru2 = L.PReLU(n.u2, in_place=True)
+    n.s1 = L.Eltwise(n.c1, n.u2)
+    n.c2 = L.Convolution(n.s1, num_output=16, kernel_size=3, stride=2, pad=1)
+    n.r2 = L.PReLU(n.c2, in_place=True)
+    n.v1 = L.Convolution(n.c2, num_output=20, kernel_size=1)
+    n.rv1 = L.PReLU(n.v1, in_place=True)
+    n.v2 = L.Convolution(n.v1, num_output=16, kernel_size=3, pad=1)
+    n.s2 = L.Eltwise(n.c2, n.v2)
+    n.fc = L.InnerProduct(n.s2, num_output=8)
+    return n.to_proto()
+
+
+def test_targets_from_the_unpruned_net_beat_targets_from_the_pruned_one(tmp_path):
+    proto = _write(small_residual_net(), tmp_path / "res.prototxt")
+    weights = random_weights(proto, seed=7)
+    model = caffe_io.write_weights(caffe_io.read_net(proto), weights, str(tmp_path / "res.caffemodel"))
+    x = _images(64, (3, 16, 16), seed=8)
+    held = _images(32, (3, 16, 16), seed=10)
+    want = caffe_forward(proto, weights, held)["fc"]
+    errors = {}
+    for targets in ("original", "current"):
+        job = PruneJob(model=proto, weights=model, out=str(tmp_path / targets), keep=0.5, targets=targets,
+                       ridge=1e-3)
+        log = run(job, _batches(x, 16), progress=False)
+        assert len(log["steps"]) == 4
+        got = caffe_forward(log["prototxt"], log["caffemodel"], held)["fc"]
+        errors[targets] = float(np.mean((got - want) ** 2) / np.mean(want ** 2))
+    assert errors["original"] < 0.8 * errors["current"], errors
+
+
+def test_a_plan_file_round_trips_through_the_cli(tmp_path):
+    from prune.__main__ import main
+    from apps.synthetic import make_dataset
+    images, _ = make_dataset(str(tmp_path / "data"), identities_per_fold=2, images_per_identity=2, size=16,
+                              pairs_per_fold=2)
+    proto = _write(small_residual_net(), tmp_path / "res.prototxt")
+    model = caffe_io.write_weights(caffe_io.read_net(proto), random_weights(proto, seed=11),
+                                   str(tmp_path / "res.caffemodel"))
+    net = caffe_io.read_net(proto)
+    macs = MacsModel(net)
+    content = plan(_curves(macs, seed=12), macs, 0.5)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(content, indent=1))
+    out = tmp_path / "run"
+    assert main(["--model", proto, "--weights", model, "--data", images, "--plan", str(path), "--out", str(out),
+                 "--quiet", "--crop", "none"]) == 0
+    pruned = caffe_io.read_net(str(out / "pruned.prototxt"))
+    graph = build_graph(pruned)
+    for gid, (k, c) in content["channels"].items():
+        assert graph[gid].channels == k == keep_count(content["keep"].get(gid, 1.0), c)
+    assert macs.share({g: graph[g].channels for g in macs.channels()}) == pytest.approx(content["macs_share"])
+    assert net_stats(pruned).macs / macs.total <= 0.5
