@@ -140,3 +140,10 @@ def lfw_people(pairs_path, folds):
         folds = parse_folds(folds)
     pairs = read_pairs(pairs_path).select(folds)
     return {p.split("/", 1)[0] for p in pairs.left + pairs.right}
+
+
+def unpaired_people(pairs_path, folder):
+    """Names of the people (identity sub-folders of ``folder``) that no pair of the pairs file names: they
+    are in no fold, so a net may learn from them whatever folds it is tested on."""
+    named = lfw_people(pairs_path, read_pairs(pairs_path).folds)
+    return {d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))} - named

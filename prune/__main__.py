@@ -2,10 +2,9 @@
 import argparse
 
 from base import caffe_io, cli
-from base.images import image_batches, preprocess_for
-from base.lists import image_files
+from base.images import image_batches
 from base.netinput import input_layer
-from prune import policy
+from prune import policy, sampling
 from prune.criteria import CRITERIA
 from prune.driver import PruneError, PruneJob, run
 
@@ -71,7 +70,11 @@ def add_reconstruction(ap):
     rec.add_argument("--ridge", default="auto", type=parse_ridge,
                      help="ridge of the least squares, pulling towards the current weights, relative to the mean "
                           "diagonal of X'X; auto (default): chosen per layer on held-out images")
-    rec.add_argument("--positions-per-image", type=int, default=10,
+    rec.add_argument("--bn-reestimate", default="none", choices=("none", "end", "each"),
+                     help="measure the BatchNorm statistics again on the sampling images after the last cut "
+                          "(end), after every cut (each), or not (none, default: after the least squares it did "
+                          "not help on the real MobileFaceNet, see README)")
+    rec.add_argument("--positions-per-image", type=sampling.positive_int, default=10,
                      help="sampled output positions per image for the least squares, every output channel at "
                           "each (default 10)")
 
@@ -80,25 +83,16 @@ def parser():
     ap = cli.parser(
         PROG,
         description="Prune whole channels of a Caffe net, one channel group at a time in network order. "
-                    "Before each group the current (already pruned) net is run over the images and every "
-                    "consumer of the group is sampled; the criterion picks the channels to keep; ThiNet and "
-                    "LASSO then rescale the consumers' kept inputs by least squares. A checkpoint is written "
+                    "Before each group the current (already pruned) net and the unpruned one are run over the "
+                    "images and every consumer of the group is sampled; the criterion picks the channels to "
+                    "keep; every consumer is then reconstructed by least squares (by default all its kept "
+                    "weights and its intercept, towards the unpruned net's outputs). A checkpoint is written "
                     "after every group: run the same command again to resume. Result: OUT/pruned.prototxt + "
                     "OUT/pruned.caffemodel (plain Caffe files) and OUT/log.json.")
     cli.add_net(ap, weights_required=True, blob_default=None,
                 blob_help="embedding blob, for fine-tuning (default: the net's last output)")
-    ap.add_argument("--data", required=True,
-                    help="images to sample: an image list ('path label' lines, see --data-root) or a folder of "
-                         "identity folders (e.g. ../shared/data/lfw/images-112x112)")
-    ap.add_argument("--data-root", default="", help="folder the --data list's paths are relative to")
-    cli.hidden_alias(ap, "--root", "data_root")
-    ap.add_argument("--lfw-folds", default=None,
-                    help="with a folder --data: only people of these LFW View 2 folds, e.g. 1-5 (needs --pairs); "
-                         "keeps folds 6-10 an honest test set")
-    ap.add_argument("--pairs", default=None, help="LFW pairs.txt, for --lfw-folds")
-    ap.add_argument("--images", type=int, default=None,
-                    help="images per sampling pass, drawn once with --seed (default: all, at most 500)")
-    ap.add_argument("--samples-per-image", type=int, default=10,
+    sampling.add_images(ap)
+    ap.add_argument("--samples-per-image", type=sampling.positive_int, default=10,
                     help="random (output filter, position) samples per image and consumer (default 10, as in "
                          "ThiNet). Memory: one C x C Gram per consumer plus one batch of activations; it does "
                          "not grow with --images; time grows linearly with --images")
@@ -127,9 +121,6 @@ def parser():
                     help="comma-separated layers or group ids to prune, in any order (they are pruned in "
                          "network order); default all prunable groups (python -m prune.groups lists them)")
     add_reconstruction(ap)
-    ap.add_argument("--crop", default="auto", choices=("auto", "112x96", "none"),
-                    help="auto: SphereFace 112x96 crop when the images are 112x112 and the net takes 112x96")
-    ap.add_argument("--batch", type=int, default=32, help="images per Caffe forward (default 32)")
     ap.add_argument("--seed", type=int, default=0, help="seed of image draw, sampling and random criterion")
     ft = ap.add_argument_group("fine-tuning (distillation from the unpruned net, Caffe's solver; python -m finetune)")
     ft.add_argument("--finetune-epochs-per-layer", type=float, default=0,
@@ -149,27 +140,13 @@ def parser():
     return ap
 
 
-def images_of(a, shape):
-    """(root, relative paths, Preprocess) of the images to sample."""
-    people = None
-    if a.lfw_folds:
-        if not a.pairs:
-            raise cli.UsageError("--lfw-folds needs --pairs (the LFW pairs.txt)")
-        from eval_lfw.pairs import lfw_people
-        people = lfw_people(a.pairs, a.lfw_folds)
-    root, rels = image_files(a.data, a.data_root, people, a.images or 0, a.seed)
-    if a.images is None and len(rels) > 500:
-        root, rels = image_files(a.data, a.data_root, people, 500, a.seed)
-    return root, rels, preprocess_for(shape, root, rels, a.rgb, a.crop)
-
-
 @cli.entry(PROG)
 def main(argv=None):
     a = parser().parse_args(argv)
     cli.check_files(model=a.model, weights=a.weights, train_list=a.train_list, pairs=a.pairs, plan=a.plan)
     net = caffe_io.read_net(a.model)
     _, shape = input_layer(net, a.model)
-    root, rels, pre = images_of(a, shape)
+    root, rels, pre, _ = sampling.images_of(a, shape)
     layers = "all" if a.layers == "all" else [s.strip() for s in a.layers.split(",") if s.strip()]
     step_ft, final_ft = finetune_hooks(a, net)
     keep, layers = keep_of(a, net, layers)
@@ -177,7 +154,7 @@ def main(argv=None):
     job = PruneJob(model=a.model, weights=a.weights, out=a.out, criterion=criterion, keep=keep,
                    layers=layers, samples_per_image=a.samples_per_image, seed=a.seed,
                    reconstruct=a.reconstruct, targets=a.targets, ridge=a.ridge,
-                   positions_per_image=a.positions_per_image,
+                   positions_per_image=a.positions_per_image, bn_reestimate=a.bn_reestimate,
                    data=dict(data=a.data, root=root, images=len(rels), lfw_folds=a.lfw_folds,
                              rgb=a.rgb, crop=pre.crop))
     log = run(job, lambda: image_batches(root, rels, pre, a.batch), finetune=step_ft, final_finetune=final_ft,

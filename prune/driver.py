@@ -28,6 +28,7 @@ import numpy as np
 
 from base import caffe_io
 from base.runfolder import RunFolder
+from prune import bnstats
 from prune.criteria import make as make_criterion
 from prune.graph import build_graph
 from prune.policy import PruneError, keep_count, names, plan_groups, ratio_for_macs  # noqa: F401 (re-exported)
@@ -50,6 +51,7 @@ class PruneJob:
     targets: str = "original"          # reconstruct towards the unpruned net's outputs, or the current net's
     ridge: object = "auto"             # float, or "auto": chosen on held-out images per consumer
     positions_per_image: int = 10      # sampled output positions per image for the least squares
+    bn_reestimate: str = "none"        # BatchNorm statistics measured again: after each cut, at the end, or never
     data: dict = field(default_factory=dict)   # description of the images, for the record
 
     def config(self):
@@ -82,7 +84,10 @@ def _step(job, k, gid, ratio, net, weights, criterion, images, original, out_map
     ev = collect(net, weights, group, images(), job.samples_per_image, seed=job.seed + k, targets=targets)
     kept = [int(c) for c in criterion.select(ev, keep_count(ratio, group.channels))]
     removed = sorted(set(range(group.channels)) - set(kept))
-    net2, weights2, errors = cut(net, weights, graph, group, ev, kept, job.reconstruct, job.ridge)
+    reference = (original[1], out_map) if original else None
+    net2, weights2, errors = cut(net, weights, graph, group, ev, kept, job.reconstruct, job.ridge, reference)
+    if job.bn_reestimate == "each" and bnstats.batchnorm_layers(net2):
+        weights2 = bnstats.reestimate(net2, weights2, images())
     for s in group.producers + group.passengers:     # passengers: depthwise convs, for prune.refit
         if s.blob == 0 and s.axis == 0:
             rows = out_map.get(s.layer, np.arange(np.asarray(weights[s.layer][0]).shape[0]))
@@ -103,6 +108,15 @@ def run(job, images, finetune: Optional[Callable] = None, final_finetune: Option
         return _run(job, folder, images, finetune, final_finetune, progress)
 
 
+def _bn_at_end(folder, proto, model, images):
+    """The last step's net with its BatchNorm statistics measured again (kept in the run folder)."""
+    path = folder.file("bn_reestimated.caffemodel")
+    net = caffe_io.read_net(proto)
+    if not os.path.exists(path) and bnstats.batchnorm_layers(net):
+        caffe_io.write_weights(net, bnstats.reestimate(net, caffe_io.read_weights(model), images()), path)
+    return path if os.path.exists(path) else model
+
+
 def _run(job, folder, images, finetune, final_finetune, progress):
     from tqdm import tqdm
     config = folder.check(job.config())
@@ -121,10 +135,10 @@ def _run(job, folder, images, finetune, final_finetune, progress):
     bar = tqdm(plan, desc="prune", unit="group", disable=not progress, dynamic_ncols=True)
     for k, (gid, ratio) in enumerate(bar, 1):
         bar.set_postfix(group=gid)
-        step_dir = os.path.join(job.out, "steps", "%02d_%s" % (k, gid.replace("/", "_")))
-        record_path = os.path.join(step_dir, "step.json")
-        if os.path.exists(record_path):
-            record = folder.load(record_path)
+        step_rel = os.path.join("steps", "%02d_%s" % (k, gid.replace("/", "_")))
+        step_dir, record_rel = folder.file(step_rel), os.path.join(step_rel, "step.json")
+        record = folder.load(record_rel)
+        if record is not None:
             out_map = {k_: np.asarray(v) for k_, v in record.get("out_map", {}).items()}
             steps.append(record)
             proto, model = record["prototxt"], record["caffemodel"]
@@ -138,10 +152,12 @@ def _run(job, folder, images, finetune, final_finetune, progress):
         if finetune is not None:
             record["pruned_caffemodel"] = out_model
             record["caffemodel"] = finetune(os.path.join(step_dir, "finetune"), out_proto, out_model)
-        folder.save(record_path, record)
+        folder.save(record_rel, record)
         steps.append(record)
         proto, model = record["prototxt"], record["caffemodel"]
     bar.close()
+    if job.bn_reestimate in ("end", "each"):
+        model = _bn_at_end(folder, proto, model, images)
     if final_finetune is not None:
         model = final_finetune(os.path.join(job.out, "finetune_final"), proto, model)
     final_proto = os.path.join(job.out, "pruned.prototxt")

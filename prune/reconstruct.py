@@ -219,16 +219,32 @@ def channel_scales(normal, W, b, channel_cols, ridge=1e-8):
 
 # ------------------------------------------------------------------ applied to a group
 
-def cut(net, weights, graph, group, ev, kept, reconstruct="full", ridge="auto"):
-    """(net, weights, errors) with the group cut to ``kept`` and its consumers reconstructed."""
+def cut(net, weights, graph, group, ev, kept, reconstruct="full", ridge="auto", reference=None):
+    """(net, weights, errors) with the group cut to ``kept`` and its consumers reconstructed.
+
+    reference: (weights, out_map) of the net the targets came from when it is not the current one
+    (the unpruned net): an intercept folded into a BatchNorm replaces that net's mean."""
     new, folds, errors = consumer_weights(net, group, weights, ev, kept, reconstruct, ridge)
     net2, weights2 = prune_net(net, weights, {group.id: kept}, {k: v[0] for k, v in new.items()}, graph=graph)
     for layer, (_, bias) in new.items():
         if bias is not None:
             weights2[layer][1] = bias.astype(np.float32)
-    for bn, bias in folds.items():
-        weights2[bn] = fold_into_batchnorm(weights2[bn], bias)
+    for (layer, bn), bias in folds.items():
+        weights2[bn] = fold_into_batchnorm(weights2[bn], bias, reference_stats(reference, layer, bn))
     return net2, weights2, errors
+
+
+def reference_stats(reference, layer, bn):
+    """(mean, variance) of BatchNorm ``bn`` in the reference net, on the current output channels of the
+    ``layer`` before it, or None without a reference."""
+    if reference is None:
+        return None
+    ref_weights, out_map = reference
+    mean, var, factor = [np.asarray(b, dtype=np.float64).ravel() for b in ref_weights[bn]]
+    scale = 1.0 / factor[0] if factor[0] != 0 else 0.0
+    rows = out_map.get(layer)
+    rows = np.arange(mean.size) if rows is None else np.asarray(rows)
+    return mean[rows] * scale, var[rows] * scale
 
 
 def intercept_home(net, layer_name):
@@ -247,18 +263,23 @@ def intercept_home(net, layer_name):
     return None
 
 
-def fold_into_batchnorm(blobs, bias):
-    """BatchNorm blobs whose mean absorbs ``bias`` added before it: (x + b - m) = (x - (m - b))."""
+def fold_into_batchnorm(blobs, bias, base=None):
+    """BatchNorm blobs whose mean absorbs the intercept ``bias`` of the layer before it:
+    (x + b - m) = (x - (m - b)).  ``base``: the (mean, variance) the intercept was fitted against (the
+    reference net's, when the fit's targets came from it); default the blobs' own, which must then not
+    hold an earlier intercept."""
     mean, var, factor = [np.array(b, dtype=np.float64) for b in blobs]
-    f = float(factor.ravel()[0])
-    scale = 1.0 / f if f != 0 else 0.0
-    mean, var = mean * scale - bias, var * scale
+    if base is None:
+        f = float(factor.ravel()[0])
+        scale = 1.0 / f if f != 0 else 0.0
+        base = (mean * scale, var * scale)
+    mean, var = np.asarray(base[0]).reshape(mean.shape) - bias, np.asarray(base[1]).reshape(var.shape)
     return [mean.astype(np.float32), var.astype(np.float32), np.ones_like(factor, dtype=np.float32)]
 
 
 def consumer_weights(net, group, weights, ev, kept, reconstruct="full", ridge="auto"):
     """New weights of the group's consumers after removing all but ``kept``:
-    ({layer: (weight with removed inputs dropped, new bias or None)}, {BatchNorm: intercept to fold},
+    ({layer: (weight with removed inputs dropped, new bias or None)}, {(layer, BatchNorm): intercept to fold},
     {layer: relative reconstruction error record})."""
     removed = np.setdiff1d(np.arange(group.channels), kept)
     layers = {l.name: l for l in net.layer}
@@ -295,7 +316,7 @@ def consumer_weights(net, group, weights, ev, kept, reconstruct="full", ridge="a
         new[c.layer] = (Wn.reshape(shape).astype(np.float32) if layers[c.layer].type != "InnerProduct"
                         else Wn.astype(np.float32).reshape(W.shape[0], -1), b if has_bias else None)
         if home is not None:
-            folds[home] = b
+            folds[(c.layer, home)] = b
     return new, folds, errors
 
 

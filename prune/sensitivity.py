@@ -18,8 +18,8 @@ import os
 
 import numpy as np
 
-from base import caffe_io
-from prune.criteria import make as make_criterion
+from base import caffe_io, cli
+from prune.criteria import CRITERIA, make as make_criterion
 from prune.policy import keep_count
 from prune.reconstruct import cut
 from prune.graph import build_graph
@@ -163,3 +163,90 @@ def plan(record, macs_model, target, **kw):
         "keep": {g: kept[g] / widths[g] for g in kept if kept[g] < widths[g]},
         "channels": {g: [kept[g], widths[g]] for g in kept},
     }
+
+
+def plot(record, path):
+    """One curve per group: damage against the keep ratio."""
+    from base.figures import pyplot, save_figure
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for gid, curve in record["curves"].items():
+        ratios = sorted(float(r) for r in curve["damage"])
+        ax.plot(ratios + [1.0], [curve["damage"]["%g" % r] for r in ratios] + [0.0], marker=".",
+                label="%s (%d)" % (gid, curve["channels"]))
+    ax.set_xlabel("share of the group's channels kept")
+    ax.set_ylabel("damage: mean 1 - cos to the unpruned embedding")
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    return save_figure(fig, path)
+
+
+def parser():
+    from prune import sampling
+    ap = cli.parser(
+        "python -m prune.sensitivity",
+        description="Measure how much each channel group of a net can lose: every prunable group alone is cut to "
+                    "each ratio of --ratios with the closed-form step of python -m prune (ThiNet choice, least "
+                    "squares towards the unpruned net) and the damage to the embedding (mean 1 - cos to the "
+                    "unpruned net's) is measured on --judge-images images the step did not sample. Writes "
+                    "OUT/sensitivity.json (resumable) and OUT/sensitivity.png; with --macs-target also "
+                    "OUT/plan.json, per-group keep ratios with the least summed damage for that MACs share, "
+                    "which python -m prune --plan OUT/plan.json runs (edit it freely).")
+    cli.add_net(ap, weights_required=True, blob_default=None, blob_required=True,
+                blob_help="embedding blob whose change is the damage (e.g. fc5, fc1)")
+    sampling.add_images(ap, "images the closed-form step samples (default: all, at most %d)" % sampling.DEFAULT_IMAGES)
+    ap.add_argument("--judge-images", type=sampling.positive_int, default=128,
+                    help="further images, never sampled, on which the damage is measured (default 128)")
+    ap.add_argument("--ratios", type=_ratios, default=RATIOS,
+                    help="keep ratios to try, comma-separated (default %s)" % ",".join("%g" % r for r in RATIOS))
+    ap.add_argument("--criterion", default="thinet", choices=sorted(CRITERIA),
+                    help="channel criterion of the step (default thinet)")
+    ap.add_argument("--macs-target", type=cli.share, default=None,
+                    help="also write OUT/plan.json: the allocation that keeps this share of the MACs")
+    cli.add_run(ap, "folder for sensitivity.json, sensitivity.png and plan.json")
+    return ap
+
+
+def _ratios(text):
+    import argparse
+    try:
+        values = tuple(sorted({float(v) for v in text.split(",") if v.strip()}))
+    except ValueError:
+        values = ()
+    if not values or not all(0 < v < 1 for v in values):
+        raise argparse.ArgumentTypeError("expected comma-separated ratios in (0, 1), not %r" % text)
+    return values
+
+
+@cli.entry("python -m prune.sensitivity")
+def main(argv=None):
+    from base.images import image_batches
+    from base.netinput import input_layer
+    from prune import sampling
+    a = parser().parse_args(argv)
+    cli.check_files(model=a.model, weights=a.weights, pairs=a.pairs)
+    net, weights = caffe_io.read_net(a.model), caffe_io.read_weights(a.weights)
+    _, shape = input_layer(net, a.model)
+    root, fit, pre, judge = sampling.images_of(a, shape, held_out=a.judge_images)
+    from prune.macs import MacsModel
+    macs = MacsModel(net, source=a.model)
+    os.makedirs(a.out, exist_ok=True)
+    record = analyse(net, weights, lambda: image_batches(root, fit, pre, a.batch),
+                     lambda: image_batches(root, judge, pre, a.batch), a.blob, os.path.join(a.out, "sensitivity.json"),
+                     a.ratios, progress=not a.quiet, criterion=a.criterion, seed=a.seed)
+    plot(record, os.path.join(a.out, "sensitivity.png"))
+    print("%-32s %5s  %s" % ("group", "chans", "  ".join("%6g" % r for r in a.ratios)))
+    for gid, c in record["curves"].items():
+        print("%-32s %5d  %s" % (gid, c["channels"], "  ".join("%6.4f" % c["damage"]["%g" % r] for r in a.ratios)))
+    if a.macs_target is not None:
+        content = plan(record, macs, a.macs_target)
+        caffe_io.atomic_write(os.path.join(a.out, "plan.json"), json.dumps(content, indent=1))
+        print("plan for %.1f%% of the MACs (reached %.2f%%, predicted damage %.3f): %s"
+              % (100 * a.macs_target, 100 * content["macs_share"], content["predicted_damage"],
+                 os.path.join(a.out, "plan.json")))
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -185,25 +185,62 @@ def small_residual_net():
     return n.to_proto()
 
 
-def test_a_plan_file_round_trips_through_the_cli(tmp_path):
-    from prune.__main__ import main
+def test_sensitivity_cli_writes_curves_and_a_plan_that_prune_runs(tmp_path):
+    """python -m prune.sensitivity on a small residual net and generated faces: a curve per group, a plan
+    for half the MACs, and python -m prune --plan turns that plan into exactly those channel counts."""
     from apps.synthetic import make_dataset
-    images, _ = make_dataset(str(tmp_path / "data"), identities_per_fold=2, images_per_identity=2, size=16,
-                              pairs_per_fold=2)
+    from prune.__main__ import main as prune_main
+    from prune.sensitivity import main as sensitivity_main
+    images, _ = make_dataset(str(tmp_path / "data"), identities_per_fold=2, images_per_identity=3, size=16,
+                             pairs_per_fold=2)
     proto = _write(small_residual_net(), tmp_path / "res.prototxt")
     model = caffe_io.write_weights(caffe_io.read_net(proto), random_weights(proto, seed=11),
                                    str(tmp_path / "res.caffemodel"))
-    net = caffe_io.read_net(proto)
-    macs = MacsModel(net)
-    content = plan(_curves(macs, seed=12), macs, 0.5)
-    path = tmp_path / "plan.json"
-    path.write_text(json.dumps(content, indent=1))
-    out = tmp_path / "run"
-    assert main(["--model", proto, "--weights", model, "--data", images, "--plan", str(path), "--out", str(out),
-                 "--quiet", "--crop", "none"]) == 0
-    pruned = caffe_io.read_net(str(out / "pruned.prototxt"))
+    out = tmp_path / "sens"
+    args = ["--model", proto, "--weights", model, "--blob", "fc", "--data", images, "--crop", "none", "--images",
+            "40", "--judge-images", "16", "--ratios", "0.25,0.5,0.75", "--macs-target", "0.5", "--out", str(out),
+            "--quiet"]
+    assert sensitivity_main(args) == 0
+    record = json.loads((out / "sensitivity.json").read_text())
+    macs = MacsModel(caffe_io.read_net(proto))
+    assert set(record["curves"]) == set(macs.channels())
+    for curve in record["curves"].values():
+        damage = [curve["damage"][r] for r in ("0.25", "0.5", "0.75")]
+        assert all(d >= 0 for d in damage) and damage[0] > damage[2]     # cutting more hurts more
+    assert (out / "sensitivity.png").stat().st_size > 0
+    content = json.loads((out / "plan.json").read_text())
+    assert 0.45 <= content["macs_share"] <= 0.5       # a toy: one channel is over 1% of its MACs
+    run_dir = tmp_path / "run"
+    assert prune_main(["--model", proto, "--weights", model, "--data", images, "--crop", "none", "--images", "20",
+                       "--plan", str(out / "plan.json"), "--out", str(run_dir), "--quiet"]) == 0
+    pruned = caffe_io.read_net(str(run_dir / "pruned.prototxt"))
     graph = build_graph(pruned)
     for gid, (k, c) in content["channels"].items():
         assert graph[gid].channels == k == keep_count(content["keep"].get(gid, 1.0), c)
-    assert macs.share({g: graph[g].channels for g in macs.channels()}) == pytest.approx(content["macs_share"])
-    assert net_stats(pruned).macs / macs.total <= 0.5
+    assert net_stats(pruned).macs / macs.total == pytest.approx(content["macs_share"])
+    assert sensitivity_main(args) == 0                                   # a finished analysis is read back
+
+
+def test_driver_reestimates_batchnorm_at_the_end_and_after_each_cut(tmp_path):
+    proto = _write(bn_net(), tmp_path / "bn.prototxt")
+    model = caffe_io.write_weights(caffe_io.read_net(proto), random_weights(proto, seed=13),
+                                   str(tmp_path / "bn.caffemodel"))
+    x = _images(24, (3, 8, 8), seed=14)
+    logs = {}
+    for when in ("none", "end", "each"):
+        job = PruneJob(model=proto, weights=model, out=str(tmp_path / when), keep=0.5, bn_reestimate=when)
+        logs[when] = run(job, _batches(x, 8), progress=False)
+    last = logs["end"]["steps"][-1]
+    net = caffe_io.read_net(last["prototxt"])
+    want = bnstats.reestimate(net, caffe_io.read_weights(last["caffemodel"]), _batches(x, 8)())
+    got = caffe_io.read_weights(logs["end"]["caffemodel"])
+    for bn in ("bn1", "bn2"):
+        for a, b in zip(got[bn], want[bn]):
+            np.testing.assert_allclose(a, b, rtol=1e-5)
+    plain = caffe_io.read_weights(logs["none"]["caffemodel"])
+    assert not np.allclose(plain["bn2"][0], got["bn2"][0])
+    # after each cut: the step's own checkpoint already holds measured statistics
+    first = logs["each"]["steps"][0]
+    w = caffe_io.read_weights(first["caffemodel"])
+    mean, var = _blob_stats(first["prototxt"], w, np.concatenate(list(_batches(x, 24)())), "c1")
+    np.testing.assert_allclose(w["bn1"][0], mean, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,249 @@
+"""How much accuracy each recovery ingredient keeps: the real MobileFaceNet at half its MACs.
+
+One row per recipe, each adding one ingredient to a previous row: ThiNet as
+it was (one scale per kept channel, targets from the pruned net, one keep
+ratio for every group); targets from the unpruned net; full least squares of
+every kept weight; BatchNorm re-estimation; per-group keep ratios allocated
+from a sensitivity analysis; distillation fine-tuning with Caffe's solver.
+Everything that is sampled, calibrated or trained sees only images of people
+of LFW folds 1-5 or of people in no pair of pairs.txt; accuracy is the LFW
+protocol over folds 6-10 (5-fold cross-validation, no flip; the last row also
+with flip).  ``cpu_minutes`` is the CPU time (user + system, all threads) that
+the row's net cost from the unpruned one, cumulative along its chain;
+``wall_minutes`` the elapsed time on this 2-core machine (pessimistic when the
+machine is shared).  Each row's files live in OUT/ROW/ and a finished row is
+read back, so the script resumes; results go to docs/results/retention.json
+(rows in order) and the table is printed.
+
+    .venv/bin/python benchmarks/bench_retention.py                  # every row
+    .venv/bin/python benchmarks/bench_retention.py --rows thinet,full
+"""
+import json
+import os
+import resource
+import sys
+import time
+
+from common import LFW_DIR, MFN, PAIRS, ROOT, machine, parser  # first: puts the repository on sys.path
+
+import numpy as np  # noqa: E402
+
+from base import caffe_io  # noqa: E402
+from base.images import image_batches, preprocess_for  # noqa: E402
+from base.lists import list_text, scan_tree  # noqa: E402
+from eval_lfw.pairs import lfw_people  # noqa: E402
+
+# name: (parent row, what it adds, settings)
+ROWS = {
+    "thinet": (None, "ThiNet as before: one scale per kept channel, targets from the pruned net, one ratio",
+               dict(reconstruct="scale", targets="current", allocation="uniform")),
+    "original": ("thinet", "+ targets from the unpruned net", dict(reconstruct="scale", targets="original")),
+    "full": ("original", "+ full least squares (every kept weight and the intercept)", dict(reconstruct="full")),
+    "bn": ("full", "+ BatchNorm re-estimation", dict(bn=True)),
+    "allocated": ("full", "+ sensitivity allocation (per-group ratios; no BatchNorm re-estimation)",
+                  dict(allocation="sensitivity")),
+    "finetune1": ("allocated", "+ distillation fine-tuning, 1 epoch (Caffe SGD)", dict(epochs=1)),
+    "finetune": ("allocated", "+ distillation fine-tuning within 120 CPU minutes (Caffe SGD)", dict(epochs=None)),
+    "full_current": ("thinet", "for comparison: full least squares, targets from the pruned net",
+                     dict(reconstruct="full")),
+}
+DEFAULTS = dict(reconstruct="full", targets="original", allocation="uniform", bn=False, epochs=0)
+
+
+def settings(row):
+    parent, _, own = ROWS[row]
+    out = dict(DEFAULTS) if parent is None else settings(parent)
+    out.update(own)
+    return out
+
+
+class Clock:
+    """CPU time (this process and its children) and wall time since creation, in minutes."""
+
+    def __init__(self):
+        self.cpu, self.wall = self._cpu(), time.time()
+
+    @staticmethod
+    def _cpu():
+        s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+    def minutes(self):
+        return (self._cpu() - self.cpu) / 60.0, (time.time() - self.wall) / 60.0
+
+
+def training_people(tree, pairs):
+    """People of LFW folds 1-5 and people in no pair: the only ones anything here learns from."""
+    f15 = lfw_people(pairs, "1-5")
+    paired = lfw_people(pairs, "1-10")
+    return sorted(p for p in tree if p in f15 or p not in paired)
+
+
+def data(a):
+    """(sampling images, the sensitivity analysis's own sampling and held-out images, training list path).
+    The sensitivity's held-out images are held out from its own sampling, not from the pruning's."""
+    tree = scan_tree(a.lfw_dir)
+    people = training_people(tree, a.pairs)
+    rels = sorted(r for p in people for r in tree[p])
+    order = np.random.default_rng(a.seed).permutation(len(rels))
+    sample = [rels[i] for i in sorted(order[:a.images])]
+    fit = [rels[i] for i in sorted(order[:a.sensitivity_images])]
+    judge = [rels[i] for i in sorted(order[a.sensitivity_images:a.sensitivity_images + a.judge_images])]
+    os.makedirs(a.out, exist_ok=True)
+    train = os.path.join(a.out, "train.txt")
+    if not os.path.exists(train):
+        caffe_io.atomic_write(train, list_text([(r, i) for i, p in enumerate(people) for r in tree[p]]))
+    return sample, (fit, judge), train
+
+
+def evaluate(a, proto, weights, flip=False):
+    from eval_lfw.evaluator import evaluate as lfw
+    r = lfw(proto, a.blob, a.lfw_dir, a.pairs, weights=weights, folds="6-10", crop="none", flip=flip, bgr=False,
+            progress=False)
+    return round(100 * r["accuracy_mean"], 2), round(100 * r["accuracy_std"], 2)
+
+
+def keep_plan(a, s, sample, judge, out):
+    """The driver's keep: one ratio for the MACs target, or the sensitivity allocation's table."""
+    from prune.macs import MacsModel
+    from prune.policy import ratio_for_macs
+    net, weights = caffe_io.read_net(a.model), caffe_io.read_weights(a.weights)
+    if s["allocation"] == "uniform":
+        return ratio_for_macs(net, weights, "all", a.macs_target, a.model)[0]
+    from prune import sensitivity
+    fit, held = judge
+    pre = preprocess_for((1, 3, 112, 112), a.lfw_dir, fit, True, "none")
+    record = sensitivity.analyse(net, weights, lambda: image_batches(a.lfw_dir, fit, pre),
+                                 lambda: image_batches(a.lfw_dir, held, pre), a.blob,
+                                 os.path.join(out, "sensitivity.json"), progress=not a.quiet)
+    plan = sensitivity.plan(record, MacsModel(net, source=a.model), a.macs_target)
+    caffe_io.atomic_write(os.path.join(out, "plan.json"), json.dumps(plan, indent=1))
+    return plan["keep"]
+
+
+def prune_row(a, row, s, sample, judge):
+    from prune.driver import PruneJob, run
+    out = os.path.join(a.out, row)
+    keep = keep_plan(a, s, sample, judge, out)
+    pre = preprocess_for((1, 3, 112, 112), a.lfw_dir, sample, True, "none")
+    job = PruneJob(model=a.model, weights=a.weights, out=os.path.join(out, "prune"), keep=keep,
+                   reconstruct=s["reconstruct"], targets=s["targets"], seed=a.seed)
+    log = run(job, lambda: image_batches(a.lfw_dir, sample, pre), progress=not a.quiet)
+    return log["prototxt"], log["caffemodel"]
+
+
+def bn_row(a, row, proto, model, sample):
+    from prune import bnstats
+    net = caffe_io.read_net(proto)
+    pre = preprocess_for((1, 3, 112, 112), a.lfw_dir, sample, True, "none")
+    new = bnstats.reestimate(net, caffe_io.read_weights(model), image_batches(a.lfw_dir, sample, pre))
+    path = os.path.join(a.out, row, "bn.caffemodel")
+    caffe_io.write_weights(net, new, path)
+    return path
+
+
+def finetune_row(a, row, proto, model, epochs, train):
+    from finetune.driver import FineTuneJob, finetune
+    job = FineTuneJob(deploy=proto, weights=model, train_list=train, root_folder=a.lfw_dir,
+                      out=os.path.join(a.out, row, "finetune"), head="distill", embedding=a.blob,
+                      teacher=a.model, teacher_weights=a.weights, precompute_teacher=True, epochs=epochs,
+                      batch_size=64, base_lr=a.finetune_lr, rgb=True, seed=a.seed)
+    return finetune(job, resume=True, progress=not a.quiet)["final"]
+
+
+def build_row(a, row, s, done, sample, judge, train):
+    """(prototxt, caffemodel, SGD used) of the row's net, from its parent's where it only adds a step."""
+    parent, _, own = ROWS[row]
+    if parent is None or {"reconstruct", "targets", "allocation"} & set(own):
+        proto, model = prune_row(a, row, s, sample, judge)
+        return proto, model, False
+    proto, model = done[parent]["prototxt"], done[parent]["caffemodel"]
+    if own.get("bn"):
+        return proto, bn_row(a, row, proto, model, sample), done[parent]["sgd"]
+    epochs = own["epochs"] or budget_epochs(a, done)
+    return proto, finetune_row(a, row, proto, model, epochs, train), True
+
+
+def budget_epochs(a, done):
+    """Epochs that fit --finetune-minutes, from the CPU time one epoch took (the 1-epoch row)."""
+    one = done.get("finetune1")
+    if one is None:
+        raise SystemExit("the budgeted fine-tune row needs the 1-epoch row first (--rows ...,finetune1,finetune)")
+    per_epoch = one["own_cpu_minutes"]
+    return max(1, int(a.finetune_minutes // per_epoch))
+
+
+def run_row(a, row, done, sample, judge, train):
+    from prune.stats import net_stats
+    s = settings(row)
+    clock = Clock()
+    proto, model, sgd = build_row(a, row, s, done, sample, judge, train)
+    cpu, wall = clock.minutes()
+    parent = ROWS[row][0]
+    chained = parent is not None and not {"reconstruct", "targets", "allocation"} & set(ROWS[row][2])
+    base = done[parent] if chained else {"cpu_minutes": 0.0, "wall_minutes": 0.0}
+    stats, full = net_stats(proto), net_stats(a.model)
+    acc, std = evaluate(a, proto, model)
+    rec = dict(recipe=ROWS[row][1], row=row, settings=s, macs_share=round(stats.macs / full.macs, 4),
+               macs=stats.macs, params=stats.params, lfw_folds_6_10=acc, lfw_std=std, flip=False, sgd=sgd,
+               own_cpu_minutes=round(cpu, 1), cpu_minutes=round(base["cpu_minutes"] + cpu, 1),
+               wall_minutes=round(base["wall_minutes"] + wall, 1), prototxt=proto, caffemodel=model)
+    if row == "finetune":
+        rec["lfw_folds_6_10_flip"] = evaluate(a, proto, model, flip=True)[0]
+    return rec
+
+
+def table(records):
+    lines = ["| recipe | MACs | params | LFW 6-10 | SGD | CPU min | wall min |", "|---|---|---|---|---|---|---|"]
+    for r in records:
+        acc = "%.2f +- %.2f" % (r["lfw_folds_6_10"], r["lfw_std"])
+        if "lfw_folds_6_10_flip" in r:
+            acc += " (flip %.2f)" % r["lfw_folds_6_10_flip"]
+        lines.append("| %s | %.1f%% | %.3fM | %s | %s | %.1f | %.1f |" % (
+            r["recipe"], 100 * r["macs_share"], r["params"] / 1e6, acc, "yes" if r["sgd"] else "no",
+            r["cpu_minutes"], r["wall_minutes"]))
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = parser(__doc__)
+    p.add_argument("--model", default=MFN + ".prototxt", help="deploy prototxt (RGB, 112x112 input)")
+    p.add_argument("--weights", default=MFN + ".caffemodel", help="caffemodel")
+    p.add_argument("--blob", default="fc1", help="embedding blob")
+    p.add_argument("--lfw-dir", default=LFW_DIR, help="aligned LFW images")
+    p.add_argument("--pairs", default=PAIRS, help="LFW pairs.txt")
+    p.add_argument("--rows", default=",".join(ROWS), help="rows to run, in order (a row needs its parent)")
+    p.add_argument("--macs-target", type=float, default=0.5, help="share of the MACs to keep")
+    p.add_argument("--images", type=int, default=1024, help="sampling images")
+    p.add_argument("--sensitivity-images", type=int, default=512, help="sampling images of the sensitivity analysis")
+    p.add_argument("--judge-images", type=int, default=128, help="held-out images judging the sensitivity")
+    p.add_argument("--finetune-lr", type=float, default=1e-2, help="fine-tune base lr")
+    p.add_argument("--finetune-minutes", type=float, default=120, help="CPU minutes for the budgeted fine-tune")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image draw")
+    p.add_argument("--out", default=os.path.join(ROOT, "runs", "bench_retention"), help="work folder")
+    p.add_argument("--json", default=os.path.join(ROOT, "docs", "results", "retention.json"), help="result file")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    sample, judge, train = data(a)
+    done = {}
+    if os.path.exists(a.json):
+        done = {r["row"]: r for r in json.load(open(a.json))["rows"]}
+    for row in [r.strip() for r in a.rows.split(",") if r.strip()]:
+        if row not in ROWS:
+            raise SystemExit("unknown row %r; rows: %s" % (row, ", ".join(ROWS)))
+        if row not in done:
+            print("[retention] %s: %s" % (row, ROWS[row][1]), file=sys.stderr, flush=True)
+            done[row] = run_row(a, row, done, sample, judge, train)
+            records = [done[r] for r in ROWS if r in done]
+            caffe_io.atomic_write(a.json, json.dumps(dict(machine=machine(), data=dict(
+                sampling_images=a.images, training_images="LFW folds 1-5 people + people in no pair",
+                evaluation="LFW folds 6-10, 5-fold CV"), rows=records), indent=1))
+    print(table([done[r] for r in ROWS if r in done]))
+
+
+if __name__ == "__main__":
+    main()

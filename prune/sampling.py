@@ -1,0 +1,76 @@
+"""The images the prune tools sample: one set of flags and one loader for every prune CLI.
+
+``--data`` is an image list or a folder of identity folders; ``--lfw-folds``
+(with ``--pairs``) keeps only people of those LFW View 2 folds and
+``--lfw-unpaired`` adds the people named in no pair of pairs.txt, who are in
+no test fold either.  Images are drawn once with the seed.
+"""
+from base import cli
+from base.images import preprocess_for
+from base.lists import image_files
+
+DEFAULT_IMAGES = 500
+
+
+def add_images(ap, images_help=None):
+    """--data --data-root --lfw-folds --lfw-unpaired --pairs --images --crop --batch."""
+    ap.add_argument("--data", required=True,
+                    help="images to sample: an image list ('path label' lines, see --data-root) or a folder of "
+                         "identity folders (e.g. ../shared/data/lfw/images-112x112)")
+    ap.add_argument("--data-root", default="", help="folder the --data list's paths are relative to")
+    cli.hidden_alias(ap, "--root", "data_root")
+    ap.add_argument("--lfw-folds", default=None,
+                    help="with a folder --data: only people of these LFW View 2 folds, e.g. 1-5 (needs --pairs); "
+                         "keeps folds 6-10 an honest test set")
+    ap.add_argument("--lfw-unpaired", action="store_true",
+                    help="with --lfw-folds: also the people named in no pair of pairs.txt (in no test fold)")
+    ap.add_argument("--pairs", default=None, help="LFW pairs.txt, for --lfw-folds")
+    ap.add_argument("--images", type=positive_int, default=None,
+                    help=images_help or "images per sampling pass, drawn once with --seed (default: all, at most "
+                                        "%d)" % DEFAULT_IMAGES)
+    ap.add_argument("--crop", default="auto", choices=("auto", "112x96", "none"),
+                    help="auto: SphereFace 112x96 crop when the images are 112x112 and the net takes 112x96")
+    ap.add_argument("--batch", type=positive_int, default=32, help="images per Caffe forward (default 32)")
+
+
+def positive_int(text):
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError("expected a whole number >= 1, not %r" % text)
+    return value
+
+
+def people_of(a):
+    """The people --lfw-folds / --lfw-unpaired allow, or None for everyone."""
+    if a.lfw_unpaired and not a.lfw_folds:
+        raise cli.UsageError("--lfw-unpaired adds to --lfw-folds; give --lfw-folds too")
+    if not a.lfw_folds:
+        return None
+    if not a.pairs:
+        raise cli.UsageError("--lfw-folds needs --pairs (the LFW pairs.txt)")
+    from eval_lfw.pairs import lfw_people, unpaired_people
+    people = lfw_people(a.pairs, a.lfw_folds)
+    if a.lfw_unpaired:
+        people |= unpaired_people(a.pairs, a.data)
+    return people
+
+
+def images_of(a, shape, held_out=0):
+    """(root, relative paths, Preprocess, held-out paths) of the sampling images: --images of them (default
+    all, at most DEFAULT_IMAGES) and ``held_out`` more, drawn with --seed, kept apart for judging."""
+    import numpy as np
+    people = people_of(a)
+    root, rels = image_files(a.data, a.data_root, people, 0, a.seed)
+    want = (a.images or min(len(rels) - held_out, DEFAULT_IMAGES)) + held_out
+    if want > len(rels):
+        raise cli.UsageError("--images %d%s: %s has only %d images%s"
+                             % (a.images or want - held_out, " + %d held out" % held_out if held_out else "",
+                                a.data, len(rels), " of the chosen people" if people is not None else ""))
+    pick = np.random.default_rng(a.seed).permutation(len(rels))[:want]
+    chosen = sorted(rels[i] for i in pick[:want - held_out])
+    held = sorted(rels[i] for i in pick[want - held_out:])
+    return root, chosen, preprocess_for(shape, root, chosen, a.rgb, a.crop), held
