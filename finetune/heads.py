@@ -88,6 +88,7 @@ def _distill(job, deploy, items, data, progress):
         head = trainnet.Distill(teacher=None, embedding=job.embedding, teacher_embedding=t_blob,
                                 student_dim=student_dim, teacher_dim=table.shape[1], table_rows=len(table))
         return head, {trainnet.TEACHER + t_blob: [table]}
+    data.size = read_size(deploy, items)   # 112x112 aligned faces: read whole, the student sees the 112x96 crop
     teacher = caffe_io.read_net(teacher_proto)
     t_weights = caffe_io.read_weights(teacher_weights)
     head = trainnet.Distill(teacher=teacher, embedding=job.embedding, teacher_embedding=t_blob,
