@@ -25,7 +25,7 @@ import os
 
 import numpy as np
 
-from base import caffe_io, cli
+from base import caffe_io, cli, netcheck
 from base.caffe_io import CaffeFileError
 from caffe.proto import caffe_pb2
 
@@ -252,6 +252,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     cli.check_file(args.prototxt, "net definition")
     cli.check_files(weights=args.weights)
+    netcheck.probe_nets([(args.prototxt, args.prototxt, "test")])   # a net Caffe cannot build: named, no abort
     stats = net_stats(args.prototxt, exclude=args.exclude, weights=args.weights)
     print(json.dumps(stats.as_dict(), indent=1) if args.json else report(stats, args.prototxt))
     return 0
