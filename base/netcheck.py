@@ -169,6 +169,7 @@ def _build_in_child(path, phase):
         try:
             os.close(read)
             os.dup2(write, 2)
+            caffe.set_mode_cpu()   # no CUDA in a forked child
             caffe.Net(path, caffe.TEST if phase == "test" else caffe.TRAIN)
             code = 0
         except BaseException:

@@ -193,7 +193,7 @@ CASES = [
     ("prune.stats", ["{unknown_type}"], "ChannelShuffle"),
     ("prune.stats", ["{big_kernel}"], "Caffe cannot build this net"),
     ("prune.widths", ["--model", "{net}", "--weights", "{no_fc5}", "--out", "{out}"], "'fc5'"),
-    ("prune.towers", ["--model", "{loop}", "--out", "{out}/towers.prototxt"], "'conv2' reads blob 'fc5'"),
+    ("prune.towers", ["--model", "{loop}", "--out", "{out}/towers.prototxt"], "reads blob 'fc5'"),
     ("apps.taylor", with_(TAYLOR, weights="{no_fc5}"), "'fc5'"),
     ("apps.taylor", with_(TAYLOR, remove_per_step="0"), "--remove-per-step"),
     ("apps.prioritise", with_(PRIORITISE, batch="0"), "--batch"),
