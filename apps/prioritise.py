@@ -78,6 +78,7 @@ class Settings:
     seed: int = 0
     quiet: bool = False
     config: dict = dataclasses.field(default_factory=dict, compare=False)   # the arguments, for the run folder
+    cache_dir: Optional[str] = None      # the feature cache (teacher embeddings, LFW features)
 
 
 def say(text, st):
@@ -93,7 +94,7 @@ def job_of(st, folder):
                        teacher=st.teacher, teacher_weights=st.teacher_weights, teacher_embedding=st.teacher_blob,
                        teacher_rgb=st.teacher_rgb, precompute_teacher=True, num_classes=st.num_classes,
                        lambda_c=st.lambda_c, center_alpha=st.center_alpha, batch_size=st.batch, mirror=True,
-                       rgb=st.rgb, seed=st.seed)
+                       rgb=st.rgb, seed=st.seed, cache_dir=st.cache_dir)
 
 
 def data_and_head(st, deploy, folder, progress):
@@ -315,6 +316,7 @@ def parser():
     tr.add_argument("--snapshot-every", type=cli.whole, default=500, help="snapshot period in iterations (default 500)")
     cli.add_lfw(ap.add_argument_group("evaluation (only with --lfw-dir and --pairs)"))
     ap.add_argument("--seed", type=int, default=0, help="Caffe's random seed (default 0)")
+    cli.add_cache_dir(ap)
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
 
@@ -335,7 +337,7 @@ def settings(argv=None):
                                  teacher_weights=a.teacher_weights, pairs=a.pairs),
                          nets=[("model", "weights"), ("teacher", "teacher_weights")])
     evaluation = EvalSpec(a.lfw_dir, a.pairs, folds=a.eval_folds, blob=a.blob, flip=not a.no_flip, rgb=a.rgb,
-                          progress=not a.quiet) if a.lfw_dir else None
+                          progress=not a.quiet, cache_dir=a.cache_dir) if a.lfw_dir else None
     return Settings(model=a.model, train_list=a.train_list, out=a.out, weights=a.weights, train_root=a.train_root,
                     blob=a.blob, rgb=a.rgb, loss=a.loss, num_classes=a.num_classes, lambda_c=a.lambda_c,
                     center_alpha=a.center_alpha, teacher=a.teacher, teacher_weights=a.teacher_weights,
@@ -343,7 +345,7 @@ def settings(argv=None):
                     threshold=a.threshold, levels=tuple(a.levels), pretrain_epochs=a.pretrain_epochs,
                     finetune_epochs=a.finetune_epochs, lr=a.finetune_lr, beta1=a.beta1, weight_decay=a.weight_decay,
                     batch=a.batch, snapshot_every=a.snapshot_every, evaluation=evaluation, seed=a.seed,
-                    quiet=a.quiet, config=command_config(a))
+                    quiet=a.quiet, config=command_config(a), cache_dir=a.cache_dir)
 
 
 @cli.entry(PROG)
