@@ -121,14 +121,15 @@ def _alive(pid):
 
 def sweep_litter(folder, recursive=True, unowned=False):
     """Remove staging files left by killed writers under ``folder``: those whose writer process is gone, and
-    with ``unowned`` (the caller holds the folder's lock) every staging file.  Returns the paths removed."""
+    with ``unowned`` (the caller holds the folder's lock) also those of older versions, whose names carry no
+    pid.  A live process's staging files are never touched.  Returns the paths removed."""
     removed = []
     if not os.path.isdir(folder):
         return removed
     for dirpath, dirnames, filenames in os.walk(folder):
         for name in filenames:
             pid = _litter_pid(name)
-            if pid is None or pid == os.getpid() or (not unowned and (pid == 0 or _alive(pid))):
+            if pid is None or pid == os.getpid() or (pid == 0 and not unowned) or (pid and _alive(pid)):
                 continue
             path = os.path.join(dirpath, name)
             _unlink(path)
