@@ -140,11 +140,12 @@ def report(out):
     return json.loads(re.sub(r'"seconds": [0-9.]+', '"seconds": 0', json.dumps(rep).replace(out, "OUT")))
 
 
-@pytest.mark.slow
-def test_pipeline_killed_at_every_write_point_resumes_to_the_same_report(kit, tmp_path):
+@pytest.mark.parametrize("every", [pytest.param(True, marks=pytest.mark.slow), False], ids=["every", "sample"])
+def test_pipeline_killed_at_a_write_point_resumes_to_the_same_report(kit, tmp_path, every):
     ref = str(tmp_path / "reference")
     points = reference("apps.pipeline", pipeline_args(kit), ref, tmp_path)
-    chosen = [p for p in points if "/snapshots/" not in p[1] or p[0] == "snapshot"]
+    assert ("renamed", "report.json") in points and ("renamed", "model.caffemodel") in points
+    chosen = sample([p for p in points if "/snapshots/" not in p[1] or p[0] == "snapshot"], every)
     chosen += [("torn-snapshot", next(r for e, r in points if e == "snapshot"))]
     for i, (event, rel) in enumerate(chosen):
         out = str(tmp_path / ("run%d" % i))
