@@ -51,9 +51,9 @@ def kill_and_resume(module, args, out, event, rel, extra_resume=()):
 
 
 def sample(points, every):
-    """Every write point, or a few spread over the run (always the torn snapshot and the last point)."""
-    return points if every else [points[i] for i in sorted({1, len(points) // 3, 2 * len(points) // 3,
-                                                            len(points) - 1})]
+    """Every write point, or two of them (the middle of the run and the last write; the callers add a torn
+    snapshot), to keep make test short."""
+    return points if every else [points[i] for i in sorted({len(points) // 2, len(points) - 1})]
 
 
 # ------------------------------------------------------------------ finetune
