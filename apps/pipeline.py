@@ -29,6 +29,7 @@ from base.runfolder import RunFolder, command_config
 from base.shared import shared_dir
 from eval_lfw.evaluator import EvalSpec
 from finetune.hooks import FineTuneSpec
+from prune.criteria import CRITERIA
 
 PROG = "python -m apps.pipeline"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,7 +149,7 @@ def baseline_stage(s, d):
     teacher = b.teacher or (mfn + ".prototxt" if os.path.exists(mfn + ".prototxt") and not d["synthetic"] else None)
     common = dict(deploy=s.model, weights=None, train_list=d["train_list"], root_folder=d["train_root"],
                   out=os.path.join(s.out, "baseline"), embedding=s.blob, rgb=s.rgb, seed=s.seed,
-                  gpu=None if s.gpu is None else [s.gpu])
+                  gpu=None if s.gpu is None else [s.gpu], cache_dir=s.finetune.cache_dir)
     if teacher:
         say("baseline: training %s from scratch for %g epochs, distilled from %s" % (s.model, b.epochs, teacher),
             s.quiet)
@@ -234,6 +235,26 @@ def evaluations(s, run, ev, base, log):
     return evals
 
 
+# The settings a training stage's divergence frees (the flags to correct); the stage's folder is discarded.
+BASELINE_SETTINGS = ("baseline_lr", "baseline_epochs")
+FINETUNE_SETTINGS = ("finetune_lr", "finetune_epochs_per_layer", "finetune_epochs_final")
+
+
+def training_stage(run, name, fn, settings):
+    """run.stage(name, fn); when its training diverges the stage's folder (OUT/name) is discarded and
+    ``settings`` may change on the next run, so the corrected command resumes from the stages before."""
+    from finetune.driver import Diverged
+    try:
+        return run.stage(name, fn)
+    except Diverged as e:
+        import shutil
+        shutil.rmtree(run.file(name), ignore_errors=True)
+        run.reopen(settings)
+        raise PipelineError("%s stage: %s; %s discarded, correct %s and run again" % (
+            name, str(e).split(" (run folder")[0], run.file(name),
+            " or ".join("--" + k.replace("_", "-") for k in settings))) from None
+
+
 def run_pipeline(s):
     """Every stage of settings ``s`` in its run folder; returns the report."""
     from apps import report
@@ -247,8 +268,8 @@ def run_pipeline(s):
         run.guard(s.config, flags=True)
         d = run.stage("data", lambda: data_stage(s.data, s.out, s.quiet))
         ev = dataclasses.replace(s.evaluation, lfw_dir=d["lfw_dir"], pairs=d["pairs"])
-        base = run.stage("baseline", lambda: baseline_stage(s, d))
-        log = run.stage("prune", lambda: prune_stage(s, d, base))
+        base = training_stage(run, "baseline", lambda: baseline_stage(s, d), BASELINE_SETTINGS)
+        log = training_stage(run, "prune", lambda: prune_stage(s, d, base), FINETUNE_SETTINGS)
         evals = evaluations(s, run, ev, base, log)
         deploy = run.copy(log["prototxt"], "deploy.prototxt")
         model = run.copy(log["caffemodel"], "model.caffemodel")
@@ -277,15 +298,16 @@ def parser():
     cli.add_lfw(d)
     d.add_argument("--synthetic", action="store_true", help="use the generated data set even where LFW exists")
     b = ap.add_argument_group("baseline (only without --weights)")
-    b.add_argument("--baseline-epochs", type=float, default=8, help="epochs of baseline training (default 8)")
-    b.add_argument("--baseline-lr", type=float, default=None,
+    b.add_argument("--baseline-epochs", type=cli.positive, default=8, help="epochs of baseline training (default 8)")
+    b.add_argument("--baseline-lr", type=cli.positive, default=None,
                    help="base lr of baseline training, /10 at 60%% and 85%% of it (default 0.1 with a teacher, "
                         "0.01 with A-Softmax, where 0.1 diverges from scratch)")
     cli.add_teacher(b, blob_default="fc1", rgb_default=True,
                     teacher_help="teacher deploy prototxt for the baseline's distillation (default: the "
                                  "MobileFaceNet of ../shared; none: A-Softmax on the list's identities)")
     p = ap.add_argument_group("pruning")
-    p.add_argument("--criterion", default="thinet", help="channel criterion (python -m prune --help; default thinet)")
+    p.add_argument("--criterion", default="thinet", choices=sorted(CRITERIA),
+                   help="channel criterion (python -m prune --help; default thinet)")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--preset", default="original", choices=("original", "all"),
                      help="original: the Sphereface-prune schedule (SphereFace-4: conv1_1/2_1/3_1/4_1 at 0.5; "
@@ -293,17 +315,18 @@ def parser():
                           "finds, residual streams included, at 0.5 (default original)")
     how.add_argument("--keep", type=cli.parse_keep, help="instead of --preset: one ratio for every group (0.5) or a "
                                                      "table (conv1_1=0.5,conv2_1=0.75)")
-    p.add_argument("--images", type=int, default=128, help="images of the training list sampled per group (default 128)")
+    p.add_argument("--images", type=cli.count, default=128, help="images of the training list sampled per group (default 128)")
     f = ap.add_argument_group("fine-tuning (distillation from the baseline; Caffe's solver)")
-    f.add_argument("--finetune-epochs-per-layer", type=float, default=1, help="after each pruned group (default 1)")
-    f.add_argument("--finetune-epochs-final", type=float, default=9, help="after the last group (default 9)")
+    f.add_argument("--finetune-epochs-per-layer", type=cli.non_negative, default=1, help="after each pruned group (default 1)")
+    f.add_argument("--finetune-epochs-final", type=cli.non_negative, default=9, help="after the last group (default 9)")
     cli.add_finetune_lr(f, 1e-3, "fine-tune base lr (default 1e-3)")
-    ap.add_argument("--batch", type=int, default=64, help="training batch size (default 64)")
-    ap.add_argument("--gpu", type=int, default=None,
+    ap.add_argument("--batch", type=cli.count, default=64, help="training batch size (default 64)")
+    ap.add_argument("--gpu", type=cli.whole, default=None,
                     help="GPU id for Caffe (training, sampling, evaluation; needs a CUDA build: "
                          "scripts/setup.sh --gpu); forward times are always measured on the CPU. Default: CPU")
-    ap.add_argument("--timing-rounds", type=int, default=7, help="rounds of the forward-time measurement (default 7)")
+    ap.add_argument("--timing-rounds", type=cli.count, default=7, help="rounds of the forward-time measurement (default 7)")
     ap.add_argument("--seed", type=int, default=0, help="seed of sampling, image draws and Caffe (default 0)")
+    cli.add_cache_dir(ap)
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
 
@@ -321,6 +344,27 @@ def keep_schedule(a, depth):
     return dict(table)
 
 
+def check_inputs(a, model, keep):
+    """What would stop the run later, checked before anything is created (base.cli.check_run_inputs: outputs
+    over inputs, nets and caffemodels Caffe can load, the training list's images, the output folder), and the
+    keep table against the net's groups, the folds, the GPU."""
+    from eval_lfw.pairs import parse_folds
+    from prune.graph import build_graph
+    from prune.policy import plan_groups
+    cli.check_run_inputs(a, dict(model=model, weights=a.weights, train_list=a.train_list, pairs=a.pairs,
+                                 teacher=a.teacher, teacher_weights=a.teacher_weights),
+                         nets=[("model", "weights"), ("teacher", "teacher_weights")])
+    parse_folds(a.train_folds)
+    if a.pairs:   # the evaluation set, checked now rather than after the training
+        from base.images import check_images
+        from eval_lfw.pairs import read_pairs
+        check_images(a.lfw_dir, read_pairs(a.pairs).select(parse_folds(a.eval_folds)).images()[0])
+    else:
+        parse_folds(a.eval_folds)
+    plan_groups(build_graph(model), "all", keep)
+    cli.check_gpu([a.gpu] if a.gpu is not None else [])
+
+
 def settings(argv=None):
     """The command line read, checked and typed once (nothing is created here)."""
     a = parser().parse_args(argv)
@@ -334,6 +378,7 @@ def settings(argv=None):
     if a.lfw_dir and not a.pairs:
         raise cli.UsageError("--lfw-dir needs --pairs (LFW View 2 pairs.txt)")
     keep = keep_schedule(a, depth)
+    check_inputs(a, model, keep)
     return Settings(
         out=a.out, model=model, depth=depth, blob=a.blob, rgb=a.rgb,
         data=DataSpec(a.train_list, a.train_root, a.train_folds, a.lfw_dir, a.pairs, a.synthetic),
@@ -343,9 +388,9 @@ def settings(argv=None):
         finetune=FineTuneSpec(train_list=None, epochs_per_layer=a.finetune_epochs_per_layer,
                               epochs_final=a.finetune_epochs_final, lr=a.finetune_lr, batch=a.batch,
                               embedding=a.blob, rgb=a.rgb, mirror=False, precompute_teacher=True, seed=a.seed,
-                              gpu=None if a.gpu is None else (a.gpu,), progress=not a.quiet),
+                              gpu=None if a.gpu is None else (a.gpu,), progress=not a.quiet, cache_dir=a.cache_dir),
         evaluation=EvalSpec(lfw_dir=None, pairs=None, folds=a.eval_folds, blob=a.blob, flip=not a.no_flip,
-                            rgb=a.rgb, progress=not a.quiet),
+                            rgb=a.rgb, progress=not a.quiet, cache_dir=a.cache_dir),
         gpu=a.gpu, timing_rounds=a.timing_rounds, seed=a.seed, quiet=a.quiet, config=command_config(a))
 
 

@@ -78,6 +78,7 @@ class Settings:
     seed: int = 0
     quiet: bool = False
     config: dict = dataclasses.field(default_factory=dict, compare=False)   # the arguments, for the run folder
+    cache_dir: Optional[str] = None      # the feature cache (teacher embeddings, LFW features)
 
 
 def say(text, st):
@@ -93,7 +94,7 @@ def job_of(st, folder):
                        teacher=st.teacher, teacher_weights=st.teacher_weights, teacher_embedding=st.teacher_blob,
                        teacher_rgb=st.teacher_rgb, precompute_teacher=True, num_classes=st.num_classes,
                        lambda_c=st.lambda_c, center_alpha=st.center_alpha, batch_size=st.batch, mirror=True,
-                       rgb=st.rgb, seed=st.seed)
+                       rgb=st.rgb, seed=st.seed, cache_dir=st.cache_dir)
 
 
 def data_and_head(st, deploy, folder, progress):
@@ -294,27 +295,28 @@ def parser():
     lo.add_argument("--loss", choices=("softmax", "distill"), default="softmax",
                     help="softmax: softmax + center loss on the list's labels (the source's recipe); distill: "
                          "match a teacher's L2-normalised embeddings, computed once (default softmax)")
-    lo.add_argument("--num-classes", type=int, default=0, help="softmax classes (default: 1 + largest label)")
-    lo.add_argument("--lambda-c", type=float, default=1e-3, help="center loss weight (default 1e-3)")
-    lo.add_argument("--center-alpha", type=float, default=0.5, help="center update rate alpha (default 0.5)")
+    lo.add_argument("--num-classes", type=cli.whole, default=0, help="softmax classes (default: 1 + largest label)")
+    lo.add_argument("--lambda-c", type=cli.non_negative, default=1e-3, help="center loss weight (default 1e-3)")
+    lo.add_argument("--center-alpha", type=cli.fraction, default=0.5, help="center update rate alpha (default 0.5)")
     cli.add_teacher(lo, blob_default="fc1", rgb_default=True, teacher_help="distill: teacher deploy prototxt")
     pr = ap.add_argument_group("prioritisation")
-    pr.add_argument("--lambda-s", type=float, default=1e-3, help="sparsity weight on sum |gamma| (default 1e-3)")
-    pr.add_argument("--lambda-m", type=float, default=4e-5,
+    pr.add_argument("--lambda-s", type=cli.non_negative, default=1e-3, help="sparsity weight on sum |gamma| (default 1e-3)")
+    pr.add_argument("--lambda-m", type=cli.non_negative, default=4e-5,
                     help="monotonicity weight on sum max(0, gamma_{k+1} - gamma_k) (default 4e-5)")
-    pr.add_argument("--threshold", type=float, default=0.1,
+    pr.add_argument("--threshold", type=cli.non_negative, default=0.1,
                     help="global |gamma| threshold: channels below it are pruned after pre-training (default 0.1)")
     add_levels(pr)
     tr = ap.add_argument_group("training (Caffe's Adam, the pycaffe loop of finetune.loop)")
-    tr.add_argument("--pretrain-epochs", type=float, default=8, help="epochs of pre-training (default 8)")
-    tr.add_argument("--finetune-epochs", type=float, default=4, help="epochs of multi-width fine-tuning (default 4)")
+    tr.add_argument("--pretrain-epochs", type=cli.positive, default=8, help="epochs of pre-training (default 8)")
+    tr.add_argument("--finetune-epochs", type=cli.positive, default=4, help="epochs of multi-width fine-tuning (default 4)")
     cli.add_finetune_lr(tr, 1e-4, "Adam learning rate, both stages (default 1e-4)")
-    tr.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (default 0.5; beta2 0.999)")
-    tr.add_argument("--weight-decay", type=float, default=1e-5, help="default 1e-5")
-    tr.add_argument("--batch", type=int, default=64, help="images per batch (default 64)")
-    tr.add_argument("--snapshot-every", type=int, default=500, help="snapshot period in iterations (default 500)")
+    tr.add_argument("--beta1", type=cli.below_one, default=0.5, help="Adam beta1 (default 0.5; beta2 0.999)")
+    tr.add_argument("--weight-decay", type=cli.non_negative, default=1e-5, help="default 1e-5")
+    tr.add_argument("--batch", type=cli.count, default=64, help="images per batch (default 64)")
+    tr.add_argument("--snapshot-every", type=cli.whole, default=500, help="snapshot period in iterations (default 500)")
     cli.add_lfw(ap.add_argument_group("evaluation (only with --lfw-dir and --pairs)"))
     ap.add_argument("--seed", type=int, default=0, help="Caffe's random seed (default 0)")
+    cli.add_cache_dir(ap)
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
 
@@ -331,8 +333,11 @@ def settings(argv=None):
         raise cli.UsageError("--loss distill needs --teacher and --teacher-weights")
     if 1.0 not in a.levels:
         raise cli.UsageError("--levels must include 1.0, the full width")
+    cli.check_run_inputs(a, dict(model=a.model, weights=a.weights, train_list=a.train_list, teacher=a.teacher,
+                                 teacher_weights=a.teacher_weights, pairs=a.pairs),
+                         nets=[("model", "weights"), ("teacher", "teacher_weights")])
     evaluation = EvalSpec(a.lfw_dir, a.pairs, folds=a.eval_folds, blob=a.blob, flip=not a.no_flip, rgb=a.rgb,
-                          progress=not a.quiet) if a.lfw_dir else None
+                          progress=not a.quiet, cache_dir=a.cache_dir) if a.lfw_dir else None
     return Settings(model=a.model, train_list=a.train_list, out=a.out, weights=a.weights, train_root=a.train_root,
                     blob=a.blob, rgb=a.rgb, loss=a.loss, num_classes=a.num_classes, lambda_c=a.lambda_c,
                     center_alpha=a.center_alpha, teacher=a.teacher, teacher_weights=a.teacher_weights,
@@ -340,7 +345,7 @@ def settings(argv=None):
                     threshold=a.threshold, levels=tuple(a.levels), pretrain_epochs=a.pretrain_epochs,
                     finetune_epochs=a.finetune_epochs, lr=a.finetune_lr, beta1=a.beta1, weight_decay=a.weight_decay,
                     batch=a.batch, snapshot_every=a.snapshot_every, evaluation=evaluation, seed=a.seed,
-                    quiet=a.quiet, config=command_config(a))
+                    quiet=a.quiet, config=command_config(a), cache_dir=a.cache_dir)
 
 
 @cli.entry(PROG)

@@ -70,6 +70,7 @@ class Settings:
     seed: int = 0
     quiet: bool = False
     config: dict = dataclasses.field(default_factory=dict, compare=False)   # the arguments, for the run folder
+    cache_dir: Optional[str] = None      # the feature cache (teacher embeddings, LFW features)
 
 
 def say(text, quiet=False):
@@ -151,7 +152,7 @@ def _job(st, d, out, proto, weights, iters):
                        head="distill", embedding=st.blob, teacher=st.teacher or st.model,
                        teacher_weights=st.teacher_weights or st.weights, teacher_embedding=st.teacher_blob or st.blob,
                        precompute_teacher=True, mirror=True, rgb=st.rgb, epochs=float(epochs), batch_size=st.batch,
-                       base_lr=st.lr, snapshot_every=100, seed=st.seed)
+                       base_lr=st.lr, snapshot_every=100, seed=st.seed, cache_dir=st.cache_dir)
 
 
 def score_net(st, d, out, proto, weights):
@@ -435,22 +436,23 @@ def parser():
                                      "--model itself, i.e. self-distillation; needs --teacher-weights)")
     s = ap.add_argument_group("schedule (one of each pair)")
     step = s.add_mutually_exclusive_group(required=True)
-    step.add_argument("--remove-per-step", type=int, help="filters removed per step (K)")
-    step.add_argument("--remove-share", type=float,
+    step.add_argument("--remove-per-step", type=cli.count, help="filters removed per step (K)")
+    step.add_argument("--remove-share", type=cli.open_fraction,
                       help="filters removed per step as a share of all prunable filters of the original net")
     stop = s.add_mutually_exclusive_group(required=True)
-    stop.add_argument("--target-share", type=float, help="stop when this share of the prunable filters is removed "
+    stop.add_argument("--target-share", type=cli.open_fraction, help="stop when this share of the prunable filters is removed "
                                                          "(the last step takes the remainder when it is under half "
                                                          "a step)")
-    stop.add_argument("--target-macs", type=float, help="stop when the MACs are down to this share of the original")
-    s.add_argument("--finetune-iters", type=int, default=200, help="fine-tune iterations after each step (default 200)")
-    s.add_argument("--score-batches", type=int, default=10,
+    stop.add_argument("--target-macs", type=cli.open_fraction, help="stop when the MACs are down to this share of the original")
+    s.add_argument("--finetune-iters", type=cli.whole, default=200, help="fine-tune iterations after each step (default 200)")
+    s.add_argument("--score-batches", type=cli.count, default=10,
                    help="training batches the Taylor scores are averaged over (default 10)")
-    s.add_argument("--batch", type=int, default=32, help="batch size for scoring and fine-tuning (default 32)")
+    s.add_argument("--batch", type=cli.count, default=32, help="batch size for scoring and fine-tuning (default 32)")
     cli.add_finetune_lr(s, 1e-3, "fine-tune learning rate, SGD, fixed (default 0.001)")
     cli.add_lfw(ap.add_argument_group("evaluation after every step (optional)"))
     cli.add_run(ap, "run folder (the same command again resumes it)",
                 seed_help="seed of Caffe's data order and fillers (default 0)")
+    cli.add_cache_dir(ap)
     return ap
 
 
@@ -463,14 +465,17 @@ def settings(argv=None):
         raise cli.UsageError("--teacher %s needs --teacher-weights" % a.teacher)
     if bool(a.lfw_dir) != bool(a.pairs):
         raise cli.UsageError("--lfw-dir and --pairs go together (LFW images and their View 2 pairs.txt)")
+    cli.check_run_inputs(a, dict(model=a.model, weights=a.weights, train_list=a.train_list, teacher=a.teacher,
+                                 teacher_weights=a.teacher_weights, pairs=a.pairs),
+                         nets=[("model", "weights"), ("teacher", "teacher_weights")])
     evaluation = EvalSpec(a.lfw_dir, a.pairs, folds=a.eval_folds, blob=a.blob, flip=not a.no_flip, rgb=a.rgb,
-                          progress=not a.quiet) if a.lfw_dir else None
+                          progress=not a.quiet, cache_dir=a.cache_dir) if a.lfw_dir else None
     st = Settings(model=a.model, weights=a.weights, train_list=a.train_list, out=a.out, blob=a.blob, rgb=a.rgb,
                   train_root=a.train_root, teacher=a.teacher, teacher_weights=a.teacher_weights,
                   teacher_blob=a.teacher_blob, remove_per_step=a.remove_per_step, remove_share=a.remove_share,
                   target_share=a.target_share, target_macs=a.target_macs, finetune_iters=a.finetune_iters,
                   score_batches=a.score_batches, batch=a.batch, lr=a.finetune_lr, evaluation=evaluation, seed=a.seed,
-                  quiet=a.quiet,
+                  quiet=a.quiet, cache_dir=a.cache_dir,
                   config=command_config(a, hashed=("model", "weights", "teacher", "teacher_weights", "train_list")))
     check_args(st)
     return st

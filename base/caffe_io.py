@@ -9,7 +9,8 @@ through here:
 * ``write_weights(net, weights, path)``  -> caffemodel, atomically
 * ``check_weights(net, weights)``  every learnable layer has blobs of the
   shapes Caffe will ask for, named errors otherwise
-* ``open_net(prototxt, weights)``, ``net_from_param(net)``  a caffe.Net
+* ``open_net(prototxt, weights)``, ``net_from_param(net)``  a caffe.Net, the
+  net checked first for what Caffe would abort on (base.netcheck)
 
 Writes go to a temporary file in the destination folder and are renamed over
 the target only when complete, so a crash never leaves half a model behind,
@@ -26,6 +27,8 @@ import numpy as np
 from google.protobuf import text_format
 
 from caffe.proto import caffe_pb2
+
+from . import faults, netcheck
 
 
 class CaffeFileError(ValueError):
@@ -47,13 +50,8 @@ def atomic_write(path, data, protect=(), sync=True):
             raise CaffeFileError("refusing to overwrite the input file %s" % path)
         if p and os.path.abspath(p) == os.path.abspath(path):
             raise CaffeFileError("refusing to overwrite the input file %s" % path)
-    folder = os.path.dirname(os.path.abspath(path))
     mode = "w" if isinstance(data, str) else "wb"
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise CaffeFileError("cannot write %s: %s" % (path, e.strerror or e)) from None
+    fd, tmp = staging_file(path)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600; outputs are ordinary files
@@ -63,12 +61,82 @@ def atomic_write(path, data, protect=(), sync=True):
             f.flush()
             if sync:
                 os.fsync(f.fileno())
+        faults.point("staged", path)
         os.replace(tmp, path)
+    except OSError as e:
+        _unlink(tmp)
+        raise CaffeFileError("cannot write %s: %s" % (path, e.strerror or e)) from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _unlink(tmp)
         raise
+    faults.point("renamed", path)
     return path
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def staging_file(path):
+    """(fd, name) of a new temporary file beside ``path``: ``.NAME.PID.XXXXXXXX.tmp``, unique to this process
+    (two processes never share one), and recognisably litter once that process is gone (``sweep_litter``)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        return tempfile.mkstemp(prefix=".%s.%d." % (os.path.basename(path), os.getpid()), suffix=TMP_SUFFIX,
+                                dir=folder)
+    except OSError as e:
+        raise CaffeFileError("cannot write %s: %s" % (path, e.strerror or e)) from None
+
+
+TMP_SUFFIX = ".tmp"
+
+
+def _litter_pid(name):
+    """The writer's pid of a staging file name, 0 for a staging name without one (older versions), else None."""
+    if not (name.startswith(".") and name.endswith(TMP_SUFFIX)):
+        return None
+    parts = name[1:-len(TMP_SUFFIX)].split(".")
+    if len(parts) < 2:
+        return None
+    for part in reversed(parts[:-1]):
+        if part.isdigit():
+            return int(part)
+    return 0
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_litter(folder, recursive=True, unowned=False):
+    """Remove staging files left by killed writers under ``folder``: those whose writer process is gone, and
+    with ``unowned`` (the caller holds the folder's lock) also those of older versions, whose names carry no
+    pid.  A live process's staging files are never touched.  Returns the paths removed."""
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in filenames:
+            pid = _litter_pid(name)
+            if pid is None or pid == os.getpid() or (pid == 0 and not unowned) or (pid and _alive(pid)):
+                continue
+            path = os.path.join(dirpath, name)
+            _unlink(path)
+            removed.append(path)
+        if not recursive:
+            break
+    return removed
 
 
 def net_to_text(net):
@@ -305,13 +373,20 @@ def legacy_equal(stored, wanted):
     return len(s) == 4 and len(w) <= 4 and s == (1,) * (4 - len(w)) + w
 
 
-def check_weights(caffe_net, weights, source="weights"):
+def check_weights(caffe_net, weights, source="weights", complete=False):
     """Compare arrays against the blobs of an instantiated caffe.Net.
 
     Raises CaffeFileError naming the layer and both shapes, which is what a
-    user needs when a caffemodel does not belong to a prototxt.  Arrays stored
-    in legacy 4-D form are reshaped to the net's shapes in place.
+    user needs when a caffemodel does not belong to a prototxt; with
+    ``complete`` also when a layer with parameters has no arrays at all (it
+    would keep its filler's values).  Arrays stored in legacy 4-D form are
+    reshaped to the net's shapes in place.
     """
+    missing = [name for name in caffe_net.params if name not in weights]
+    if complete and missing:
+        raise CaffeFileError("%s has no weights for layer%s %s of the net (a caffemodel of another net, or cut short?)"
+                             % (source, "s" if len(missing) > 1 else "", ", ".join(repr(m) for m in missing[:5])
+                                + (" and %d more" % (len(missing) - 5) if len(missing) > 5 else "")))
     for name, blobs in caffe_net.params.items():
         if name not in weights:
             continue
@@ -326,37 +401,39 @@ def check_weights(caffe_net, weights, source="weights"):
             arrays[i] = a.reshape(b.data.shape)
 
 
-def load_into(caffe_net, weights, source="weights"):
-    """Copy arrays into a caffe.Net by layer name (after check_weights)."""
-    check_weights(caffe_net, weights, source)
+def load_into(caffe_net, weights, source="weights", complete=False):
+    """Copy arrays into a caffe.Net by layer name (after check_weights; ``complete``: every layer's)."""
+    check_weights(caffe_net, weights, source, complete)
     for name, blobs in caffe_net.params.items():
         for b, a in zip(blobs, weights.get(name, ())):
             b.data[...] = a
 
 
 def open_net(prototxt, weights=None, phase="test"):
-    """caffe.Net from a prototxt (+ optional caffemodel) with named errors.
+    """caffe.Net from a prototxt (+ optional caffemodel, which must hold every layer's weights) with named errors.
 
-    The prototxt is parsed here first so a syntax error names file and line
+    The prototxt is parsed and checked here first (base.netcheck) so a syntax
+    error, an unknown layer type or a broken blob graph names file and layer
     rather than surfacing as a glog abort inside Caffe.
     """
     import caffe
-    read_net(prototxt)
+    netcheck.check_net(read_net(prototxt), os.fspath(prototxt), _phase(phase))
     net = caffe.Net(os.fspath(prototxt), _phase(phase))
     if weights is not None:
         arrays = read_weights(weights) if isinstance(weights, (str, os.PathLike)) else weights
-        load_into(net, arrays, source=os.fspath(weights) if isinstance(weights, (str, os.PathLike)) else "weights")
+        load_into(net, arrays, source=os.fspath(weights) if isinstance(weights, (str, os.PathLike)) else "weights",
+                  complete=True)
     return net
 
 
 def _phase(phase):
-    import caffe
-    return caffe.TEST if phase == "test" else caffe.TRAIN
+    return caffe_pb2.TEST if phase == "test" else caffe_pb2.TRAIN
 
 
 def net_from_param(net, phase="test"):
     """caffe.Net of a NetParameter held in memory (through a temporary prototxt, as pycaffe needs a file)."""
     import caffe
+    netcheck.check_net(net, "net %r" % net.name, _phase(phase))
     with tempfile.TemporaryDirectory() as tmp:
         path = write_net(net, os.path.join(tmp, "net.prototxt"))
         return caffe.Net(path, _phase(phase))

@@ -101,6 +101,82 @@ def check_files(**paths):
         check_file(path, "--" + flag.replace("_", "-"))
 
 
+def check_outputs(inputs, outputs, out=None):
+    """Refuse, before any work, a run whose outputs would write over one of its inputs.
+
+    inputs: {flag: path} of the files read; outputs: paths the run writes (a path ending in '/' is a folder
+    the run writes anything into); out: the run folder, whose own records count as outputs too."""
+    written = [p for p in outputs if p]
+    if out:
+        written.append(os.path.join(out, ".lock"))
+        written.append(os.path.join(out, "config.json"))
+
+    def real(path):
+        return os.path.realpath(path)
+    for flag, path in inputs.items():
+        if not path:
+            continue
+        here = real(path)
+        for target in written:
+            folder = target.endswith("/")
+            hit = (here.startswith(real(target) + os.sep) if folder else
+                   here == real(target) or (os.path.exists(target) and os.path.samefile(path, target)))
+            if hit:
+                raise UsageError("%s %s is %s this run writes; it would be overwritten: copy it elsewhere or "
+                                 "use another --out" % (_flag(flag), path,
+                                                        "inside the folder %s, which" % target if folder else
+                                                        "the output %s, which" % target))
+
+
+def check_out(out, need_bytes=1 << 20, flag="--out"):
+    """Refuse an output folder that cannot be written (read-only, a file, no permission) or that has not
+    ``need_bytes`` free, before any work (a write failing in Caffe aborts the process)."""
+    if not out:
+        return
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError("%s %s is a file, not a folder" % (flag, out))
+    here = os.path.abspath(out)
+    while not os.path.exists(here):
+        here = os.path.dirname(here)
+    if not os.path.isdir(here):
+        raise UsageError("%s %s: %s is a file, no folder can be made below it" % (flag, out, here))
+    st = os.statvfs(here)
+    if st.f_flag & os.ST_RDONLY:
+        raise UsageError("%s %s: %s is on a read-only file system" % (flag, out, here))
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise UsageError("%s %s: no permission to write in %s" % (flag, out, here))
+    free = st.f_bavail * st.f_frsize
+    if free < need_bytes:
+        raise UsageError("%s %s: %.1f MB free there, this run needs at least %.1f MB" % (flag, out, free / 1e6,
+                                                                                      need_bytes / 1e6))
+
+
+def check_run_inputs(a, inputs, nets=(), train_list=True):
+    """The common checks of a driver writing into the run folder ``a.out``, before anything is created:
+    ``inputs`` ({dest: path}) exist and lie outside the run folder; the folder can be written and has room for
+    a few copies of the weights; every (prototxt dest, caffemodel dest) of ``nets`` is a net Caffe builds
+    (base.netcheck, in a child process) with a caffemodel holding all its layers; with ``train_list`` the
+    list's images are all images Caffe can decode."""
+    from . import caffe_io, netcheck
+    from .lists import check_images_decode, read_list
+    check_files(**inputs)
+    check_outputs(inputs, [os.path.join(a.out, "")])
+    weights = [inputs.get(w) for _, w in nets if inputs.get(w)]
+    check_out(a.out, need_bytes=(1 << 20) + 4 * sum(os.path.getsize(w) for w in weights))
+    given = [(n, inputs[n], inputs.get(w)) for n, w in nets if inputs.get(n)]
+    netcheck.probe_nets([(_flag(n) + " " + path, path, "test") for n, path, _ in given])
+    for _, path, weight in given:
+        if weight:
+            caffe_io.check_weights(caffe_io.net_from_param(caffe_io.read_net(path)), caffe_io.read_weights(weight),
+                                   weight, complete=True)
+    if train_list and inputs.get("train_list"):
+        check_images_decode(read_list(inputs["train_list"], getattr(a, "train_root", "")), inputs["train_list"])
+
+
+def _flag(name):
+    return name if name.startswith("-") else "--" + name.replace("_", "-")
+
+
 def check_dirs(**paths):
     for flag, path in paths.items():
         if path and not os.path.isdir(path):
@@ -133,19 +209,63 @@ def share(text):
     return value
 
 
+def _number(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type: ``kind`` (int or float) within [low, high] (open ends as asked); NaN refused."""
+    what = "a whole number" if kind is int else "a number"
+    bounds = []
+    if low is not None:
+        bounds.append("%s %s" % (">" if low_open else ">=", low))
+    if high is not None:
+        bounds.append("%s %s" % ("<" if high_open else "<=", high))
+    want = "%s %s" % (what, " and ".join(bounds)) if bounds else what
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError("expected %s, not %r" % (want, text)) from None
+        ok = value == value and abs(value) != float("inf")
+        if ok and low is not None:
+            ok = value > low if low_open else value >= low
+        if ok and high is not None:
+            ok = value < high if high_open else value <= high
+        if not ok:
+            raise argparse.ArgumentTypeError("expected %s, not %r" % (want, text))
+        return value
+    parse.__name__ = want
+    return parse
+
+
+count = _number(int, 1)                          # images, batches, samples, rounds: at least 1
+whole = _number(int, 0)                          # iterations, snapshot periods (0: none), classes (0: auto)
+positive = _number(float, 0, low_open=True)      # epochs of a training, learning rates, gamma
+non_negative = _number(float, 0)                 # epochs that may be 0 (none), weight decay, loss weights
+fraction = _number(float, 0, 1, low_open=True)   # a share in (0, 1]
+below_one = _number(float, 0, 1, high_open=True)  # momentum, Adam betas: [0, 1)
+open_fraction = _number(float, 0, 1, low_open=True, high_open=True)   # a share strictly between 0 and 1
+
+
 def parse_keep(text):
     """--keep: '0.5' -> 0.5; 'conv1_1=0.5,conv2_1=0.75' -> {layer: ratio}."""
     try:
         if "=" not in text:
-            return float(text)
+            return _keep_ratio(float(text), text)
         table = {}
         for item in text.split(","):
             name, value = item.split("=")
-            table[name.strip()] = float(value)
+            if not name.strip():
+                raise ValueError(item)
+            table[name.strip()] = _keep_ratio(float(value), item)
         return table
     except ValueError:
         raise argparse.ArgumentTypeError("--keep takes a ratio (0.5) or a table (conv1_1=0.5,conv2_1=0.75), not %r"
                                          % text) from None
+
+
+def _keep_ratio(value, text):
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError("--keep ratios are shares of the channels in (0, 1], not %r" % text)
+    return value
 
 
 # ------------------------------------------------------------------ shared argument groups
@@ -198,8 +318,32 @@ def add_lfw(group, required=False, folds_default="6-10"):
 
 def add_finetune_lr(group, default, help):
     """--finetune-lr (old name --lr)."""
-    group.add_argument("--finetune-lr", type=float, default=default, help=help)
-    hidden_alias(group, "--lr", "finetune_lr", type=float)
+    group.add_argument("--finetune-lr", type=positive, default=default, help=help)
+    hidden_alias(group, "--lr", "finetune_lr", type=positive)
+
+
+def add_cache_dir(ap):
+    """--cache-dir: the evaluator's feature cache (LFW features, teacher embeddings)."""
+    ap.add_argument("--cache-dir", default=None,
+                    help="feature cache of the LFW evaluation and the teacher's embeddings, keyed by model bytes, "
+                         "preprocessing and images (default: .cache/eval_lfw in the repository)")
+
+
+def check_gpu(ids):
+    """Refuse --gpu up front where Caffe would abort: a CPU-only build, or a device that is not there.
+    Probed in a child process (Caffe's answer to either is abort())."""
+    import subprocess
+    if not ids:
+        return
+    code = "import caffe, sys\nfor i in sys.argv[1:]:\n    caffe.set_device(int(i))\n    caffe.set_mode_gpu()\n"
+    run = subprocess.run([sys.executable, "-c", code] + [str(i) for i in ids], capture_output=True, text=True,
+                         timeout=300)
+    if run.returncode != 0:
+        from .netcheck import glog_failure
+        reason = glog_failure(run.stderr)
+        if "CPU-only" in reason or "CPU_ONLY" in reason:
+            reason = "this Caffe is built CPU-only (scripts/setup.sh --gpu builds a CUDA one)"
+        raise UsageError("--gpu %s: %s" % (",".join(str(i) for i in ids), reason))
 
 
 def add_run(ap, out_help, seed_help="seed of image draws, sampling and Caffe (default 0)"):
@@ -220,6 +364,6 @@ def int_list(text):
 def gpu_ids(text):
     """'0' or '0,1' -> [0] or [0, 1]."""
     ids = list(int_list(text))
-    if not ids:
+    if not ids or min(ids) < 0:
         raise argparse.ArgumentTypeError("expected GPU ids such as 0 or 0,1, not %r" % text)
     return ids

@@ -13,6 +13,7 @@ the default of evaluate(), python -m eval_lfw, prune and finetune);
 import itertools
 import multiprocessing
 import os
+import signal
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -197,6 +198,7 @@ _worker = None
 def _init_worker(pre, root):
     global _worker
     _worker = (pre, root)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to report (one line), not each worker's
 
 
 def _load(rels):

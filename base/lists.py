@@ -70,6 +70,23 @@ def read_list(path, root="", num_classes=None, check_files=True):
     return items
 
 
+def check_images_decode(items, source):
+    """Refuse a list naming a file that is not an image (Caffe's ImageData aborts the process on one, in the
+    middle of training): every file's signature is read, once per list and process."""
+    key = (os.path.abspath(source), os.path.getmtime(source), os.path.getsize(source), tuple(items[:1]), len(items))
+    if key in _DECODED:
+        return
+    import cv2
+    for path, _ in items:
+        if not cv2.haveImageReader(path):   # OpenCV's decoders (Caffe's) by the file's signature
+            raise ListError("%s names %s, which is not an image OpenCV (Caffe's ImageData) can decode"
+                            % (source, path))
+    _DECODED.add(key)
+
+
+_DECODED = set()
+
+
 def list_text(items):
     """[(relative path, label)] -> the list file's text."""
     out = []

@@ -13,7 +13,10 @@ experiments never mix in one folder.  The lock (``fcntl.flock`` on
 ``OUT/.lock``, which holds the owner's pid) makes a second process on the
 same folder stop at once with the holder's pid; the kernel drops it when the
 process ends, however it ends.  A run that fails before its config.json is
-written (an input found wrong) removes the folder it created.
+written (an input found wrong) removes the folder it created.  Opening a
+folder removes the staging files (``.NAME.PID.XXXX.tmp``) a killed run left.
+A stage whose training diverged is discarded by its driver, which
+``reopen``s the settings it used, so the corrected command is accepted.
 """
 import fcntl
 import json
@@ -21,10 +24,11 @@ import os
 import shutil
 import time
 
-from .caffe_io import atomic_write
+from .caffe_io import atomic_write, sweep_litter
 
 LOCK = ".lock"
 CONFIG = "config.json"
+OPEN = "settings_open_after_a_failure"   # config.json key: settings a discarded stage used (see reopen)
 
 
 class RunFolderError(ValueError):
@@ -58,15 +62,34 @@ class RunFolder:
         return self.open()
 
     def __exit__(self, kind, value, trace):
-        self.close()
         if kind is not None and self._created and not self.exists(CONFIG):
-            # refused before its settings were recorded (an input found wrong): leave nothing behind
+            # refused before its settings were recorded (an input found wrong): leave nothing behind, and
+            # remove it while still holding the lock, so a run that starts meanwhile finds no half-gone folder
             shutil.rmtree(self.path, ignore_errors=True)
+        self.close()
 
     def open(self):
-        """Create the folder and take its lock; a second holder is refused with the first one's pid."""
-        self._created = not os.path.exists(self.path)
-        os.makedirs(self.path, exist_ok=True)
+        """Create the folder and take its lock (a second holder is refused with the first one's pid); then
+        remove the staging files a killed run left (``.NAME.PID.XXXX.tmp``)."""
+        for _ in range(10):
+            self._created = not os.path.exists(self.path)
+            os.makedirs(self.path, exist_ok=True)
+            fd = self._lock()
+            try:   # the folder may have been removed (a refused run cleaning up) between makedirs and the lock
+                if os.path.samestat(os.fstat(fd), os.stat(self.file(LOCK))):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        else:
+            raise self.error("%s keeps disappearing (another process removing it?)" % self.path)
+        os.ftruncate(fd, 0)
+        os.write(fd, b"%d\n" % os.getpid())
+        self._fd = fd
+        sweep_litter(self.path, unowned=True)
+        return self
+
+    def _lock(self):
         fd = os.open(self.file(LOCK), os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -75,10 +98,7 @@ class RunFolder:
             os.close(fd)
             raise self.error("%s is in use by another run (process %s); wait for it to end or use another --out"
                              % (self.path, holder)) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, b"%d\n" % os.getpid())
-        self._fd = fd
-        return self
+        return fd
 
     def close(self):
         if self._fd is not None:
@@ -87,19 +107,37 @@ class RunFolder:
 
     # -------------------------------------------------------------- config
     def check(self, config, flags=False):
-        """Refuse when config.json holds other settings; returns the config (not written: see save_config)."""
+        """Refuse when config.json holds other settings (but those ``reopen`` freed); returns the config (not
+        written: see save_config)."""
         old = self.load(CONFIG)
         if old is not None:
-            changed = differences(old, json.loads(json.dumps(config)), flags)
+            free = set(old.pop(OPEN, ()))
+            changed = differences({k: v for k, v in old.items() if k not in free},
+                                  {k: v for k, v in json.loads(json.dumps(config)).items() if k not in free}, flags)
             if changed:
                 raise self.error("%s holds a run made with other settings (%s); use another --out or the same "
                                  "arguments to resume it" % (self.path, "; ".join(changed)))
         return config
 
     def save_config(self, config):
-        if self.load(CONFIG) is None:
+        """config.json, written once the inputs are validated (again when ``reopen`` freed some settings)."""
+        old = self.load(CONFIG)
+        if old is None or OPEN in old:
             self.save(CONFIG, config)
         return config
+
+    def reopen(self, keys):
+        """A stage failed in a way its settings caused (training diverged) and its work was discarded: the
+        settings ``keys`` may change on the next run (which then records them).  With ``keys`` None every
+        setting may (nothing of the run is kept): config.json goes."""
+        old = self.load(CONFIG)
+        if old is None:
+            return
+        if keys is None:
+            os.unlink(self.file(CONFIG))
+            return
+        old[OPEN] = sorted(set(old.get(OPEN, ())) | set(keys))
+        self.save(CONFIG, old)
 
     def guard(self, config, flags=False):
         """check + save_config: call it once the inputs are validated."""
@@ -146,7 +184,7 @@ class RunFolder:
         return self.save(rel, record)
 
 
-def command_config(args, hashed=(), leave_out=("quiet", "out")):
+def command_config(args, hashed=(), leave_out=("quiet", "out", "cache_dir")):
     """The settings of a command (an argparse Namespace) as a run folder records them: every argument but
     ``leave_out``; ``hashed`` names arguments whose file's sha256 joins them (same path, other bytes differs)."""
     from .caffe_io import file_sha256

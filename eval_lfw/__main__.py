@@ -1,5 +1,7 @@
 """python -m eval_lfw: LFW verification accuracy (10-fold protocol) of a Caffe face model."""
-from base import cli
+import os
+
+from base import cli, netcheck
 from base.netinput import CROPS
 
 from .features import DEFAULT_CACHE
@@ -32,8 +34,8 @@ def parser():
                    help="5-point landmark file for raw (e.g. 250x250) LFW images, lines "
                         "'NAME/NAME_0001.jpg x1 y1 ... x5 y5' (eyes, nose, mouth corners; 0-based pixels); "
                         "faces are aligned to the 112x112 template, then --crop applies")
-    p.add_argument("--batch", type=int, default=64, help="images per Caffe forward pass (default 64)")
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--batch", type=cli.count, default=64, help="images per Caffe forward pass (default 64)")
+    p.add_argument("--workers", type=cli.whole, default=1,
                    help="image-decoding processes running ahead of Caffe (default 1; 0 decodes in between forwards)")
     p.add_argument("--out", default=None, help="folder for results.json and roc.png (default: print only)")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE,
@@ -49,7 +51,12 @@ def main(argv=None):
     args = parser().parse_args(argv)
     if args.batch < 1 or args.workers < 0:
         raise cli.UsageError("--batch must be >= 1 and --workers >= 0")
-    cli.check_files(model=args.model, weights=args.weights, pairs=args.pairs, landmarks=args.landmarks)
+    inputs = dict(model=args.model, weights=args.weights, pairs=args.pairs, landmarks=args.landmarks)
+    cli.check_files(**inputs)
+    if args.out:
+        cli.check_outputs(inputs, [os.path.join(args.out, name) for name in ("results.json", "roc.png")])
+        cli.check_out(args.out)
+    netcheck.probe_nets([("--model " + args.model, args.model, "test")])
     from . import evaluator
     result = evaluator.evaluate(
         args.model, args.blob, args.lfw_dir, args.pairs, weights=args.weights, folds=args.eval_folds,

@@ -91,6 +91,7 @@ class EvalSpec:
     flip: bool = True
     rgb: bool = False
     progress: bool = True
+    cache_dir: Optional[str] = None      # the feature cache (None: the default, .cache/eval_lfw)
 
 
 def evaluate_net(spec, proto, weights):
@@ -102,7 +103,7 @@ def evaluate_net(spec, proto, weights):
     check_images(spec.lfw_dir, rels[:1])
     crop = preprocess_for(shape, spec.lfw_dir, rels[:1], spec.rgb).crop
     r = evaluate(proto, spec.blob, spec.lfw_dir, pairs, weights=weights, folds=spec.folds, crop=crop, flip=spec.flip,
-                 bgr=not spec.rgb, progress=spec.progress)
+                 bgr=not spec.rgb, progress=spec.progress, cache_dir=spec.cache_dir or F.DEFAULT_CACHE)
     return dict(accuracy=r["accuracy_mean"], std=r["accuracy_std"], tar_at_far_1e3=r["tar_at_far_1e-3"],
                 folds=r["folds"], flip=r["flip"])
 

@@ -80,6 +80,8 @@ def embeddings(model, weights, blob, root, rels, pre, flip=True, batch=64, worke
     not seen before with these model bytes and preprocessing go through Caffe.
     Returns (features, number computed, seconds of computing)."""
     cache = FeatureCache(cache_dir, cache_key(model, weights, blob, pre, root, landmarks)) if cache_dir else None
+    if cache:
+        caffe_io.sweep_litter(cache_dir, recursive=False)   # staging files of killed writers (shared folder)
     sigs = signatures(root, rels) if cache else None
     rows = cache.lookup(rels, sigs, flip) if cache else [None] * len(rels)
     todo = [i for i, row in enumerate(rows) if row is None]

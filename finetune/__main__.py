@@ -1,7 +1,7 @@
 """python -m finetune: fine-tune (or train) a Caffe deploy net with Caffe's solver."""
 import json
 
-from base import cli
+from base import cli, netcheck
 from .driver import FineTuneJob, finetune
 from .solver import POLICIES
 
@@ -26,29 +26,29 @@ def parser():
                                      "before this fine-tune; its weights default to --weights)")
     ap.add_argument("--precompute-teacher", action="store_true",
                     help="distill: compute the teacher's embeddings of the list images once (cached in "
-                         ".cache/eval_lfw) and let the train net look them up (a frozen Embed layer) instead of "
+                         "--cache-dir) and let the train net look them up (a frozen Embed layer) instead of "
                          "running the teacher every iteration; with mirroring the target is the mean of the "
                          "image's and its mirror's embeddings. Much faster on a CPU; memory: images x dim floats")
-    ap.add_argument("--num-classes", type=int, default=0,
+    ap.add_argument("--num-classes", type=cli.whole, default=0,
                     help="asoftmax: classes of fc6 (default: 1 + the largest label in the list)")
     ap.add_argument("--margin", type=int, default=4, choices=(1, 2, 3, 4), help="asoftmax: margin m (default 4)")
     ap.add_argument("--native-asoftmax", action="store_true",
                     help="asoftmax: use the SphereFace fork's native MarginInnerProduct layer instead of the "
                          "toolkit's Python layer (only for a Caffe that has it)")
-    ap.add_argument("--epochs", type=float, default=1.0,
+    ap.add_argument("--epochs", type=cli.positive, default=1.0,
                     help="passes over the list; iterations = ceil(images * epochs / batch) (default 1)")
-    ap.add_argument("--batch", type=int, default=64, help="images per iteration (default 64)")
+    ap.add_argument("--batch", type=cli.count, default=64, help="images per iteration (default 64)")
     cli.add_finetune_lr(ap, 1e-3, "base learning rate (default 1e-3, the recipe's)")
     ap.add_argument("--lr-policy", choices=POLICIES, default="fixed",
                     help="fixed, step (x gamma every --stepsize iterations) or multistep (x gamma at each of "
                          "--stepvalues) (default fixed)")
-    ap.add_argument("--gamma", type=float, default=0.1, help="lr multiplier of step/multistep (default 0.1)")
-    ap.add_argument("--stepsize", type=int, default=0, help="step policy: iterations between lr drops")
+    ap.add_argument("--gamma", type=cli.positive, default=0.1, help="lr multiplier of step/multistep (default 0.1)")
+    ap.add_argument("--stepsize", type=cli.whole, default=0, help="step policy: iterations between lr drops")
     ap.add_argument("--stepvalues", type=cli.int_list, default=(),
                     help="multistep policy: comma-separated iterations, e.g. 16000,24000")
-    ap.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    ap.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (default 5e-4)")
-    ap.add_argument("--snapshot-every", type=int, default=500,
+    ap.add_argument("--momentum", type=cli.below_one, default=0.9, help="SGD momentum (default 0.9)")
+    ap.add_argument("--weight-decay", type=cli.non_negative, default=5e-4, help="weight decay (default 5e-4)")
+    ap.add_argument("--snapshot-every", type=cli.whole, default=500,
                     help="Caffe snapshot (caffemodel + solverstate) every N iterations, and at the end (default 500)")
     ap.add_argument("--no-mirror", action="store_true", help="no random horizontal flips")
     ap.add_argument("--seed", type=int, default=0, help="Caffe's random seed (fillers, list shuffling)")
@@ -57,6 +57,7 @@ def parser():
                          "with NCCL on both. Default: CPU")
     ap.add_argument("--resume", action="store_true",
                     help="continue from the newest snapshot in --out (a finished run just reports)")
+    cli.add_cache_dir(ap)
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap
 
@@ -70,7 +71,7 @@ def job_of(a):
         margin=a.margin, native_asoftmax=a.native_asoftmax, epochs=a.epochs, batch_size=a.batch,
         base_lr=a.finetune_lr, lr_policy=a.lr_policy, gamma=a.gamma, stepsize=a.stepsize,
         stepvalues=a.stepvalues, momentum=a.momentum, weight_decay=a.weight_decay, snapshot_every=a.snapshot_every,
-        rgb=a.rgb, mirror=not a.no_mirror, teacher_rgb=a.teacher_rgb, seed=a.seed, gpu=a.gpu)
+        rgb=a.rgb, mirror=not a.no_mirror, teacher_rgb=a.teacher_rgb, seed=a.seed, gpu=a.gpu, cache_dir=a.cache_dir)
 
 
 @cli.entry(PROG)
@@ -78,6 +79,9 @@ def main(argv=None):
     a = parser().parse_args(argv)
     job = job_of(a)
     cli.check_files(**job.inputs())
+    cli.check_out(a.out)
+    netcheck.probe_nets([(flag + " " + path, path, "test") for flag, path in
+                         (("--model", job.deploy), ("--teacher", job.teacher)) if path])
     done = finetune(job, resume=a.resume, progress=not a.quiet)
     print(json.dumps({k: v for k, v in done.items() if k != "config"}, indent=1))
     return 0

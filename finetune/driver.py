@@ -8,11 +8,14 @@
     final.caffemodel                                   the fine-tuned deploy weights
     done.json                                          written last: the run is complete
 
-Killed at any point, the same job with ``resume=True`` restores the newest
-solver state and goes on; a finished job returns at once.  Caffe's ImageData
-does not record its place in the list, so a resumed run starts the (shuffled)
-list afresh: the iteration count and the learning-rate schedule continue
-exactly, the order of images does not.
+Everything the job reads is checked first (``check_job``); nothing is
+written before.  Killed at any point, the same job with ``resume=True``
+restores the newest intact snapshot (a torn one, from a kill or a full disk
+in the middle of Caffe's write, is removed) and goes on exactly: the solver
+state is Caffe's, and the data layers are run over the batches already
+consumed, so the images continue in the uninterrupted run's order (CPU: the
+resumed run's weights are bit-identical to an uninterrupted run's).  A
+finished job returns at once; a job whose loss diverged is discarded.
 """
 import os
 import re
@@ -22,14 +25,19 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
-from base import caffe_io
-from base.lists import read_list
+from base import caffe_io, cli, netcheck
+from base.lists import check_images_decode, read_list
+from base.netinput import input_layer
 from base.runfolder import RunFolder
-from . import heads, loop, solver as solver_mod, trainnet
+from . import heads, loop, snapshots, solver as solver_mod, trainnet
 
 
 class FineTuneError(ValueError):
     pass
+
+
+class Diverged(FineTuneError):
+    """The loss became NaN or infinite: the run was discarded (its settings, not its inputs, were wrong)."""
 
 
 @dataclass
@@ -65,6 +73,7 @@ class FineTuneJob:
     mirror: bool = True
     seed: int = 0
     gpu: Optional[Sequence[int]] = None  # None: CPU; [id]: pycaffe on that GPU; [a, b, ..]: `caffe train` (NCCL)
+    cache_dir: Optional[str] = None      # feature cache of the teacher's embeddings (None: the evaluator's default)
 
     def inputs(self):
         """{flag: path} of the files the job reads (for a check before anything is written)."""
@@ -77,10 +86,55 @@ class FineTuneJob:
         c["gpu"] = list(self.gpu) if self.gpu is not None else None
         if self.head != "softmax-center":   # settings of that head only (a run folder of another head
             del c["lambda_c"], c["center_alpha"]   # made before they existed still resumes)
+        del c["cache_dir"]                  # where features are cached changes no result
         for key in ("deploy", "weights", "train_list", "teacher", "teacher_weights"):
             if c[key]:
                 c[key + "_sha256"] = caffe_io.file_sha256(c[key])
         return c
+
+
+def _check_numbers(job):
+    """The job's numbers as Caffe needs them (nonsense is refused, not run)."""
+    def finite(v):
+        return v == v and abs(v) != float("inf")
+    bad = [(flag, value, want) for flag, value, ok, want in [
+        ("--epochs", job.epochs, finite(job.epochs) and job.epochs > 0, "> 0"),
+        ("--batch", job.batch_size, job.batch_size >= 1, ">= 1"),
+        ("--finetune-lr", job.base_lr, finite(job.base_lr) and job.base_lr > 0, "> 0"),
+        ("--snapshot-every", job.snapshot_every, job.snapshot_every >= 0, ">= 0 (0: only at the end)"),
+        ("--momentum", job.momentum, 0 <= job.momentum < 1, "in [0, 1)"),
+        ("--weight-decay", job.weight_decay, finite(job.weight_decay) and job.weight_decay >= 0, ">= 0"),
+        ("--gamma", job.gamma, finite(job.gamma) and job.gamma > 0, "> 0"),
+        ("--stepsize", job.stepsize, job.stepsize >= 0, ">= 0"),
+        ("--stepvalues", list(job.stepvalues), all(v > 0 for v in job.stepvalues)
+         and list(job.stepvalues) == sorted(set(job.stepvalues)), "positive and increasing"),
+        ("--num-classes", job.num_classes, job.num_classes >= 0, ">= 0 (0: from the list)"),
+        ("--margin", job.margin, job.margin in (1, 2, 3, 4), "1, 2, 3 or 4")] if not ok]
+    if bad:
+        raise FineTuneError("; ".join("%s %s: expected %s" % b for b in bad))
+    if job.head not in heads.HEADS:
+        raise FineTuneError("unknown head %r: choose %s" % (job.head, ", ".join(heads.HEADS)))
+
+
+def check_job(job):
+    """Everything a job needs, checked before anything is written: numbers, files, that no output overwrites an
+    input, nets Caffe can build (base.netcheck), caffemodels holding every layer of their net, a list of images
+    Caffe can decode, the GPU.  Raises a named error (a ValueError)."""
+    _check_numbers(job)
+    cli.check_files(**job.inputs())
+    cli.check_outputs(job.inputs(), [os.path.join(job.out, "")])
+    for flag, proto, weights in (("--model", job.deploy, job.weights), ("--teacher", job.teacher, job.teacher_weights)):
+        if proto:
+            net = caffe_io.read_net(proto)
+            netcheck.check_net(net, proto)
+            input_layer(net, proto)
+            if weights:
+                caffe_io.check_weights(caffe_io.net_from_param(net), caffe_io.read_weights(weights), weights,
+                                       complete=True)
+    items = read_list(job.train_list, job.root_folder)
+    check_images_decode(items, job.train_list)
+    solver_mod.iterations(len(items), job.epochs, job.batch_size)
+    cli.check_gpu(tuple(job.gpu or ()))
 
 
 def build(job, start_iter=0, progress=True):
@@ -111,7 +165,9 @@ def build(job, start_iter=0, progress=True):
 
 
 def finetune(job, resume=True, progress=True):
-    """Run (or continue) a fine-tune job; returns the done.json record."""
+    """Run (or continue) a fine-tune job; returns the done.json record.  A run whose loss diverges is discarded
+    (its folder cleared of snapshots, logs and config), so the corrected command can use the folder."""
+    check_job(job)
     p = loop.paths(job.out)
     config = job.config()
     with RunFolder(job.out, FineTuneError) as run:
@@ -123,17 +179,34 @@ def finetune(job, resume=True, progress=True):
             raise FineTuneError("%s already has snapshots; pass --resume to continue them" % job.out)
         p, n_iter, init = build(job, loop.latest_snapshot(p["snapshots"])[0] if resume else 0, progress)
         run.save_config(config)
-        start = time.time()
-        title = "fine-tune (%s)" % job.head
-        if job.gpu is not None and len(job.gpu) > 1:
-            _train_multi_gpu(job, p, init)
-            record = loop.finish(p, n_iter, title)
-        else:
-            record = loop.train(job.out, caffe_io.read_net(p["deploy"]), n_iter, init,
-                                snapshot_every=job.snapshot_every, title=title,
-                                source=job.weights or "initial weights", protect=[job.weights],
-                                gpu=job.gpu[0] if job.gpu else None, progress=progress)
-        return run.save("done.json", dict(record, config=config, seconds=round(time.time() - start, 1)))
+        try:
+            return run.save("done.json", _train(job, p, n_iter, init, config, progress))
+        except loop.Diverging as e:
+            _discard(run, p)
+            raise Diverged("%s (run folder %s cleared: the corrected command can use it)" % (e, job.out)) from None
+
+
+def _train(job, p, n_iter, init, config, progress):
+    start = time.time()
+    title = "fine-tune (%s)" % job.head
+    if job.gpu is not None and len(job.gpu) > 1:
+        _train_multi_gpu(job, p, init)
+        record = loop.finish(p, n_iter, title)
+    else:
+        record = loop.train(job.out, caffe_io.read_net(p["deploy"]), n_iter, init,
+                            snapshot_every=job.snapshot_every, title=title,
+                            source=job.weights or "initial weights", protect=[job.weights],
+                            gpu=job.gpu[0] if job.gpu else None, progress=progress)
+    return dict(record, config=config, seconds=round(time.time() - start, 1))
+
+
+def _discard(run, p):
+    """A diverged run: nothing of it is worth resuming."""
+    snapshots.clear(p["snapshots"])
+    for key in ("csv", "png", "final", "done", "init"):
+        if os.path.exists(p[key]):
+            os.unlink(p[key])
+    run.reopen(None)
 
 
 def _train_multi_gpu(job, p, init):

@@ -42,18 +42,19 @@ def blob_dim(netparam, blob):
     return int(np.prod(net.blobs[blob].data.shape[1:]))
 
 
-def teacher_table(items, root, out, proto, weights, blob, rgb, mirror, progress=True):
+def teacher_table(items, root, out, proto, weights, blob, rgb, mirror, progress=True, cache_dir=None):
     """The teacher's embedding of every list image, computed once (through the
     evaluator's feature cache, so later jobs with the same teacher and images
     reuse it), and the list that indexes it: line i is "path i".  With
     mirroring the row is the mean of the L2-normalised embeddings of the image
     and its mirror, the target for either view."""
-    from eval_lfw.features import embeddings
+    from eval_lfw.features import DEFAULT_CACHE, embeddings
     _, t_shape = input_layer(caffe_io.read_net(proto), proto)
     root = root or ""
     rels = [os.path.relpath(path, root) if root else path for path, _ in items]
     pre = preprocess_for(t_shape, root, rels, rgb)
-    feats, computed, seconds = embeddings(proto, weights, blob, root, rels, pre, flip=mirror, progress=progress)
+    feats, computed, seconds = embeddings(proto, weights, blob, root, rels, pre, flip=mirror, progress=progress,
+                                          cache_dir=cache_dir or DEFAULT_CACHE)
     if computed and progress:
         print("teacher embeddings: %d images in %.0f s" % (computed, seconds), file=sys.stderr)
     if mirror:
@@ -82,11 +83,12 @@ def _distill(job, deploy, items, data, progress):
     student_dim = blob_dim(deploy, job.embedding)
     if job.precompute_teacher:
         table, index_list = teacher_table(items, job.root_folder, job.out, teacher_proto, teacher_weights, t_blob,
-                                          t_rgb, job.mirror, progress)
+                                          t_rgb, job.mirror, progress, getattr(job, "cache_dir", None))
         data.source, data.size = index_list, read_size(deploy, items)
         head = trainnet.Distill(teacher=None, embedding=job.embedding, teacher_embedding=t_blob,
                                 student_dim=student_dim, teacher_dim=table.shape[1], table_rows=len(table))
         return head, {trainnet.TEACHER + t_blob: [table]}
+    data.size = read_size(deploy, items)   # 112x112 aligned faces: read whole, the student sees the 112x96 crop
     teacher = caffe_io.read_net(teacher_proto)
     t_weights = caffe_io.read_weights(teacher_weights)
     head = trainnet.Distill(teacher=teacher, embedding=job.embedding, teacher_embedding=t_blob,

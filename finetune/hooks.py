@@ -31,6 +31,7 @@ class FineTuneSpec:
     seed: int = 0
     gpu: Optional[Tuple[int, ...]] = None
     progress: bool = True
+    cache_dir: Optional[str] = None      # feature cache of the teacher's embeddings (None: the default)
 
     def job(self, out, proto, weights, epochs, teacher, teacher_weights):
         """The finetune.driver job that distils ``proto`` + ``weights`` from the teacher for ``epochs``."""
@@ -40,7 +41,7 @@ class FineTuneSpec:
                                   precompute_teacher=self.precompute_teacher, mirror=self.mirror, rgb=self.rgb,
                                   epochs=epochs, batch_size=self.batch, base_lr=self.lr,
                                   snapshot_every=self.snapshot_every, seed=self.seed,
-                                  gpu=list(self.gpu) if self.gpu is not None else None)
+                                  gpu=list(self.gpu) if self.gpu is not None else None, cache_dir=self.cache_dir)
 
 
 def distill_hooks(spec, teacher, teacher_weights):

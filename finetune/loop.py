@@ -9,22 +9,27 @@ extra columns]), loss.png and final.caffemodel (the weights of ``deploy``'s
 layers, checked by loading them in Caffe).  A per-iteration ``step(solver)
 -> (loss, *extra)`` replaces ``solver.step(1)``: the BN-scale penalties of
 channel prioritisation (finetune.bnscale.step) are one.  Killed at any
-point, the same call restores the newest snapshot and goes on.
+point, the same call restores the newest intact snapshot (finetune.snapshots:
+a torn one is removed) and goes on exactly where the uninterrupted run would
+be, images included.
 """
 import csv
-import glob
 import os
-import re
 import sys
 
 import numpy as np
 
-from base import caffe_io
+from base import caffe_io, faults
 from base.figures import pyplot, save_figure
+from . import snapshots
 
 
 class TrainError(ValueError):
     pass
+
+
+class Diverging(TrainError):
+    """The loss became NaN or infinite (the settings, e.g. the learning rate, are at fault)."""
 
 
 def paths(folder):
@@ -36,27 +41,13 @@ def paths(folder):
                 init=os.path.join(folder, "init.caffemodel"))
 
 
-def _iteration(state):
-    return int(re.search(r"_(\d+)\.solverstate$", state).group(1))
-
-
 def latest_snapshot(folder):
-    """(iteration, .solverstate path) of the newest complete snapshot, or (0, None)."""
-    best = (0, None)
-    for state in glob.glob(os.path.join(folder, "snap_iter_*.solverstate")):
-        it = _iteration(state)
-        if os.path.exists(state[:-len(".solverstate")] + ".caffemodel") and it > best[0]:
-            best = (it, state)
-    return best
+    """(iteration, .solverstate path) of the newest intact snapshot, or (0, None) (finetune.snapshots)."""
+    return snapshots.latest(folder)
 
 
 def drop_old_snapshots(folder, keep=2):
-    """Snapshots are whole models plus solver state: keep only the newest few."""
-    states = sorted(glob.glob(os.path.join(folder, "snap_iter_*.solverstate")), key=_iteration)
-    for state in states[:-keep]:
-        for path in (state, state[:-len(".solverstate")] + ".caffemodel"):
-            if os.path.exists(path):
-                os.unlink(path)
+    snapshots.drop_old(folder, keep)
 
 
 def read_loss_csv(path, upto=None):
@@ -66,7 +57,10 @@ def read_loss_csv(path, upto=None):
         with open(path) as f:
             for row in csv.reader(f):
                 if len(row) >= 2 and row[0].isdigit() and (upto is None or int(row[0]) <= upto):
-                    rows.append((int(row[0]),) + tuple(float(v) for v in row[1:]))
+                    try:
+                        rows.append((int(row[0]),) + tuple(float(v) for v in row[1:]))
+                    except ValueError:   # a row cut short by a kill or a full disk: its iteration is redone
+                        continue
     return rows
 
 
@@ -105,9 +99,12 @@ def deploy_weights(net, deploy):
 
 
 def _restore(solver, p, init, source, title, on_start):
+    for path, why in snapshots.drop_torn(p["snapshots"]):
+        print("%s: removed a snapshot that cannot be restored: %s" % (title, why), file=sys.stderr)
     _, state = latest_snapshot(p["snapshots"])
     if state:
-        solver.restore(state)
+        snapshots.restore(solver, state)
+        snapshots.fast_forward(solver, solver.iter, _iter_size(p["solver"]))
         print("%s: resumed from iteration %d (%s)" % (title, solver.iter, state), file=sys.stderr)
     else:
         caffe_io.load_into(solver.net, init, source=source)
@@ -115,6 +112,35 @@ def _restore(solver, p, init, source, title, on_start):
             on_start(solver.net)
     rows = read_loss_csv(p["csv"], solver.iter)   # a killed run's rows after its snapshot go
     caffe_io.atomic_write(p["csv"], "".join(",".join(_fmt(v) for v in r) + "\n" for r in rows), sync=False)
+
+
+def _iter_size(solver_path):
+    from google.protobuf import text_format
+    from caffe.proto import caffe_pb2
+    s = caffe_pb2.SolverParameter()
+    with open(solver_path) as f:
+        text_format.Merge(f.read(), s)
+    return max(1, s.iter_size)
+
+
+def check_finite(solver, title):
+    """Weights that overflowed (a learning rate far too high) diverge whatever the loss still says."""
+    for name, blobs in solver.net.params.items():
+        if not all(np.isfinite(b.data).all() for b in blobs):
+            raise Diverging("%s: the weights of layer %r became NaN or infinite by iteration %d; lower the learning "
+                            "rate" % (title, name, solver.iter))
+
+
+def snapshot(solver, p, title="fine-tune"):
+    """Caffe's snapshot of the solver (of finite weights), once there is room for it (a failed write aborts
+    Caffe)."""
+    check_finite(solver, title)
+    model_bytes = sum(b.data.size * 4 for blobs in solver.net.params.values() for b in blobs)
+    snapshots.check_space(p["snapshots"], model_bytes, per=2)
+    solver.snapshot()
+    state = os.path.join(p["snapshots"], "snap_iter_%d%s" % (solver.iter, snapshots.STATE))
+    faults.point("snapshot", state, files=(snapshots.model_of(state), state))
+    drop_old_snapshots(p["snapshots"])
 
 
 def _fmt(value):
@@ -140,26 +166,26 @@ def train(folder, deploy, n_iter, init, step=plain_step, columns=(), snapshot_ev
     _restore(solver, p, init, source, title, on_start)
     bar = tqdm(total=n_iter, initial=solver.iter, desc=title, unit="it", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
-    with open(p["csv"], "a") as log:
-        writer = csv.writer(log)
+    with open(p["csv"], "a", buffering=1) as log:
+        writer = csv.writer(log, lineterminator="\n")
         while solver.iter < n_iter:
             values = step(solver)
             if not np.isfinite(values[0]):
-                raise TrainError("%s: loss became %s at iteration %d; lower the learning rate"
-                                 % (title, values[0], solver.iter))
-            writer.writerow((solver.iter,) + tuple("%.6g" % v for v in values))
-            if solver.iter % 20 == 0:
-                log.flush()
+                raise Diverging("%s: loss became %s at iteration %d; lower the learning rate"
+                                % (title, values[0], solver.iter))
+            try:   # line-buffered: a row is on disk before the next iteration (and a full disk shows here)
+                writer.writerow((solver.iter,) + tuple("%.6g" % v for v in values))
+            except OSError as e:
+                raise TrainError("%s: cannot write %s (%s); make room and run the same command again to resume"
+                                 % (title, p["csv"], e.strerror or e)) from None
             if snapshot_every and solver.iter % snapshot_every == 0:
-                log.flush()
-                solver.snapshot()
-                drop_old_snapshots(p["snapshots"])
+                snapshot(solver, p, title)
             bar.set_postfix(dict(zip(("loss",) + tuple(columns), ("%.4f" % v for v in values))))
             bar.update(1)
     bar.close()
     if latest_snapshot(p["snapshots"])[0] != n_iter:
-        solver.snapshot()
-    drop_old_snapshots(p["snapshots"])
+        snapshot(solver, p, title)
+    check_finite(solver, title)
     caffe_io.write_weights(deploy, deploy_weights(solver.net, deploy), p["final"], protect=protect)
     caffe_io.open_net(p["deploy"], p["final"])   # the result must load in Caffe
     return finish(p, n_iter, title, columns)

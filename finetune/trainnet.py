@@ -302,10 +302,10 @@ def _teacher_table(net, head):
 
 def _teacher_net(net, head, data, raw, full):
     """Distillation from a frozen copy of the teacher net reading the same images."""
-    t_inp, _ = input_layer(head.teacher, "teacher net")
+    t_inp, t_shape = input_layer(head.teacher, "teacher net")
     teacher_input = raw
-    if head.teacher_rgb:
-        teacher_input = _input_chain(net, raw, TEACHER + "data", True, data.batch_size, full, full)
+    if head.teacher_rgb or t_shape[2:] != full[2:]:   # e.g. a 112x96 teacher: the same crop as the student's
+        teacher_input = _input_chain(net, raw, TEACHER + "data", head.teacher_rgb, data.batch_size, t_shape, full)
     t_blobs = set()
     for layer in head.teacher.layer:
         if layer is t_inp:

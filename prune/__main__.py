@@ -1,5 +1,6 @@
 """python -m prune: layer-by-layer channel pruning of a Caffe net (with optional fine-tuning)."""
 import argparse
+import os
 
 from base import caffe_io, cli
 from base.images import image_batches
@@ -54,7 +55,7 @@ def finetune_hooks(a, net):
                         epochs_per_layer=a.finetune_epochs_per_layer, epochs_final=a.finetune_epochs_final,
                         lr=a.finetune_lr, batch=a.finetune_batch, embedding=a.blob or net.layer[-1].top[0],
                         rgb=a.rgb, precompute_teacher=a.precompute_teacher, seed=a.seed,
-                        gpu=tuple(a.gpu) if a.gpu else None, progress=not a.quiet)
+                        gpu=tuple(a.gpu) if a.gpu else None, progress=not a.quiet, cache_dir=a.cache_dir)
     return distill_hooks(spec, a.model, a.weights)
 
 
@@ -74,7 +75,7 @@ def add_reconstruction(ap):
                      help="measure the BatchNorm statistics again on the sampling images after the last cut "
                           "(end), after every cut (each), or not (none, default: after the least squares it did "
                           "not help on the real MobileFaceNet, see README)")
-    rec.add_argument("--positions-per-image", type=sampling.positive_int, default=10,
+    rec.add_argument("--positions-per-image", type=cli.count, default=10,
                      help="sampled output positions per image for the least squares, every output channel at "
                           "each (default 10)")
 
@@ -92,7 +93,7 @@ def parser():
     cli.add_net(ap, weights_required=True, blob_default=None,
                 blob_help="embedding blob, for fine-tuning (default: the net's last output)")
     sampling.add_images(ap)
-    ap.add_argument("--samples-per-image", type=sampling.positive_int, default=10,
+    ap.add_argument("--samples-per-image", type=cli.count, default=10,
                     help="random (output filter, position) samples per image and consumer (default 10, as in "
                          "ThiNet). Memory: one C x C Gram per consumer plus one batch of activations; it does "
                          "not grow with --images; time grows linearly with --images")
@@ -105,11 +106,11 @@ def parser():
     how.add_argument("--keep", type=cli.parse_keep, default=0.5,
                      help="share of channels kept: one ratio for every selected group (0.5), or a table by "
                           "layer/group name (conv1_1=0.5,conv2_1=0.75)")
-    how.add_argument("--macs-target", type=float, default=None,
+    how.add_argument("--macs-target", type=cli.open_fraction, default=None,
                     help="instead of --keep: the share of the net's MACs to keep (e.g. 0.5); one keep ratio for "
                          "all selected groups is found by bisection (each probe a real surgery measured by "
                          "python -m prune.stats) and reported")
-    how.add_argument("--threshold", type=float, default=None,
+    how.add_argument("--threshold", type=cli.non_negative, default=None,
                     help="instead of --keep: network slimming's global threshold (e.g. 0.1); every channel whose "
                          "|gamma| (Scale after BatchNorm, the largest over a residual stream) is below it goes, "
                          "so each group keeps its own share; a group keeps at least its largest channel. Needs "
@@ -123,28 +124,39 @@ def parser():
     add_reconstruction(ap)
     ap.add_argument("--seed", type=int, default=0, help="seed of image draw, sampling and random criterion")
     ft = ap.add_argument_group("fine-tuning (distillation from the unpruned net, Caffe's solver; python -m finetune)")
-    ft.add_argument("--finetune-epochs-per-layer", type=float, default=0,
+    ft.add_argument("--finetune-epochs-per-layer", type=cli.non_negative, default=0,
                     help="epochs of fine-tuning after each pruned group (the original recipe: 1; default 0 = none)")
-    ft.add_argument("--finetune-epochs-final", type=float, default=0,
+    ft.add_argument("--finetune-epochs-final", type=cli.non_negative, default=0,
                     help="epochs after the last group (the original recipe: 8-9; default 0 = none)")
     cli.add_train_list(ft, old_root=False)
-    ft.add_argument("--finetune-batch", type=int, default=64, help="fine-tune batch size (default 64)")
+    ft.add_argument("--finetune-batch", type=cli.count, default=64, help="fine-tune batch size (default 64)")
     cli.add_finetune_lr(ft, 1e-3, "fine-tune base lr (default 1e-3, the recipe's)")
     ft.add_argument("--precompute-teacher", action="store_true",
                     help="compute the unpruned net's embeddings of the training images once instead of running "
                          "it inside every fine-tune (as python -m finetune --precompute-teacher; much faster on a CPU)")
     ft.add_argument("--gpu", type=cli.gpu_ids, default=None,
                     help="fine-tune on these GPU ids (as python -m finetune --gpu)")
+    cli.add_cache_dir(ft)
     ap.add_argument("--out", required=True, help="run folder (steps/, pruned.prototxt, pruned.caffemodel, log.json)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
 
 
+def check_inputs(a):
+    """Every input checked before any work (base.cli.check_run_inputs: files, outputs over inputs, a net and a
+    caffemodel Caffe can load, the fine-tune list's images, the output folder; and the GPU); returns the net."""
+    fine_tune = bool(a.finetune_epochs_per_layer or a.finetune_epochs_final)
+    cli.check_run_inputs(a, dict(model=a.model, weights=a.weights, train_list=a.train_list, pairs=a.pairs,
+                                 plan=a.plan, data=a.data if os.path.isfile(a.data) else None),
+                         nets=[("model", "weights")], train_list=fine_tune)
+    cli.check_gpu(a.gpu)
+    return caffe_io.read_net(a.model)
+
+
 @cli.entry(PROG)
 def main(argv=None):
     a = parser().parse_args(argv)
-    cli.check_files(model=a.model, weights=a.weights, train_list=a.train_list, pairs=a.pairs, plan=a.plan)
-    net = caffe_io.read_net(a.model)
+    net = check_inputs(a)
     _, shape = input_layer(net, a.model)
     root, rels, pre, _ = sampling.images_of(a, shape)
     layers = "all" if a.layers == "all" else [s.strip() for s in a.layers.split(",") if s.strip()]

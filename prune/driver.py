@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from base import caffe_io
+from base import caffe_io, cli
 from base.runfolder import RunFolder
 from prune import bnstats
 from prune.criteria import make as make_criterion
@@ -120,8 +120,10 @@ def _bn_at_end(folder, proto, model, images):
 def _run(job, folder, images, finetune, final_finetune, progress):
     from tqdm import tqdm
     config = folder.check(job.config())
+    cli.check_outputs(dict(model=job.model, weights=job.weights), [os.path.join(job.out, "")])
     net = caffe_io.read_net(job.model)
     weights = caffe_io.read_weights(job.weights)
+    caffe_io.check_weights(caffe_io.net_from_param(net), weights, job.weights, complete=True)
     graph = build_graph(net, source=job.model)
     plan = plan_groups(graph, job.layers, job.keep)
     if not plan:

@@ -25,23 +25,12 @@ def add_images(ap, images_help=None):
     ap.add_argument("--lfw-unpaired", action="store_true",
                     help="with --lfw-folds: also the people named in no pair of pairs.txt (in no test fold)")
     ap.add_argument("--pairs", default=None, help="LFW pairs.txt, for --lfw-folds")
-    ap.add_argument("--images", type=positive_int, default=None,
+    ap.add_argument("--images", type=cli.count, default=None,
                     help=images_help or "images per sampling pass, drawn once with --seed (default: all, at most "
                                         "%d)" % DEFAULT_IMAGES)
     ap.add_argument("--crop", default="auto", choices=("auto", "112x96", "none"),
                     help="auto: SphereFace 112x96 crop when the images are 112x112 and the net takes 112x96")
-    ap.add_argument("--batch", type=positive_int, default=32, help="images per Caffe forward (default 32)")
-
-
-def positive_int(text):
-    import argparse
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError("expected a whole number >= 1, not %r" % text)
-    return value
+    ap.add_argument("--batch", type=cli.count, default=32, help="images per Caffe forward (default 32)")
 
 
 def people_of(a):

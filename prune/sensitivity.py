@@ -196,7 +196,7 @@ def parser():
     cli.add_net(ap, weights_required=True, blob_default=None, blob_required=True,
                 blob_help="embedding blob whose change is the damage (e.g. fc5, fc1)")
     sampling.add_images(ap, "images the closed-form step samples (default: all, at most %d)" % sampling.DEFAULT_IMAGES)
-    ap.add_argument("--judge-images", type=sampling.positive_int, default=128,
+    ap.add_argument("--judge-images", type=cli.count, default=128,
                     help="further images, never sampled, on which the damage is measured (default 128)")
     ap.add_argument("--ratios", type=_ratios, default=RATIOS,
                     help="keep ratios to try, comma-separated (default %s)" % ",".join("%g" % r for r in RATIOS))

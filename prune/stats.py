@@ -25,7 +25,7 @@ import os
 
 import numpy as np
 
-from base import caffe_io, cli
+from base import caffe_io, cli, netcheck
 from base.caffe_io import CaffeFileError
 from caffe.proto import caffe_pb2
 
@@ -159,12 +159,13 @@ def _macs(layer_type, weight, bottom, top):
     return 0
 
 
-def net_stats(net, exclude=(), weights=None):
+def net_stats(net, exclude=(), weights=None, probe=False):
     """Per-layer params and MACs of a net (prototxt path or NetParameter).
 
     exclude: layer names to leave out (with what depends on them); loss heads go
     automatically. weights: a caffemodel path; its layers must fit the net
-    (CaffeFileError otherwise). Returns a NetStats.
+    (CaffeFileError otherwise). probe: build the net in a child process first
+    (base.netcheck), for a net from a user. Returns a NetStats.
     """
     if isinstance(net, (str, os.PathLike)):
         source = os.fspath(net)
@@ -175,6 +176,8 @@ def net_stats(net, exclude=(), weights=None):
     excluded = _drop(net, set(exclude), source)
     _inputs_at_batch_one(net, source)
     _check_types(net, source)
+    if probe:
+        netcheck.probe_nets([(source, net, "test")])
     caffe_net = caffe_io.net_from_param(net)
 
     declared = {layer.name for layer in net.layer}
@@ -252,7 +255,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     cli.check_file(args.prototxt, "net definition")
     cli.check_files(weights=args.weights)
-    stats = net_stats(args.prototxt, exclude=args.exclude, weights=args.weights)
+    stats = net_stats(args.prototxt, exclude=args.exclude, weights=args.weights, probe=True)
     print(json.dumps(stats.as_dict(), indent=1) if args.json else report(stats, args.prototxt))
     return 0
 

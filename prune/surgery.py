@@ -18,7 +18,7 @@ from collections import OrderedDict, defaultdict
 
 import numpy as np
 
-from base import caffe_io
+from base import caffe_io, faults
 from prune.graph import build_graph, data_shapes, phase_view
 
 
@@ -218,17 +218,24 @@ def save_pruned(net, weights, proto_path, model_path, inputs=()):
             if os.path.abspath(p) == os.path.abspath(out) or (
                     os.path.exists(out) and os.path.exists(p) and os.path.samefile(p, out)):
                 raise caffe_io.CaffeFileError("refusing to overwrite the input file %s" % out)
-    # Written beside the targets and renamed only once Caffe has loaded them.
-    staged = [path + ".unchecked" for path in (proto_path, model_path)]
+    # Written beside the targets under names of this process (base.caffe_io.staging_file: a killed run's are
+    # swept when its folder is opened again) and renamed only once Caffe has loaded them.
+    staged = []
     try:
+        for path in (proto_path, model_path):
+            fd, name = caffe_io.staging_file(path)
+            os.close(fd)
+            staged.append(name)
         caffe_io.write_net(net, staged[0], protect)
         caffe_io.write_weights(net, weights, staged[1], protect)
         verify(net, weights, staged[0], staged[1])
+        os.replace(staged[0], proto_path)
+        faults.point("renamed", proto_path)
+        os.replace(staged[1], model_path)
     except BaseException:
         for path in staged:
             if os.path.exists(path):
                 os.unlink(path)
         raise
-    os.replace(staged[0], proto_path)
-    os.replace(staged[1], model_path)
+    faults.point("renamed", model_path)
     return proto_path, model_path

@@ -286,6 +286,7 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="output prototxt (never the --model file)")
     a = ap.parse_args(argv)
     cli.check_files(model=a.model)
+    cli.check_outputs(dict(model=a.model), [a.out])
     deploy = caffe_io.read_net(a.model)
     net = multiwidth_net(deploy, a.levels, build_graph(deploy, source=a.model), freeze_bn=not a.keep_bn_trainable)
     caffe_io.write_net(net, a.out, protect=(a.model,))

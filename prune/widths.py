@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from base import caffe_io, cli
+from base import caffe_io, cli, netcheck
 from prune.graph import build_graph
 from prune.surgery import prune_net, save_pruned
 
@@ -115,6 +115,13 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="output folder: width<PCT>.prototxt/.caffemodel per level")
     a = ap.parse_args(argv)
     cli.check_files(model=a.model, weights=a.weights)
+    stems = [os.path.join(a.out, "width%g" % (100 * p)) for p in a.levels]
+    cli.check_outputs(dict(model=a.model, weights=a.weights), [os.path.join(a.out, "widths.json")] +
+                      [s + ext for s in stems for ext in (".prototxt", ".caffemodel")])
+    cli.check_out(a.out)
+    netcheck.probe_nets([("--model " + a.model, a.model, "test")])
+    caffe_io.check_weights(caffe_io.net_from_param(caffe_io.read_net(a.model)), caffe_io.read_weights(a.weights),
+                           a.weights, complete=True)
     rows = export_levels(a.model, a.weights, a.levels, a.out)
     print("%-8s %14s %16s  %s" % ("level", "params", "MACs", "prototxt"))
     for r in rows:

@@ -122,7 +122,7 @@ def test_bad_input_gets_a_clear_message(tmp_path, capsys):
     weights = caffe_io.write_weights(caffe_io.read_net(proto), random_weights(proto), str(tmp_path / "w.caffemodel"))
     code = prune_main(["--model", proto, "--weights", weights, "--data", str(tmp_path / "faces"), "--images", "10",
                        "--out", str(tmp_path / "out"), "--quiet"])
-    assert code == 2 and "asked for 10 images but" in capsys.readouterr().err
+    assert code == 2 and "--images 10: " in (err := capsys.readouterr().err) and "has only 3 images" in err
     assert not os.path.exists(tmp_path / "out" / "pruned.caffemodel")
 
 

@@ -184,4 +184,4 @@ def test_errors_and_cli(tmp_path, bn, capsys):
     outs = nets.caffe_forward(out, model, X)
     assert set(outs) == {"fc", "fc@50"}
     assert towers_main(["--model", proto, "--out", proto]) == 2
-    assert "refusing to overwrite" in capsys.readouterr().err
+    assert "it would be overwritten" in capsys.readouterr().err

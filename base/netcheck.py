@@ -1,0 +1,202 @@
+"""What Caffe would abort on, found before a net is handed to it.
+
+Caffe answers a net it cannot build with a glog ``Check failed`` and
+``abort()`` (exit status 134, no Python exception to catch).  ``check_net``
+looks at a NetParameter in the phase Caffe will build and raises a
+``CaffeFileError`` naming the file and the layer instead:
+
+* a layer type this Caffe build does not have (a fork's layer), or a Python
+  layer whose module cannot be found;
+* a bottom no earlier layer produces (a misspelt blob, or a loop: a layer
+  reading what a later one writes), a top produced by two layers;
+* a layer that may not run in place writing over its input (a Convolution
+  whose top is its bottom computes garbage, Reshape/Flatten abort);
+* two layers of one name (weights are stored by layer name);
+* an Input without a shape; a data layer whose source file is missing or
+  whose image list is empty or names a missing first image.
+
+``probe_nets`` builds nets in a forked child process, the one way to learn
+about everything else (a kernel larger than its input, Concat of unequal
+shapes) without this process dying: the child's last glog line becomes the
+error.
+``phase_view`` is Caffe's own layer filter (phase, level, stage rules).
+"""
+import os
+import tempfile
+
+from caffe.proto import caffe_pb2
+
+# Types whose output may overwrite their input (element-wise layers and what BVLC runs in place).
+IN_PLACE = frozenset(("ReLU", "PReLU", "ELU", "Sigmoid", "TanH", "AbsVal", "BNLL", "Power", "Exp", "Log", "Threshold",
+                      "Dropout", "BatchNorm", "Scale", "Bias", "Clip", "Swish", "Softmax"))
+DATA_SOURCES = {"ImageData": "image_data_param", "Data": "data_param", "HDF5Data": "hdf5_data_param",
+                "WindowData": "window_data_param"}
+
+
+def _error(text):
+    from .caffe_io import CaffeFileError
+    return CaffeFileError(text)
+
+
+def _meets(rule, state):
+    if rule.HasField("phase") and rule.phase != state.phase:
+        return False
+    if rule.HasField("min_level") and state.level < rule.min_level:
+        return False
+    if rule.HasField("max_level") and state.level > rule.max_level:
+        return False
+    if any(s not in state.stage for s in rule.stage):
+        return False
+    return not any(s in state.stage for s in rule.not_stage)
+
+
+def phase_view(net, phase=caffe_pb2.TEST):
+    """(layers Caffe instantiates in ``phase``, layers it leaves out), as Caffe's FilterNet."""
+    state = caffe_pb2.NetState(phase=phase, level=net.state.level, stage=list(net.state.stage))
+    kept, dropped = [], []
+    for layer in net.layer:
+        if len(layer.include):
+            on = any(_meets(r, state) for r in layer.include)
+        else:
+            on = not any(_meets(r, state) for r in layer.exclude)
+        (kept if on else dropped).append(layer)
+    return kept, dropped
+
+
+def known_types():
+    import caffe
+    return frozenset(caffe.layer_type_list())
+
+
+def _check_type(layer, known, source):
+    if layer.type not in known:
+        raise _error("%s: layer %r has type %r, which this Caffe build does not have (a layer of a Caffe fork?)"
+                     % (source, layer.name, layer.type))
+    if layer.type == "Python":
+        import importlib.util
+        module = layer.python_param.module
+        try:
+            found = bool(module) and importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found or not layer.python_param.layer:
+            raise _error("%s: Python layer %r: module %r (layer %r) cannot be found on the Python path"
+                         % (source, layer.name, module, layer.python_param.layer))
+
+
+def _check_blobs(layer, blobs, producer, source):
+    """Bottoms defined before use; tops new, or in place (top i == bottom i) where the type allows it."""
+    for bottom in layer.bottom:
+        if bottom not in blobs:
+            raise _error("%s: layer %r reads blob %r, which no earlier layer produces (a misspelt name, or a loop "
+                         "through a later layer)" % (source, layer.name, bottom))
+    for i, top in enumerate(layer.top):
+        in_place = i < len(layer.bottom) and layer.bottom[i] == top
+        if in_place and layer.type not in IN_PLACE and layer.type in known_types() and layer.type != "Python":
+            raise _error("%s: layer %r (%s) writes its output over its input blob %r (in place); only element-wise "
+                         "layers (ReLU, PReLU, BatchNorm, Scale, ...) may run in place" % (source, layer.name,
+                                                                                         layer.type, top))
+        if top in blobs and not in_place:
+            raise _error("%s: blob %r is produced by two layers, %r and %r" % (source, top, producer[top], layer.name))
+        blobs.add(top)
+        producer.setdefault(top, layer.name)
+
+
+def _check_source(layer, source):
+    field = DATA_SOURCES.get(layer.type)
+    if field is None:
+        return
+    param = getattr(layer, field)
+    path = param.source
+    if layer.type == "ImageData":
+        _check_image_list(layer, path, param.root_folder, source)
+    elif not path or not os.path.exists(path):
+        raise _error("%s: data layer %r reads %r, which does not exist" % (source, layer.name, path))
+
+
+def _check_image_list(layer, path, root, source):
+    """Caffe's ImageData reads the whole list at set-up and the first image at once."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), None)
+    except (OSError, UnicodeDecodeError) as e:
+        raise _error("%s: data layer %r reads image list %r: %s" % (source, layer.name, path,
+                                                                    getattr(e, "strerror", None) or e)) from None
+    if first is None:
+        raise _error("%s: data layer %r: image list %s is empty" % (source, layer.name, path))
+    image = root + first.rstrip().rpartition(" ")[0]
+    if not os.path.isfile(image):
+        raise _error("%s: data layer %r: the first image of %s, %s, does not exist" % (source, layer.name, path, image))
+
+
+def check_net(net, source="net", phase=caffe_pb2.TEST):
+    """Raise CaffeFileError (naming ``source`` and the layer) for what Caffe would abort on; see the module doc."""
+    layers, _ = phase_view(net, phase)
+    known = known_types()
+    blobs, producer, names = set(), {}, {}
+    for layer in layers:
+        if layer.name in names:
+            raise _error("%s: two layers are named %r (weights are stored by layer name)" % (source, layer.name))
+        names[layer.name] = layer
+        _check_type(layer, known, source)
+        if layer.type == "Input" and len(layer.input_param.shape) == 0:
+            raise _error("%s: Input layer %r has no shape" % (source, layer.name))
+        _check_source(layer, source)
+        _check_blobs(layer, blobs, producer, source)
+    if not layers:
+        raise _error("%s: the net has no layers in the %s phase" % (source, "TEST" if phase == caffe_pb2.TEST
+                                                                     else "TRAIN"))
+    return net
+
+
+# ------------------------------------------------------------------ building in a child process
+
+def glog_failure(stderr):
+    """The reason in a Caffe process's last words: its 'Check failed' / fatal glog line, else the last line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line[:1] == "F" and "] " in line:
+            return line.split("] ", 1)[1]
+    return lines[-1] if lines else "no message"
+
+
+def _build_in_child(path, phase):
+    """Build one net in a forked child (the parent's Caffe, nothing re-imported); (ok, its stderr)."""
+    import caffe
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child: its stderr into the pipe, then the net, then out without any clean-up
+        try:
+            os.close(read)
+            os.dup2(write, 2)
+            caffe.set_mode_cpu()   # no CUDA in a forked child
+            caffe.Net(path, caffe.TEST if phase == "test" else caffe.TRAIN)
+            code = 0
+        except BaseException:
+            code = 3
+        os._exit(code)
+    os.close(write)
+    chunks = []
+    while True:
+        chunk = os.read(read, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(read)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, b"".join(chunks).decode(errors="replace")
+
+
+def probe_nets(nets):
+    """Build every (label, path or NetParameter, phase) once where a failure cannot hurt: in a forked child
+    process.  A net Caffe cannot build raises CaffeFileError naming its label and Caffe's reason."""
+    from .caffe_io import read_net, write_net
+    for label, net, phase in nets:   # what can be named precisely is, in this process
+        check_net(read_net(net) if isinstance(net, (str, os.PathLike)) else net, label,
+                  caffe_pb2.TEST if phase == "test" else caffe_pb2.TRAIN)
+    with tempfile.TemporaryDirectory(prefix="probe-") as tmp:
+        for i, (label, net, phase) in enumerate(nets):
+            path = net if isinstance(net, (str, os.PathLike)) else write_net(net, os.path.join(tmp, "%d.prototxt" % i))
+            ok, stderr = _build_in_child(os.fspath(path), phase)
+            if not ok:
+                raise _error("%s: Caffe cannot build this net: %s" % (label, glog_failure(stderr)))
