@@ -17,6 +17,7 @@ stages take those and the records of the stages before them, and the report
 is built from the records alone.
 """
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from base.runfolder import RunFolder, command_config
 from base.shared import shared_dir
 from eval_lfw.evaluator import EvalSpec
 from finetune.hooks import FineTuneSpec
+from prune import options
 from prune.criteria import CRITERIA
 
 PROG = "python -m apps.pipeline"
@@ -52,6 +54,7 @@ class DataSpec:
     train_list: Optional[str] = None     # None: the people of train_folds of LFW
     train_root: str = ""
     train_folds: str = "1-5"
+    train_unpaired: bool = False         # also the people named in no pair (in no fold)
     lfw_dir: Optional[str] = None        # None: LFW from ../shared, else a generated set
     pairs: Optional[str] = None
     synthetic: bool = False              # the generated set even where LFW exists
@@ -72,8 +75,16 @@ class BaselineSpec:
 @dataclass(frozen=True)
 class PruneSpec:
     criterion: str = "thinet"
-    keep: object = 0.5                   # a ratio or {layer: ratio}
+    keep: object = 0.5                   # a ratio or {layer: ratio}; None: from macs_target
     images: int = 128
+    macs_target: Optional[float] = None  # instead of keep: the share of the MACs to keep
+    allocation: str = "sensitivity"      # with macs_target: per-group ratios from the sensitivity analysis, or one
+    judge_images: int = 128              # the sensitivity analysis's held-out images
+    reconstruct: str = "full"
+    targets: str = "original"
+    ridge: object = "auto"
+    bn_reestimate: str = "none"
+    positions_per_image: int = 10
 
 
 @dataclass(frozen=True)
@@ -120,9 +131,10 @@ def data_stage(spec, out, quiet=False):
     train_list, train_root = spec.train_list, spec.train_root
     if train_list is None:
         from eval_lfw.pairs import parse_folds
-        say("training list: people of LFW folds %s under %s" % (spec.train_folds, lfw_dir), quiet)
+        say("training list: people of LFW folds %s%s under %s" % (
+            spec.train_folds, " and people in no pair" if spec.train_unpaired else "", lfw_dir), quiet)
         s = lists.build(lfw_dir, os.path.join(out, "data"), folds=parse_folds(spec.train_folds), pairs=pairs,
-                        progress=False)
+                        unpaired=spec.train_unpaired, progress=False)
         train_list, train_root = os.path.join(out, "data", "train.txt"), s["root"]
     n = len(read_list(train_list, train_root))
     return dict(train_list=os.path.abspath(train_list), train_root=train_root, train_images=n,
@@ -177,27 +189,66 @@ def evaluate_stage(spec, proto, weights):
     return dict(r, prototxt=proto, caffemodel=weights, eval_folds=spec.folds, params=st.params, macs=st.macs)
 
 
-def prune_stage(s, d, base):
-    """prune.driver.run over the whole schedule, fine-tuning after each group and at the end by
-    distillation from the baseline (finetune.hooks; its embeddings computed once, no mirroring)."""
-    from base.images import image_batches, preprocess_for
+def sampling_images(s, d, held_out=0):
+    """(root, sampling paths, Preprocess, held-out paths) drawn from the training list."""
+    import numpy as np
+    from base.images import preprocess_for
     from base.lists import image_files
     from base.netinput import input_layer
+    _, shape = input_layer(caffe_io.read_net(s.model), s.model)
+    root, rels = image_files(d["train_list"], d["train_root"], seed=s.seed)
+    n = min(s.prune.images, len(rels) - held_out)
+    pick = np.random.default_rng(s.seed).permutation(len(rels))[:n + held_out]
+    chosen, held = sorted(rels[i] for i in pick[:n]), sorted(rels[i] for i in pick[n:])
+    return root, chosen, preprocess_for(shape, root, chosen, rgb=s.rgb), held
+
+
+def plan_stage(s, d, base):
+    """How much each group keeps: --keep/--preset as given; --macs-target by the sensitivity analysis's
+    allocation (prune.sensitivity, its curves and plan in OUT/plan/) or one ratio for every group."""
+    from prune.macs import MacsModel
+    net = caffe_io.read_net(base["prototxt"])
+    if s.prune.macs_target is None:
+        return dict(keep=s.prune.keep, allocation="given")
+    if s.prune.allocation == "uniform":
+        from prune.policy import ratio_for_macs
+        ratio, share = ratio_for_macs(net, None, "all", s.prune.macs_target, base["prototxt"])
+        return dict(keep=ratio, allocation="uniform", macs_share=share)
+    from base.images import image_batches
+    from prune import sensitivity
+    root, fit, pre, judge = sampling_images(s, d, held_out=s.prune.judge_images)
+    out = os.path.join(s.out, "plan")
+    os.makedirs(out, exist_ok=True)
+    say("sensitivity of every group (%d images sampled, %d judged)" % (len(fit), len(judge)), s.quiet)
+    record = sensitivity.analyse(net, caffe_io.read_weights(base["caffemodel"]),
+                                 lambda: image_batches(root, fit, pre, 32), lambda: image_batches(root, judge, pre, 32),
+                                 s.blob, os.path.join(out, "sensitivity.json"), progress=not s.quiet, seed=s.seed)
+    sensitivity.plot(record, os.path.join(out, "sensitivity.png"))
+    plan = sensitivity.plan(record, MacsModel(net, source=base["prototxt"]), s.prune.macs_target)
+    caffe_io.atomic_write(os.path.join(out, "plan.json"), json.dumps(plan, indent=1))
+    return dict(keep=plan["keep"], allocation="sensitivity", macs_share=plan["macs_share"],
+                plan=os.path.join(out, "plan.json"), predicted_damage=plan["predicted_damage"])
+
+
+def prune_stage(s, d, base, plan):
+    """prune.driver.run over the plan, fine-tuning after each group and at the end by distillation from the
+    baseline (finetune.hooks; its embeddings computed once)."""
+    from base.images import image_batches
     from finetune.hooks import distill_hooks
     from prune.driver import PruneJob, run
-    _, shape = input_layer(caffe_io.read_net(s.model), s.model)
-    root, rels = image_files(d["train_list"], d["train_root"], limit=min(s.prune.images, d["train_images"]),
-                             seed=s.seed)
-    pre = preprocess_for(shape, root, rels, rgb=s.rgb)
+    root, rels, pre, _ = sampling_images(s, d)
     ft = dataclasses.replace(s.finetune, train_list=d["train_list"], train_root=d["train_root"])
     step, final = distill_hooks(ft, base["prototxt"], base["caffemodel"])
+    p = s.prune
     job = PruneJob(model=base["prototxt"], weights=base["caffemodel"], out=os.path.join(s.out, "prune"),
-                   criterion=s.prune.criterion, keep=s.prune.keep, layers="all", seed=s.seed,
-                   data=dict(list=d["train_list"], images=len(rels)))
+                   criterion=p.criterion, keep=plan["keep"], layers="all", seed=s.seed,
+                   reconstruct=p.reconstruct, targets=p.targets, ridge=p.ridge, bn_reestimate=p.bn_reestimate,
+                   positions_per_image=p.positions_per_image, data=dict(list=d["train_list"], images=len(rels)))
     log = run(job, lambda: image_batches(root, rels, pre, 32), finetune=step, final_finetune=final,
               progress=not s.quiet)
-    return dict(log, finetune=dict(epochs_per_layer=ft.epochs_per_layer, epochs_final=ft.epochs_final, lr=ft.lr,
-                                   batch=ft.batch, loss="distillation from the baseline"))
+    return dict(log, plan=plan, finetune=dict(epochs_per_layer=ft.epochs_per_layer, epochs_final=ft.epochs_final,
+                                              lr=ft.lr, lr_steps=list(ft.lr_steps), batch=ft.batch,
+                                              mirror=ft.mirror, loss="distillation from the baseline"))
 
 
 def opencv_stage(proto, model, blob, seed=0):
@@ -269,7 +320,8 @@ def run_pipeline(s):
         d = run.stage("data", lambda: data_stage(s.data, s.out, s.quiet))
         ev = dataclasses.replace(s.evaluation, lfw_dir=d["lfw_dir"], pairs=d["pairs"])
         base = training_stage(run, "baseline", lambda: baseline_stage(s, d), BASELINE_SETTINGS)
-        log = training_stage(run, "prune", lambda: prune_stage(s, d, base), FINETUNE_SETTINGS)
+        plan = run.stage("plan", lambda: plan_stage(s, d, base))
+        log = training_stage(run, "prune", lambda: prune_stage(s, d, base, plan), FINETUNE_SETTINGS)
         evals = evaluations(s, run, ev, base, log)
         deploy = run.copy(log["prototxt"], "deploy.prototxt")
         model = run.copy(log["caffemodel"], "model.caffemodel")
@@ -295,6 +347,8 @@ def parser():
     cli.add_train_list(d, list_help="training list, 'path label' lines (python -m finetune.lists); default: "
                                     "people of --train-folds of LFW (from ../shared)")
     d.add_argument("--train-folds", default="1-5", help="LFW folds whose people the default list holds (default 1-5)")
+    d.add_argument("--train-unpaired", action="store_true",
+                   help="the default list also holds the people named in no pair of pairs.txt (in no test fold)")
     cli.add_lfw(d)
     d.add_argument("--synthetic", action="store_true", help="use the generated data set even where LFW exists")
     b = ap.add_argument_group("baseline (only without --weights)")
@@ -315,11 +369,26 @@ def parser():
                           "finds, residual streams included, at 0.5 (default original)")
     how.add_argument("--keep", type=cli.parse_keep, help="instead of --preset: one ratio for every group (0.5) or a "
                                                      "table (conv1_1=0.5,conv2_1=0.75)")
+    how.add_argument("--macs-target", type=cli.open_fraction, default=None,
+                     help="instead of --preset: the share of the net's MACs to keep (e.g. 0.5), every prunable group "
+                          "taking part; how much each keeps: see --allocation")
+    p.add_argument("--allocation", default="sensitivity", choices=("sensitivity", "uniform"),
+                   help="with --macs-target: sensitivity (default): per-group ratios with the least summed damage "
+                        "(python -m prune.sensitivity; curves and plan in OUT/plan/); uniform: one ratio for all")
+    p.add_argument("--judge-images", type=cli.count, default=128,
+                   help="held-out training images on which the sensitivity analysis measures damage (default 128)")
     p.add_argument("--images", type=cli.count, default=128, help="images of the training list sampled per group (default 128)")
+    options.add_reconstruction(ap)
     f = ap.add_argument_group("fine-tuning (distillation from the baseline; Caffe's solver)")
     f.add_argument("--finetune-epochs-per-layer", type=cli.non_negative, default=1, help="after each pruned group (default 1)")
     f.add_argument("--finetune-epochs-final", type=cli.non_negative, default=9, help="after the last group (default 9)")
     cli.add_finetune_lr(f, 1e-3, "fine-tune base lr (default 1e-3)")
+    f.add_argument("--finetune-lr-steps", type=fractions, default=(),
+                   help="fractions of each fine-tune's iterations at which its lr is divided by 10, e.g. 0.6,0.85 "
+                        "(default none: a fixed lr)")
+    f.add_argument("--finetune-mirror", action="store_true",
+                   help="fine-tune on mirrored images too (the target: the mean of the baseline's embeddings of the "
+                        "image and its mirror); default off, one embedding per image")
     ap.add_argument("--batch", type=cli.count, default=64, help="training batch size (default 64)")
     ap.add_argument("--gpu", type=cli.whole, default=None,
                     help="GPU id for Caffe (training, sampling, evaluation; needs a CUDA build: "
@@ -331,8 +400,22 @@ def parser():
     return ap
 
 
+def fractions(text):
+    """'0.6,0.85' -> (0.6, 0.85): increasing shares strictly between 0 and 1."""
+    import argparse
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or list(values) != sorted(set(values)) or not all(0 < v < 1 for v in values):
+        raise argparse.ArgumentTypeError("expected increasing fractions in (0, 1) such as 0.6,0.85, not %r" % text)
+    return values
+
+
 def keep_schedule(a, depth):
-    """The driver's keep from --keep or --preset."""
+    """The driver's keep from --keep or --preset (None with --macs-target: the plan stage decides)."""
+    if a.macs_target is not None:
+        return None
     if a.keep is not None:
         return a.keep
     if a.preset == "all":
@@ -361,7 +444,8 @@ def check_inputs(a, model, keep):
         check_images(a.lfw_dir, read_pairs(a.pairs).select(parse_folds(a.eval_folds)).images()[0])
     else:
         parse_folds(a.eval_folds)
-    plan_groups(build_graph(model), "all", keep)
+    if keep is not None:
+        plan_groups(build_graph(model), "all", keep)
     cli.check_gpu([a.gpu] if a.gpu is not None else [])
 
 
@@ -381,13 +465,15 @@ def settings(argv=None):
     check_inputs(a, model, keep)
     return Settings(
         out=a.out, model=model, depth=depth, blob=a.blob, rgb=a.rgb,
-        data=DataSpec(a.train_list, a.train_root, a.train_folds, a.lfw_dir, a.pairs, a.synthetic),
+        data=DataSpec(a.train_list, a.train_root, a.train_folds, a.train_unpaired, a.lfw_dir, a.pairs, a.synthetic),
         baseline=BaselineSpec(a.weights, a.baseline_epochs, a.baseline_lr, a.teacher, a.teacher_weights,
                               a.teacher_blob, a.teacher_rgb),
-        prune=PruneSpec(a.criterion, keep, a.images),
+        prune=PruneSpec(a.criterion, keep, a.images, a.macs_target, a.allocation, a.judge_images, a.reconstruct,
+                        a.targets, a.ridge, a.bn_reestimate, a.positions_per_image),
         finetune=FineTuneSpec(train_list=None, epochs_per_layer=a.finetune_epochs_per_layer,
                               epochs_final=a.finetune_epochs_final, lr=a.finetune_lr, batch=a.batch,
-                              embedding=a.blob, rgb=a.rgb, mirror=False, precompute_teacher=True, seed=a.seed,
+                              lr_steps=a.finetune_lr_steps, embedding=a.blob, rgb=a.rgb, mirror=a.finetune_mirror,
+                              precompute_teacher=True, seed=a.seed,
                               gpu=None if a.gpu is None else (a.gpu,), progress=not a.quiet, cache_dir=a.cache_dir),
         evaluation=EvalSpec(lfw_dir=None, pairs=None, folds=a.eval_folds, blob=a.blob, flip=not a.no_flip,
                             rgb=a.rgb, progress=not a.quiet, cache_dir=a.cache_dir),

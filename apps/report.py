@@ -41,6 +41,8 @@ def build(out, records):
     speed = {batch: t["baseline"][batch] / t["pruned"][batch] for batch in t["baseline"]}
     return dict(
         net=base["prototxt"], depth=base.get("depth"), criterion=log["config"]["criterion"],
+        reconstruction={k: log["config"].get(k) for k in ("reconstruct", "targets", "ridge", "bn_reestimate")},
+        plan=log.get("plan", dict(allocation="given")),
         schedule=[dict(group=s["group"], layers=s["layers"], channels=s["channels"], kept=s["kept"],
                        error=s["error"]) for s in log["steps"]],
         data=dict(train_list=d["train_list"], train_images=d["train_images"], eval_folds=b["eval_folds"],
@@ -116,6 +118,7 @@ def markdown(rep):
         lines += ["Baseline trained here from scratch: %g epochs (%d iterations), %s." % (
             base["epochs"], base["iterations"], "distilled from %s" % base["teacher"] if base["teacher"]
             else "A-Softmax on the list's identities"), ""]
+    lines += [describe_recipe(rep), ""]
     lines += ["## Result", "",
               "Final accuracy %.2f%% against the baseline's %.2f%%: %s, %s 1.5 points of the baseline. "
               "MACs %.2fx fewer, parameters %.2fx fewer." % (
@@ -141,10 +144,12 @@ def markdown(rep):
         lines.append("| %s | %d -> %d | %.3fM -> %.3fM | %.1fM -> %.1fM |" % (
             name, l["channels_before"], l["channels_after"], l["params_before"] / 1e6, l["params_after"] / 1e6,
             l["macs_before"] / 1e6, l["macs_after"] / 1e6))
-    lines += ["", "## Groups pruned (relative reconstruction error of each consumer: removed -> after rescale)", "",
+    lines += ["", "## Groups pruned (relative error of each consumer's output: channels removed -> reconstructed; "
+              "against the unpruned net where its targets came from there)", "",
               "| group | channels | error |", "|---|---|---|"]
     for s in rep["schedule"]:
-        err = ", ".join("%s %.3f -> %.3f" % (k, e["removed"], e["rescaled"]) for k, e in s["error"].items())
+        err = ", ".join("%s %.3f -> %.3f" % (k, e["removed"], e.get("target_after", e["rescaled"]))
+                        for k, e in s["error"].items())
         lines.append("| %s | %d -> %d | %s |" % (s["group"], s["channels"], s["kept"], err))
     lines += ["", "## Wall time per stage (s)", "", "| stage | seconds |", "|---|---|"]
     lines += ["| %s | %s |" % (k, w) for k, w in rep["wall_seconds"].items()]
@@ -154,6 +159,23 @@ def markdown(rep):
               "output to a relative deviation of %.1e." % (o["prototxt"], o["caffemodel"], o["opencv_dnn"]["version"],
                                                            o["opencv_dnn"]["max_rel_deviation_from_caffe"]), ""]
     return "\n".join(lines)
+
+
+def describe_recipe(rep):
+    """One sentence: how much each group kept and how its consumers were reconstructed."""
+    p, r = rep["plan"], rep["reconstruction"]
+    how = {"given": "as given (--keep/--preset)",
+           "uniform": "one ratio for every group, for %.1f%% of the MACs" % (100 * p.get("macs_share", 0)),
+           "sensitivity": "allocated per group from the sensitivity analysis (%s), %.1f%% of the MACs"
+                          % (p.get("plan"), 100 * p.get("macs_share", 0))}[p["allocation"]]
+    rec = {"full": "least squares of all kept weights and the intercept", "scale": "ThiNet's per-channel scale",
+           "none": "no reconstruction", None: "ThiNet's per-channel scale"}[r.get("reconstruct")]
+    target = {"original": " towards the unpruned net's outputs", "current": " towards the pruned net's own outputs",
+              None: ""}[r.get("targets")]
+    bn = {"end": "; BatchNorm statistics measured again at the end", "each": "; BatchNorm statistics measured "
+          "again after every cut"}.get(r.get("bn_reestimate"), "")
+    return "Channels kept: %s. Consumers of each cut group: %s%s%s." % (how, rec, target if r.get("reconstruct") !=
+                                                                         "none" else "", bn)
 
 
 def plot_all(rep, folder):

@@ -22,6 +22,7 @@ class FineTuneSpec:
     epochs_per_layer: float = 0          # after each pruned group
     epochs_final: float = 0              # after the last group
     lr: float = 1e-3
+    lr_steps: Tuple[float, ...] = ()     # fractions of the iterations where the lr is divided by 10
     batch: int = 64
     embedding: str = "fc5"
     rgb: bool = False
@@ -33,9 +34,19 @@ class FineTuneSpec:
     progress: bool = True
     cache_dir: Optional[str] = None      # feature cache of the teacher's embeddings (None: the default)
 
+    def schedule(self, epochs):
+        """lr policy and step iterations of a fine-tune of ``epochs`` over the list."""
+        if not self.lr_steps:
+            return dict(lr_policy="fixed")
+        from base.lists import read_list
+        from .solver import iterations
+        n = iterations(len(read_list(self.train_list, self.train_root, check_files=False)), epochs, self.batch)
+        return dict(lr_policy="multistep", gamma=0.1,
+                    stepvalues=tuple(sorted({max(1, int(n * f)) for f in self.lr_steps})))
+
     def job(self, out, proto, weights, epochs, teacher, teacher_weights):
         """The finetune.driver job that distils ``proto`` + ``weights`` from the teacher for ``epochs``."""
-        return driver.FineTuneJob(deploy=proto, weights=weights, train_list=self.train_list,
+        return driver.FineTuneJob(**self.schedule(epochs), deploy=proto, weights=weights, train_list=self.train_list,
                                   root_folder=self.train_root, out=out, head="distill", embedding=self.embedding,
                                   teacher=teacher, teacher_weights=teacher_weights,
                                   precompute_teacher=self.precompute_teacher, mirror=self.mirror, rgb=self.rgb,

@@ -62,7 +62,8 @@ def _encode(image, path):
     return data.tobytes()
 
 
-def build(root, out, val_fraction=0.0, seed=0, crop=False, min_images=1, folds=None, pairs=None, progress=True):
+def build(root, out, val_fraction=0.0, seed=0, crop=False, min_images=1, folds=None, pairs=None, unpaired=False,
+          progress=True):
     """Check (and crop) every image of the tree, then write the lists; returns the summary.
 
     Unreadable images are reported as they are met, left out, and listed in
@@ -87,9 +88,11 @@ def build(root, out, val_fraction=0.0, seed=0, crop=False, min_images=1, folds=N
                "val_fraction": val_fraction, "min_images": min_images, "crop_112x96": crop}
     if pairs is not None:
         folds = sorted(folds or range(1, 6))
-        from eval_lfw.pairs import lfw_people
+        from eval_lfw.pairs import lfw_people, unpaired_people
         people = lfw_people(pairs, folds)
-        summary.update(pairs=os.path.abspath(pairs), lfw_folds=folds, lfw_people=len(people),
+        if unpaired:
+            people |= unpaired_people(pairs, root)
+        summary.update(pairs=os.path.abspath(pairs), lfw_folds=folds, unpaired=unpaired, lfw_people=len(people),
                        lfw_people_without_folder=len(people - set(tree)))
         tree = {name: files for name, files in tree.items() if name in people}
         if not tree:

@@ -1,11 +1,10 @@
 """python -m prune: layer-by-layer channel pruning of a Caffe net (with optional fine-tuning)."""
-import argparse
 import os
 
 from base import caffe_io, cli
 from base.images import image_batches
 from base.netinput import input_layer
-from prune import policy, sampling
+from prune import options, policy
 from prune.criteria import CRITERIA
 from prune.driver import PruneError, PruneJob, run
 
@@ -31,19 +30,6 @@ def keep_of(a, net, layers):
     return a.keep, layers
 
 
-def parse_ridge(text):
-    """--ridge: 'auto' or a number >= 0."""
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError("expected 'auto' or a number >= 0, not %r" % text)
-    return value
-
-
 def finetune_hooks(a, net):
     """The driver's fine-tune hooks: distil each pruned net from the original one (finetune.hooks)."""
     if not (a.finetune_epochs_per_layer or a.finetune_epochs_final):
@@ -59,27 +45,6 @@ def finetune_hooks(a, net):
     return distill_hooks(spec, a.model, a.weights)
 
 
-def add_reconstruction(ap):
-    """--reconstruct --targets --ridge --positions-per-image."""
-    rec = ap.add_argument_group("reconstruction of the layers that read a pruned group")
-    rec.add_argument("--reconstruct", default="full", choices=("full", "scale", "none"),
-                     help="full (default): least squares of every kept weight and the intercept of each "
-                          "consumer; scale: ThiNet's one scale per kept input channel; none: keep the weights")
-    rec.add_argument("--targets", default="original", choices=("original", "current"),
-                     help="reconstruct towards the unpruned net's outputs (default: later steps correct what "
-                          "earlier ones broke) or the current, already pruned net's (ThiNet's)")
-    rec.add_argument("--ridge", default="auto", type=parse_ridge,
-                     help="ridge of the least squares, pulling towards the current weights, relative to the mean "
-                          "diagonal of X'X; auto (default): chosen per layer on held-out images")
-    rec.add_argument("--bn-reestimate", default="none", choices=("none", "end", "each"),
-                     help="measure the BatchNorm statistics again on the sampling images after the last cut "
-                          "(end), after every cut (each), or not (none, default: after the least squares it did "
-                          "not help on the real MobileFaceNet, see README)")
-    rec.add_argument("--positions-per-image", type=cli.count, default=10,
-                     help="sampled output positions per image for the least squares, every output channel at "
-                          "each (default 10)")
-
-
 def parser():
     ap = cli.parser(
         PROG,
@@ -92,7 +57,7 @@ def parser():
                     "OUT/pruned.caffemodel (plain Caffe files) and OUT/log.json.")
     cli.add_net(ap, weights_required=True, blob_default=None,
                 blob_help="embedding blob, for fine-tuning (default: the net's last output)")
-    sampling.add_images(ap)
+    options.add_images(ap)
     ap.add_argument("--samples-per-image", type=cli.count, default=10,
                     help="random (output filter, position) samples per image and consumer (default 10, as in "
                          "ThiNet). Memory: one C x C Gram per consumer plus one batch of activations; it does "
@@ -121,7 +86,7 @@ def parser():
     ap.add_argument("--layers", default="all",
                     help="comma-separated layers or group ids to prune, in any order (they are pruned in "
                          "network order); default all prunable groups (python -m prune.groups lists them)")
-    add_reconstruction(ap)
+    options.add_reconstruction(ap)
     ap.add_argument("--seed", type=int, default=0, help="seed of image draw, sampling and random criterion")
     ft = ap.add_argument_group("fine-tuning (distillation from the unpruned net, Caffe's solver; python -m finetune)")
     ft.add_argument("--finetune-epochs-per-layer", type=cli.non_negative, default=0,
@@ -158,7 +123,7 @@ def main(argv=None):
     a = parser().parse_args(argv)
     net = check_inputs(a)
     _, shape = input_layer(net, a.model)
-    root, rels, pre, _ = sampling.images_of(a, shape)
+    root, rels, pre, _ = options.images_of(a, shape)
     layers = "all" if a.layers == "all" else [s.strip() for s in a.layers.split(",") if s.strip()]
     step_ft, final_ft = finetune_hooks(a, net)
     keep, layers = keep_of(a, net, layers)

@@ -89,7 +89,7 @@ class _Equations:
 
     def rows(self, cols, intercept):
         idx = np.concatenate([cols, [self.A.shape[1] - 1]]) if intercept else np.asarray(cols)
-        return self.A[:, idx][:, :, idx], self.B[:, idx]
+        return self.A[:, idx[:, None], idx[None, :]], self.B[:, idx]
 
     def error(self, cols, theta, intercept):
         """||Y - [X_K 1] theta||^2 / ||Y||^2 (theta: G x K(+1) x F/G)."""
@@ -138,29 +138,22 @@ def layer_output(X, weights):
     return Y
 
 
-RIDGES = (1e-4, 1e-3, 1e-2, 0.1, 1.0)
+RIDGES = (1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 
 
 class _Ridge:
-    """theta(lam) = (A + lam I)^-1 (B + lam theta0), lam relative to the mean diagonal of A, per group
-    (a Cholesky solve: A + lam I is positive definite)."""
+    """theta(lam) = (A + lam I)^-1 (B + lam theta0) for many lam from one eigendecomposition per group,
+    lam relative to the mean diagonal of A."""
 
     def __init__(self, A, B, theta0):
-        self.A, self.B, self.theta0 = A, B, theta0
-        self.scale = np.trace(A, axis1=1, axis2=2) / A.shape[1] + 1e-30
+        self.scale = np.trace(A, axis1=1, axis2=2)[:, None, None] / A.shape[1] + 1e-30
+        self.vals, self.vecs = np.linalg.eigh(A)
+        self.B, self.theta0 = B, theta0
 
     def __call__(self, ridge):
-        from scipy.linalg import cho_factor, cho_solve, LinAlgError
-        out = np.empty(self.B.shape)
-        eye = np.eye(self.A.shape[1])
-        for g in range(self.A.shape[0]):
-            lam = ridge * self.scale[g]
-            rhs = self.B[g] + lam * self.theta0[g]
-            try:
-                out[g] = cho_solve(cho_factor(self.A[g] + (lam + 1e-12 * self.scale[g]) * eye), rhs)
-            except LinAlgError:      # only at ridge 0 on rank-deficient samples
-                out[g] = np.linalg.lstsq(self.A[g] + lam * eye, rhs, rcond=None)[0]
-        return out
+        lam = ridge * self.scale
+        rhs = np.swapaxes(self.vecs, 1, 2) @ (self.B + lam * self.theta0)
+        return self.vecs @ (rhs / np.maximum(self.vals[:, :, None] + lam, 1e-30))
 
 
 def solve(normal, keep_cols, W0, b0=None, intercept=True, ridge="auto"):

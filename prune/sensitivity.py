@@ -183,7 +183,7 @@ def plot(record, path):
 
 
 def parser():
-    from prune import sampling
+    from prune import options
     ap = cli.parser(
         "python -m prune.sensitivity",
         description="Measure how much each channel group of a net can lose: every prunable group alone is cut to "
@@ -195,7 +195,7 @@ def parser():
                     "which python -m prune --plan OUT/plan.json runs (edit it freely).")
     cli.add_net(ap, weights_required=True, blob_default=None, blob_required=True,
                 blob_help="embedding blob whose change is the damage (e.g. fc5, fc1)")
-    sampling.add_images(ap, "images the closed-form step samples (default: all, at most %d)" % sampling.DEFAULT_IMAGES)
+    options.add_images(ap, "images the closed-form step samples (default: all, at most %d)" % options.DEFAULT_IMAGES)
     ap.add_argument("--judge-images", type=cli.count, default=128,
                     help="further images, never sampled, on which the damage is measured (default 128)")
     ap.add_argument("--ratios", type=_ratios, default=RATIOS,
@@ -223,12 +223,13 @@ def _ratios(text):
 def main(argv=None):
     from base.images import image_batches
     from base.netinput import input_layer
-    from prune import sampling
+    from prune import options
     a = parser().parse_args(argv)
-    cli.check_files(model=a.model, weights=a.weights, pairs=a.pairs)
+    cli.check_run_inputs(a, dict(model=a.model, weights=a.weights, pairs=a.pairs,
+                                 data=a.data if os.path.isfile(a.data) else None), nets=[("model", "weights")])
     net, weights = caffe_io.read_net(a.model), caffe_io.read_weights(a.weights)
     _, shape = input_layer(net, a.model)
-    root, fit, pre, judge = sampling.images_of(a, shape, held_out=a.judge_images)
+    root, fit, pre, judge = options.images_of(a, shape, held_out=a.judge_images)
     from prune.macs import MacsModel
     macs = MacsModel(net, source=a.model)
     os.makedirs(a.out, exist_ok=True)

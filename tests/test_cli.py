@@ -40,6 +40,8 @@ CASES = [
     ("prune", ["--model", MISSING + ".prototxt", "--weights", MISSING + ".caffemodel", "--data", MISSING,
                "--out", "OUT"]),
     ("prune", ["--model", sphereface4(), "--weights", MISSING + ".caffemodel", "--data", MISSING, "--out", "OUT"]),
+    ("prune.sensitivity", ["--model", MISSING + ".prototxt", "--weights", MISSING + ".caffemodel", "--blob", "fc5",
+                           "--data", MISSING, "--out", "OUT"]),
     ("prune.groups", [MISSING + ".prototxt"]),
     ("prune.stats", [MISSING + ".prototxt"]),
     ("prune.widths", ["--model", MISSING + ".prototxt", "--weights", MISSING + ".caffemodel", "--out", "OUT"]),

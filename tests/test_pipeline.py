@@ -80,3 +80,25 @@ def test_a_run_folder_refuses_other_settings(finished, capsys):
     assert pipeline_main(ARGS + ["--out", finished, "--keep", "0.75"]) == 2
     err = capsys.readouterr().err
     assert finished in err and "--keep" in err
+
+
+def test_pipeline_allocates_by_sensitivity_for_a_macs_target(tmp_path):
+    """--macs-target with the sensitivity allocation: a plan stage (curves, plan.json) before the prune stage,
+    the pruned net at no more than the target, and the report saying how the channels were chosen."""
+    from nets import random_weights
+    from prototxt.sphereface import sphereface
+    proto = caffe_io.write_net(sphereface(4, widths=(8, 16, 32, 64), embedding=64), str(tmp_path / "sf4.prototxt"))
+    weights = caffe_io.write_weights(caffe_io.read_net(proto), random_weights(proto, seed=3),
+                                     str(tmp_path / "sf4.caffemodel"))
+    out = str(tmp_path / "run")
+    assert pipeline_main(["--model", proto, "--weights", weights, "--synthetic", "--macs-target", "0.5",
+                          "--judge-images", "8", "--images", "16", "--finetune-epochs-per-layer", "0",
+                          "--finetune-epochs-final", "0", "--timing-rounds", "1", "--quiet", "--out", out]) == 0
+    plan = json.load(open(os.path.join(out, "plan", "plan.json")))
+    assert plan["macs_share"] <= 0.5
+    rep = json.load(open(os.path.join(out, "report.json")))
+    assert rep["plan"]["allocation"] == "sensitivity"
+    assert rep["stages"][-1]["macs"] / rep["stages"][0]["macs"] == pytest.approx(plan["macs_share"], abs=1e-6)
+    assert {s["group"]: s["kept"] for s in rep["schedule"]} == {
+        g: k for g, (k, c) in plan["channels"].items() if k < c}
+    assert "allocated per group from the sensitivity analysis" in open(os.path.join(out, "report.md")).read()

@@ -185,6 +185,35 @@ def small_residual_net():
     return n.to_proto()
 
 
+def low_dimensional_images(n, seed, factors=3, shape=(3, 16, 16)):
+    """Images that vary along a few directions only, as aligned faces do: channels of any layer then carry
+    overlapping information, which is what lets a later layer make up for an earlier cut."""
+    basis = np.random.default_rng(99).normal(0, 1, (factors,) + shape)
+    rng = np.random.default_rng(seed)
+    x = np.einsum("nk,k...->n...", rng.normal(0, 1, (n, factors)), basis)
+    return (x + 0.05 * rng.normal(0, 1, x.shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_targets_from_the_unpruned_net_beat_targets_from_the_pruned_one(tmp_path, seed):
+    """Every group of a small residual net cut to half, consumers refitted by least squares: towards the
+    unpruned net's outputs the end-to-end error is far below that of ThiNet's targets (the pruned net's own
+    outputs), which lock every earlier error in."""
+    proto = _write(small_residual_net(), tmp_path / "res.prototxt")
+    weights = random_weights(proto, seed=seed)
+    model = caffe_io.write_weights(caffe_io.read_net(proto), weights, str(tmp_path / "res.caffemodel"))
+    x, held = low_dimensional_images(256, 1), low_dimensional_images(64, 2)
+    want = caffe_forward(proto, weights, held)["fc"]
+    errors = {}
+    for targets in ("original", "current"):
+        job = PruneJob(model=proto, weights=model, out=str(tmp_path / targets), keep=0.5, targets=targets)
+        log = run(job, _batches(x, 64), progress=False)
+        assert len(log["steps"]) == 4
+        got = caffe_forward(log["prototxt"], log["caffemodel"], held)["fc"]
+        errors[targets] = float(np.mean((got - want) ** 2) / np.mean(want ** 2))
+    assert errors["original"] < 0.6 * errors["current"], errors
+
+
 def test_sensitivity_cli_writes_curves_and_a_plan_that_prune_runs(tmp_path):
     """python -m prune.sensitivity on a small residual net and generated faces: a curve per group, a plan
     for half the MACs, and python -m prune --plan turns that plan into exactly those channel counts."""

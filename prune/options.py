@@ -1,4 +1,5 @@
-"""The images the prune tools sample: one set of flags and one loader for every prune CLI.
+"""Options shared by the prune tools (python -m prune, python -m prune.sensitivity, apps.pipeline): the
+images they sample, and how the layers that read a pruned group are reconstructed.
 
 ``--data`` is an image list or a folder of identity folders; ``--lfw-folds``
 (with ``--pairs``) keeps only people of those LFW View 2 folds and
@@ -63,3 +64,38 @@ def images_of(a, shape, held_out=0):
     chosen = sorted(rels[i] for i in pick[:want - held_out])
     held = sorted(rels[i] for i in pick[want - held_out:])
     return root, chosen, preprocess_for(shape, root, chosen, a.rgb, a.crop), held
+
+
+def parse_ridge(text):
+    """--ridge: 'auto' or a number >= 0."""
+    import argparse
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("expected 'auto' or a number >= 0, not %r" % text)
+    return value
+
+
+def add_reconstruction(ap):
+    """--reconstruct --targets --ridge --bn-reestimate --positions-per-image."""
+    rec = ap.add_argument_group("reconstruction of the layers that read a pruned group")
+    rec.add_argument("--reconstruct", default="full", choices=("full", "scale", "none"),
+                     help="full (default): least squares of every kept weight and the intercept of each "
+                          "consumer; scale: ThiNet's one scale per kept input channel; none: keep the weights")
+    rec.add_argument("--targets", default="original", choices=("original", "current"),
+                     help="reconstruct towards the unpruned net's outputs (default: later steps correct what "
+                          "earlier ones broke) or the current, already pruned net's (ThiNet's)")
+    rec.add_argument("--ridge", default="auto", type=parse_ridge,
+                     help="ridge of the least squares, pulling towards the current weights, relative to the mean "
+                          "diagonal of X'X; auto (default): chosen per layer on held-out images")
+    rec.add_argument("--bn-reestimate", default="none", choices=("none", "end", "each"),
+                     help="measure the BatchNorm statistics again on the sampling images after the last cut "
+                          "(end), after every cut (each), or not (none, default: after the least squares it did "
+                          "not help on the real MobileFaceNet, see README)")
+    rec.add_argument("--positions-per-image", type=cli.count, default=10,
+                     help="sampled output positions per image for the least squares, every output channel at "
+                          "each (default 10)")

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The real MobileFaceNet of ../shared pruned to half its MACs with the toolkit's best measured recipe
+# (README: "Keeping the accuracy"): per-group ratios from a sensitivity analysis, every cut group's consumers
+# refitted by least squares towards the unpruned net, then distillation fine-tuning with Caffe's solver.
+# Samples and trains only on LFW folds 1-5 people and people in no pair; evaluates on folds 6-10.
+# Report and plots in runs/mobilefacenet (or --out DIR). Every flag of python -m apps.pipeline can be added,
+# e.g. --macs-target 0.35, --finetune-epochs-final 0 (closed-form steps only), --model/--weights of your own net.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARED="${SPHEREFACE_SHARED:-$(cd .. && pwd)/shared}"
+MFN="$SHARED/models/mobilefacenet/mobilefacenet-v0"
+exec .venv/bin/python -m apps.pipeline --model "$MFN.prototxt" --weights "$MFN.caffemodel" --blob fc1 --rgb \
+    --macs-target 0.5 --train-unpaired --images 1024 \
+    --finetune-epochs-per-layer 0 --finetune-epochs-final 12 --finetune-lr 0.01 --finetune-lr-steps 0.6,0.85 \
+    --finetune-mirror --out runs/mobilefacenet "$@"
