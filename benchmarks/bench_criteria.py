@@ -44,6 +44,11 @@ def parse_args(argv=None):
                         "(its embeddings computed once, no mirroring) on the images of LFW folds 1-5 people, "
                         "and evaluate again")
     p.add_argument("--finetune-lr", type=float, default=0.01, help="fine-tune base lr")
+    p.add_argument("--reconstruct", default="scale", choices=("full", "scale", "none"),
+                   help="consumer reconstruction after each cut: scale, ThiNet's (the README table's setting; "
+                        "L1, random and actsum were measured with none); full: the driver's default least squares")
+    p.add_argument("--targets", default="current", choices=("original", "current"),
+                   help="reconstruction targets (the README table: current, the pruned net's own outputs)")
     p.add_argument("--finetune-batch", type=int, default=32, help="fine-tune batch size")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "bench_criteria"), help="output folder")
     return p.parse_args(argv)
@@ -82,7 +87,9 @@ def main(argv=None):
         for crit in a.criteria.split(","):
             cell = os.path.join(a.out, "%s_%g" % (crit, keep))
             start = time.time()
+            published = a.reconstruct if crit in ("thinet", "thinet-add", "lasso") or a.reconstruct == "full" else "none"
             job = PruneJob(model=a.model, weights=a.weights, out=cell, criterion=crit, keep=keep,
+                           reconstruct=published, targets=a.targets,
                            data=dict(data=a.lfw_dir, images=len(rels), lfw_folds="1-5", rgb=a.rgb))
             log = run(job, lambda: image_batches(root, rels, pre, 32), progress=False)
             prune_s = sum(step["seconds"] for step in log["steps"])   # the recorded steps: right on a rerun too
