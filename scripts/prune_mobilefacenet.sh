@@ -11,5 +11,5 @@ SHARED="${SPHEREFACE_SHARED:-$(cd .. && pwd)/shared}"
 MFN="$SHARED/models/mobilefacenet/mobilefacenet-v0"
 exec .venv/bin/python -m apps.pipeline --model "$MFN.prototxt" --weights "$MFN.caffemodel" --blob fc1 --rgb \
     --macs-target 0.5 --train-unpaired --images 1024 \
-    --finetune-epochs-per-layer 0 --finetune-epochs-final 12 --finetune-lr 0.01 --finetune-lr-steps 0.6,0.85 \
+    --finetune-epochs-per-layer 0 --finetune-epochs-final 8 --finetune-lr 0.01 --finetune-lr-steps 0.6,0.85 \
     --finetune-mirror --out runs/mobilefacenet "$@"
