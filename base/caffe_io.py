@@ -1,10 +1,13 @@
-"""Caffe files in and out, through caffe_pb2, without building a net.
+"""Caffe files in and out, through the toolkit's caffe_pb2 (base.proto: BVLC's schema plus the common Caffe
+forks' fields), without building a net.
 
 Everything in the toolkit that reads or writes a .prototxt or .caffemodel goes
 through here:
 
 * ``read_net(path)``        prototxt  -> NetParameter (V1 ``layers`` upgraded)
 * ``read_weights(path)``    caffemodel -> {layer name: [ndarray, ...]}
+* ``read_model(path)``, ``write_model(net, path)``  a caffemodel's whole
+  NetParameter in and out, unchanged (a fork's fields included)
 * ``write_net(net, path)``  NetParameter -> prototxt, atomically
 * ``write_weights(net, weights, path)``  -> caffemodel, atomically
 * ``check_weights(net, weights)``  every learnable layer has blobs of the
@@ -26,7 +29,7 @@ from collections import OrderedDict
 import numpy as np
 from google.protobuf import text_format
 
-from caffe.proto import caffe_pb2
+from .proto import caffe_pb2
 
 from . import faults, netcheck
 
@@ -278,23 +281,49 @@ def _upgrade(path, binary):
 
 
 def read_net(path):
-    """Parse a prototxt; a syntax error is reported with file, line and column."""
+    """Parse a prototxt (BVLC's fields and the Caffe forks' of base/caffe_superset.proto); a mistake is
+    reported with file, line, column and layer, an unknown field with the fork that defines it when known."""
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
         raise CaffeFileError("cannot read net definition %s: %s" % (path, e.strerror)) from None
+    except UnicodeDecodeError as e:
+        raise CaffeFileError("net definition %s is not UTF-8 text (%s)" % (path, e.reason)) from None
     net = caffe_pb2.NetParameter()
     try:
-        text_format.Merge(text, net)
+        text_format.Parse(text, net)   # as Caffe: a non-repeated field given twice is an error
     except text_format.ParseError as e:
-        raise CaffeFileError("%s:%s" % (path, e)) from None
+        raise CaffeFileError(_parse_error(path, text, e)) from None
     if len(net.layers):
         net = caffe_pb2.NetParameter()
         text_format.Merge(_upgrade(path, binary=False).decode("utf-8"), net)
     _modernise_inputs(net)
     return net
+
+
+def _parse_error(path, text, error):
+    """'FILE:LINE:COL: layer 'x' (Type): what', unknown fields named with their fork."""
+    import re
+    from . import forks, prototext
+    line, column = error.GetLine(), error.GetColumn()
+    message = re.sub(r"^\d+:\d+ : ", "", str(error)).replace("caffe_superset.", "")
+    layer = prototext.layer_at(text, line) if line else None
+    where = "%s:%s:%s" % (path, line, column) if line else path
+    if layer is not None:
+        where += ": layer %r%s" % (layer[0], " (%s)" % layer[1] if layer[1] else "")
+    unknown = re.search(r'Message type "(\w+)" has no field named "(\w+)"', message)
+    twice = re.search(r'Message type "(\w+)" should not have multiple "(\w+)" fields', message)
+    if unknown:
+        owner, field = unknown.groups()
+        fork = forks.describe_field(field, owner)
+        message = "%s has no field %r in BVLC Caffe nor in the Caffe forks this toolkit reads (%s)" % (
+            owner, field, "it is a field of %s" % fork if fork else "a misspelling, or a field of another fork?")
+    elif twice:
+        message = "%s is given twice in one %s (Caffe refuses a non-repeated field given twice)" % (
+            twice.group(2), twice.group(1))
+    return "%s: %s" % (where, message)
 
 
 def _modernise_inputs(net):
@@ -343,16 +372,7 @@ def read_weights(path):
     Layers without blobs are left out. V1 models are upgraded by Caffe's tool.
     """
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise CaffeFileError("cannot read weights %s: %s" % (path, e.strerror)) from None
-    net = caffe_pb2.NetParameter()
-    try:
-        net.ParseFromString(data)
-    except Exception as e:  # DecodeError and friends
-        raise CaffeFileError("%s is not a Caffe binary model (%s)" % (path, e)) from None
+    net = read_model(path)
     if len(net.layers):
         net = caffe_pb2.NetParameter.FromString(_upgrade(path, binary=True))
     weights = OrderedDict()
@@ -363,6 +383,29 @@ def read_weights(path):
             except CaffeFileError as e:
                 raise CaffeFileError("%s, layer %r: %s" % (path, layer.name, e)) from None
     return weights
+
+
+def read_model(path):
+    """A .caffemodel as its whole binary NetParameter, in the superset schema: the Caffe forks' fields are
+    decoded, and the bytes of any field neither BVLC nor those forks define are kept as they are."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise CaffeFileError("cannot read weights %s: %s" % (path, e.strerror)) from None
+    net = caffe_pb2.NetParameter()
+    try:
+        net.ParseFromString(data)
+    except Exception as e:  # DecodeError and friends
+        raise CaffeFileError("%s is not a Caffe binary model (%s)" % (path, e)) from None
+    return net
+
+
+def write_model(net, path, protect=()):
+    """A whole binary NetParameter -> .caffemodel, atomically; of a model read by ``read_model`` and left
+    unchanged, the very bytes it was read from."""
+    return atomic_write(path, net.SerializeToString(), protect)
 
 
 def legacy_equal(stored, wanted):

@@ -5,8 +5,11 @@ Caffe answers a net it cannot build with a glog ``Check failed`` and
 looks at a NetParameter in the phase Caffe will build and raises a
 ``CaffeFileError`` naming the file and the layer instead:
 
-* a layer type this Caffe build does not have (a fork's layer), or a Python
-  layer whose module cannot be found;
+* a layer type this Caffe build does not have (a fork's layer, named with
+  its fork when base.forks knows it), or a Python layer whose module cannot
+  be found;
+* a field of a Caffe fork (base/caffe_superset.proto reads them, Caffe's own
+  parser refuses the whole prototxt), named with its fork;
 * a bottom no earlier layer produces (a misspelt blob, or a loop: a layer
   reading what a later one writes), a top produced by two layers;
 * a layer that may not run in place writing over its input (a Convolution
@@ -19,12 +22,15 @@ looks at a NetParameter in the phase Caffe will build and raises a
 about everything else (a kernel larger than its input, Concat of unequal
 shapes) without this process dying: the child's last glog line becomes the
 error.
-``phase_view`` is Caffe's own layer filter (phase, level, stage rules).
+``phase_view`` is Caffe's own layer filter (phase, level, stage rules);
+``runnable_view`` the part of a fork's net this Caffe build can run (what
+the toolkit checks in Caffe when the whole net cannot be).
 """
 import os
 import tempfile
 
-from caffe.proto import caffe_pb2
+from . import forks
+from .proto import caffe_pb2, superset
 
 # Types whose output may overwrite their input (element-wise layers and what BVLC runs in place).
 IN_PLACE = frozenset(("ReLU", "PReLU", "ELU", "Sigmoid", "TanH", "AbsVal", "BNLL", "Power", "Exp", "Log", "Threshold",
@@ -70,8 +76,8 @@ def known_types():
 
 def _check_type(layer, known, source):
     if layer.type not in known:
-        raise _error("%s: layer %r has type %r, which this Caffe build does not have (a layer of a Caffe fork?)"
-                     % (source, layer.name, layer.type))
+        raise _error("%s: layer %r has type %r, which this Caffe build does not have (%s)"
+                     % (source, layer.name, layer.type, forks.describe_type(layer.type) or "a layer of a Caffe fork?"))
     if layer.type == "Python":
         import importlib.util
         module = layer.python_param.module
@@ -129,8 +135,31 @@ def _check_image_list(layer, path, root, source):
         raise _error("%s: data layer %r: the first image of %s, %s, does not exist" % (source, layer.name, path, image))
 
 
+# What BVLC Caffe offers instead of a fork field, where it has the same thing.
+FORK_FIELD_HINTS = {
+    "pooling_param.ceil_mode": "BVLC Caffe spells it pooling_param { round_mode: CEIL } (ceil_mode: true, the "
+                               "default of both) or FLOOR (ceil_mode: false)",
+}
+
+
+def fork_field_error(layer, source):
+    """The error for a layer setting a fork's field (Caffe's parser refuses the whole prototxt), or None."""
+    found = forks.fork_fields(superset(layer))
+    if not found:
+        return None
+    field, fork = found[0]
+    hint = FORK_FIELD_HINTS.get(field)
+    return _error("%s: layer %r (%s) sets %s, a field of %s that this Caffe build does not read: its parser "
+                  "refuses the prototxt%s" % (source, layer.name, layer.type, field, forks.fork_name(fork),
+                                              "; " + hint if hint else ""))
+
+
 def check_net(net, source="net", phase=caffe_pb2.TEST):
     """Raise CaffeFileError (naming ``source`` and the layer) for what Caffe would abort on; see the module doc."""
+    for layer in net.layer:   # Caffe parses every layer's fields, whatever its phase
+        error = fork_field_error(layer, source)
+        if error is not None:
+            raise error
     layers, _ = phase_view(net, phase)
     known = known_types()
     blobs, producer, names = set(), {}, {}
@@ -147,6 +176,42 @@ def check_net(net, source="net", phase=caffe_pb2.TEST):
         raise _error("%s: the net has no layers in the %s phase" % (source, "TEST" if phase == caffe_pb2.TEST
                                                                      else "TRAIN"))
     return net
+
+
+def runnable_view(net, phase=caffe_pb2.TEST):
+    """(view, left out): the ``phase`` layers of ``net`` that this Caffe build can run -- every layer but those
+    of a type it lacks or setting a fork's field (pooling ceil_mode, which BVLC spells round_mode, is
+    translated), and those reading what a left-out layer makes -- and [(layer, why)] of the layers left out.
+    The view's dangling blobs are its outputs."""
+    known = known_types()
+    view = caffe_pb2.NetParameter()
+    view.CopyFrom(superset(net))
+    layers, _ = phase_view(view, phase)
+    kept, left, tainted = [], [], set()
+    for original in layers:
+        layer = caffe_pb2.LayerParameter()
+        layer.CopyFrom(original)
+        if layer.pooling_param.HasField("ceil_mode"):
+            p = layer.pooling_param
+            p.round_mode = caffe_pb2.PoolingParameter.CEIL if p.ceil_mode else caffe_pb2.PoolingParameter.FLOOR
+            p.ClearField("ceil_mode")
+        fields = forks.fork_fields(layer)
+        why = None
+        if layer.type not in known:
+            why = "type %s (%s) is not in this Caffe build" % (
+                layer.type, forks.describe_type(layer.type) or "a Caffe fork's layer?")
+        elif fields:
+            why = "sets %s, a field of %s" % (fields[0][0], forks.fork_name(fields[0][1]))
+        elif tainted & set(layer.bottom):
+            why = "reads %s, made by a layer left out" % ", ".join(sorted(tainted & set(layer.bottom)))
+        if why is None:
+            kept.append(layer)
+        else:
+            left.append((layer.name, why))
+            tainted.update(layer.top)
+    del view.layer[:]
+    view.layer.extend(kept)
+    return view, left
 
 
 # ------------------------------------------------------------------ building in a child process

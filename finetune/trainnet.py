@@ -33,7 +33,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 import base  # noqa: F401  (first: quiets glog before caffe loads)
 from base.images import MEAN, SCALE
 from base.netinput import input_layer
-from caffe.proto import caffe_pb2
+from base.proto import caffe_pb2, stock, superset
 
 TEACHER = "teacher/"
 # The SphereFace fork's names of the margins m = 1..4.
@@ -103,7 +103,7 @@ def fork_net_class():
     """
     F = descriptor_pb2.FieldDescriptorProto
     fd = descriptor_pb2.FileDescriptorProto()
-    caffe_pb2.DESCRIPTOR.CopyToProto(fd)
+    stock().DESCRIPTOR.CopyToProto(fd)   # BVLC's schema (package caffe), not the toolkit's superset
     fd.name = "caffe_sphereface_fork.proto"
     msg = fd.message_type.add(name="MarginInnerProductParameter")
     kinds = msg.enum_type.add(name="MarginType")
@@ -214,6 +214,7 @@ def train_net(deploy, data, head, name=None):
     """
     if not isinstance(head, (ASoftmax, SoftmaxCenter, Distill)):
         raise TrainNetError("unknown head %r" % (head,))
+    deploy = superset(deploy)   # the toolkit's schema (base.proto), whatever made the message
     inp, shape = input_layer(deploy)
     top = inp.top[0]
     net = caffe_pb2.NetParameter(name=name or (deploy.name + "_train"))
@@ -302,12 +303,13 @@ def _teacher_table(net, head):
 
 def _teacher_net(net, head, data, raw, full):
     """Distillation from a frozen copy of the teacher net reading the same images."""
-    t_inp, t_shape = input_layer(head.teacher, "teacher net")
+    teacher = superset(head.teacher)
+    t_inp, t_shape = input_layer(teacher, "teacher net")
     teacher_input = raw
     if head.teacher_rgb or t_shape[2:] != full[2:]:   # e.g. a 112x96 teacher: the same crop as the student's
         teacher_input = _input_chain(net, raw, TEACHER + "data", head.teacher_rgb, data.batch_size, t_shape, full)
     t_blobs = set()
-    for layer in head.teacher.layer:
+    for layer in teacher.layer:
         if layer is t_inp:
             continue
         net.layer.add().CopyFrom(_frozen_copy(layer, TEACHER, {t_inp.top[0]: teacher_input},

@@ -35,7 +35,7 @@ replaces the 1000-way classifier is said per net:
 """
 
 from base import cli  # first: it quiets glog before caffe loads
-from caffe.proto import caffe_pb2
+from base.proto import caffe_pb2
 
 INPUT = (3, 112, 112)
 P = caffe_pb2.PoolingParameter

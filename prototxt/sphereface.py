@@ -18,7 +18,7 @@ Layer names, blob names, fillers and lr/decay multipliers follow the release
 import os
 
 from base import caffe_io, cli  # first: it quiets glog before caffe loads
-from caffe.proto import caffe_pb2
+from base.proto import caffe_pb2
 
 UNITS = {4: (0, 0, 0, 0), 10: (0, 1, 2, 0), 20: (1, 2, 4, 1), 36: (2, 4, 8, 2), 64: (3, 8, 16, 3)}
 WIDTHS = (64, 128, 256, 512)

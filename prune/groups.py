@@ -7,11 +7,17 @@ A group is a set of channels removed together: its producers' output rows,
 its per-channel passengers (PReLU, BatchNorm, Scale, depthwise conv ...) and
 the input channels of its consumers (the layers a ThiNet-style selector
 reconstructs). Groups that cannot be pruned are listed with the reason.
+
+Nets of Caffe forks (SphereFace, SSD, ShuffleNet, SENet, MobileNet ports...)
+are read too: their layers are listed first, by fork; a fork layer the graph
+has no channel rule for is a fixed point (the groups reaching it stay, with
+the reason), the rest of the net stays prunable.
 """
 import json
+from collections import OrderedDict
 
-from base import cli
-from prune.graph import build_graph
+from base import caffe_io, cli, forks, netcheck
+from prune.graph import build_graph, phase_view
 
 
 def _consumer_text(c, channels):
@@ -21,10 +27,29 @@ def _consumer_text(c, channels):
     return "%s [reads %s, columns %s..%s, %d per channel]" % (c.layer, c.bottom, c.start, end, c.block)
 
 
-def describe(graph):
-    """The readable listing, one block per group."""
+def fork_layers(net):
+    """{fork in words: [layer (type[: fork fields])]} of the TEST-phase layers this Caffe build cannot run."""
+    known, found = netcheck.known_types(), OrderedDict()
+    for layer in phase_view(net)[0]:
+        fields = forks.fork_fields(layer)
+        if layer.type in known and not fields:
+            continue
+        fork = forks.TYPES.get(layer.type) or (fields[0][1] if fields and layer.type in known else None)
+        where = forks.fork_name(fork) if fork else "types this Caffe build does not have (a Caffe fork's?)"
+        shown = ": " + ", ".join(f for f, _ in fields) if fields and layer.type in known else ""
+        found.setdefault(where, []).append("%s (%s%s)" % (layer.name, layer.type, shown))
+    return found
+
+
+def describe(graph, net=None):
+    """The readable listing, one block per group (``net``: list the layers of Caffe forks first)."""
     groups = list(graph.groups.values())
     lines = ["%s: %d channel groups, %d prunable" % (graph.source, len(groups), len(graph.prunable()))]
+    found = fork_layers(net) if net is not None else {}
+    if found:
+        lines.append("layers of Caffe forks (this Caffe build cannot run them; the channel graph treats those it "
+                     "has no rule for as fixed points):")
+        lines += ["  %s: %s" % (fork, ", ".join(layers)) for fork, layers in found.items()]
     for g in groups:
         state = "prunable" if g.prunable else "fixed: " + "; ".join(g.reasons)
         lines.append("")
@@ -50,11 +75,12 @@ def main(argv=None):
                              "block) instead of the listing")
     args = parser.parse_args(argv)
     cli.check_file(args.prototxt, "net definition")
-    graph = build_graph(args.prototxt)
+    net = caffe_io.read_net(args.prototxt)
+    graph = build_graph(net, args.prototxt)
     if args.json:
         print(json.dumps([g.to_dict() for g in graph.groups.values()], indent=1))
     else:
-        print(describe(graph))
+        print(describe(graph, net))
     return 0
 
 

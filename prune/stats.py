@@ -25,9 +25,9 @@ import os
 
 import numpy as np
 
-from base import caffe_io, cli, netcheck
+from base import caffe_io, cli, forks, netcheck
 from base.caffe_io import CaffeFileError
-from caffe.proto import caffe_pb2
+from base.proto import caffe_pb2, superset
 
 CONVENTION = ("MACs = multiply-accumulates per image (not 2xMACs) of Convolution (incl. group/depthwise), "
               "Deconvolution and InnerProduct; all other layers (PReLU, Eltwise, BatchNorm, Scale, Pooling, ...) "
@@ -66,10 +66,14 @@ def _is_loss(layer):
 
 
 def _label_blobs(net):
-    """Blobs that hold labels: tops after the first of a layer without bottoms, and any blob called 'label'."""
+    """Blobs that hold labels: the tops after the first of a data layer that reads files (images, then labels),
+    an Input top whose name says label, and any blob called 'label'.  Every other top of an Input layer (one
+    with several tops, or one of several Input layers) is an input of the net."""
     labels = set()
     for layer in net.layer:
-        if not len(layer.bottom):
+        if layer.type == "Input":
+            labels.update(t for t in layer.top if "label" in t.lower())
+        elif not len(layer.bottom) and layer.type not in ("DummyData", "Parameter"):
             labels.update(layer.top[1:])
         labels.update(t for t in layer.top if t == "label")
     return labels
@@ -136,8 +140,13 @@ def _check_types(net, source):
     known = set(caffe.layer_type_list())
     for layer in net.layer:
         if layer.type not in known:
-            raise CaffeFileError("%s: layer %r has type %r, which this Caffe does not have (leave it out with "
-                                 "--exclude %s)" % (source, layer.name, layer.type, layer.name))
+            raise CaffeFileError("%s: layer %r has type %r, which this Caffe does not have (%s; leave it out, and "
+                                 "what depends on it, with --exclude %s)" % (
+                                     source, layer.name, layer.type,
+                                     forks.describe_type(layer.type) or "a layer of a Caffe fork?", layer.name))
+        error = netcheck.fork_field_error(layer, source)
+        if error is not None:
+            raise CaffeFileError("%s (leave it out with --exclude %s)" % (error, layer.name))
         if layer.type == "Python":
             module, cls = layer.python_param.module, layer.python_param.layer
             try:
@@ -172,7 +181,7 @@ def net_stats(net, exclude=(), weights=None, probe=False):
         net = caffe_io.read_net(source)
     else:
         source = "net %r" % net.name
-        net = copy.deepcopy(net)
+        net = superset(copy.deepcopy(net))
     excluded = _drop(net, set(exclude), source)
     _inputs_at_batch_one(net, source)
     _check_types(net, source)

@@ -18,7 +18,9 @@ from collections import OrderedDict, defaultdict
 
 import numpy as np
 
-from base import caffe_io, faults
+from base import caffe_io, faults, netcheck
+from base.forks import DEPTHWISE_TYPES
+from base.proto import superset
 from prune.graph import build_graph, data_shapes, phase_view
 
 
@@ -57,20 +59,20 @@ def check_keep(graph, keep):
     return plan
 
 
-def _checked_weights(graph, weights):
-    """Copies of the arrays, legacy 4-D shapes reshaped, mismatches named."""
+def _checked_weights(graph, weights, source="weights"):
+    """Copies of the arrays, legacy 4-D shapes reshaped, mismatches named (``source``: the weights' name)."""
     out = OrderedDict()
     for name, arrays in weights.items():
         arrays = [np.array(a, dtype=np.float32) for a in arrays]  # copies: the result never aliases the input
         want = graph.param_shapes.get(name)
         if want is not None:
             if len(arrays) != len(want):
-                raise caffe_io.CaffeFileError("weights: layer %r has %d blobs, %s expects %d"
-                                              % (name, len(arrays), graph.source, len(want)))
+                raise caffe_io.CaffeFileError("%s: layer %r has %d blobs, %s expects %d"
+                                              % (source, name, len(arrays), graph.source, len(want)))
             for i, (a, shape) in enumerate(zip(arrays, want)):
                 if not caffe_io.legacy_equal(a.shape, shape):
-                    raise caffe_io.CaffeFileError("weights: layer %r blob %d has shape %s, %s expects %s"
-                                                  % (name, i, tuple(a.shape), graph.source, tuple(shape)))
+                    raise caffe_io.CaffeFileError("%s: layer %r blob %d has shape %s, %s expects %s"
+                                                  % (source, name, i, tuple(a.shape), graph.source, tuple(shape)))
                 arrays[i] = a.reshape(shape)
         out[name] = arrays
     return out
@@ -136,14 +138,21 @@ def prune_net(net, weights, keep, new_consumer_weights=None, graph=None):
         if layer.name not in graph.counts:
             continue
         kind, segs = graph.counts[layer.name]
-        size = graph.size(segs, kept_counts)
+        size = graph.size(segs, kept_counts) if kind != "slice" else None
         if kind == "num_output":
             param = layer.inner_product_param if layer.type == "InnerProduct" else layer.convolution_param
             param.num_output = size
         elif kind == "depthwise":
-            layer.convolution_param.num_output = layer.convolution_param.group = size
+            layer.convolution_param.num_output = size
+            if layer.convolution_param.HasField("group") or layer.type not in DEPTHWISE_TYPES:
+                layer.convolution_param.group = size  # a fork's depthwise type without group: one per channel
         elif kind == "reshape":
             layer.reshape_param.shape.dim[1] = size
+        elif kind == "slice":
+            points = [graph.size(s, kept_counts) for s in segs]
+            if points != [graph.size(s, {}) for s in segs]:  # pruned: the cuts move (an unpruned Slice stays as is)
+                del layer.slice_param.slice_point[:]
+                layer.slice_param.slice_point.extend(points)
     return net2, pruned
 
 
@@ -180,27 +189,33 @@ def _loadable_view(net, graph):
     return view
 
 
-def verify(net, weights, proto_path, model_path, graph=None):
+def verify(net, weights, proto_path, model_path, graph=None, names=None):
     """Load the written files in real Caffe (TEST phase); return the caffe.Net.
 
     Shapes are checked first (named errors), then Caffe copies the weights
     from the file and every blob is compared with what was meant to be saved.
+    A net with layers this Caffe build lacks (a fork's) is checked in Caffe
+    on the part it can run (base.netcheck.runnable_view), every other layer's
+    weights against the shapes the channel graph infers.  ``names``: how to
+    call the two files in errors (the user's paths, when these are staged).
     """
     import caffe
-    graph = graph or build_graph(net, source=proto_path)
-    view = _loadable_view(net, graph)
-    known = set(caffe.layer_type_list())
-    for layer in phase_view(view)[0]:  # Caffe aborts the process on an unknown type
-        if layer.type not in known:
-            raise caffe_io.CaffeFileError("%s: layer %r has type %r, which this Caffe build does not have"
-                                          % (proto_path, layer.name, layer.type))
-    cnet = caffe_io.net_from_param(view) if view != net else caffe.Net(proto_path, caffe.TEST)
-    caffe_io.check_weights(cnet, OrderedDict((k, list(v)) for k, v in weights.items()), source=model_path)
+    proto_name, model_name = names or (proto_path, model_path)
+    graph = graph or build_graph(net, source=proto_name)
+    _checked_weights(graph, weights, model_name)
+    loadable = _loadable_view(net, graph)
+    view, left = netcheck.runnable_view(loadable)
+    if not view.layer:
+        return None
+    netcheck.check_net(view, proto_name)
+    whole = not left and superset(loadable) == superset(net)   # then Caffe loads the very file written
+    cnet = caffe.Net(proto_path, caffe.TEST) if whole else caffe_io.net_from_param(view)
+    caffe_io.check_weights(cnet, OrderedDict((k, list(v)) for k, v in weights.items()), source=model_name)
     cnet.copy_from(model_path)
     for name, blobs in cnet.params.items():
         for i, b in enumerate(blobs):
             if name in weights and not np.array_equal(b.data.ravel(), np.asarray(weights[name][i]).ravel()):
-                raise caffe_io.CaffeFileError("%s: layer %r blob %d did not load as written" % (model_path, name, i))
+                raise caffe_io.CaffeFileError("%s: layer %r blob %d did not load as written" % (model_name, name, i))
     return cnet
 
 
@@ -228,7 +243,7 @@ def save_pruned(net, weights, proto_path, model_path, inputs=()):
             staged.append(name)
         caffe_io.write_net(net, staged[0], protect)
         caffe_io.write_weights(net, weights, staged[1], protect)
-        verify(net, weights, staged[0], staged[1])
+        verify(net, weights, staged[0], staged[1], names=(proto_path, model_path))
         os.replace(staged[0], proto_path)
         faults.point("renamed", proto_path)
         os.replace(staged[1], model_path)

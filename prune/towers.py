@@ -41,7 +41,7 @@ import numpy as np
 from base import caffe_io, cli
 from prune.graph import build_graph
 from prune.widths import add_levels, level_keep
-from caffe.proto import caffe_pb2
+from base.proto import caffe_pb2, superset
 
 LEVELS = (1.0, 0.75, 0.5)
 
@@ -175,6 +175,7 @@ def multiwidth_net(deploy, levels=LEVELS, graph=None, freeze_bn=True):
     ``fc5@75`` ...).  ``graph``: prune.graph.build_graph(deploy) when known.
     """
     levels, _ = _check_levels(levels, None)
+    deploy = superset(deploy)   # the toolkit's schema (base.proto), whatever made the message
     graph = graph or build_graph(deploy)
     inputs = [l for l in deploy.layer if l.type == "Input"]
     if len(inputs) != 1:
@@ -231,6 +232,7 @@ def add_heads(net, head, embedding, levels=LEVELS, loss_weights=None):
     multiplied, a ``*Loss`` layer without one gets the weight itself.
     """
     levels, weights = _check_levels(levels, loss_weights)
+    net, head = superset(net), [superset(layer) for layer in head]
     blobs = {t for l in net.layer for t in l.top}
     for p in levels:
         if embedding + suffix(p) not in blobs:

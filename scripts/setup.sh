@@ -4,6 +4,9 @@
 #   scripts/setup.sh [--gpu] [--cudnn] [--rebuild]
 #
 # 1. .venv from requirements.txt (re-installed only when that file changes).
+#    At the end, whichever Caffe is used: base/caffe_superset.proto (BVLC's
+#    caffe.proto plus the Caffe forks' fields, read by the toolkit's own file
+#    I/O) is compiled with protoc into the venv (again only when it changes).
 # 2. If `import caffe` already works (your own Caffe via PYTHONPATH, or
 #    CAFFE_ROOT=/path/to/caffe with python/ built), that Caffe is used and
 #    nothing is built.
@@ -103,6 +106,27 @@ SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 # The repository itself on the venv's path, so `python -m prune` works from anywhere.
 echo "$ROOT" > "$SITE/sphereface_prune.pth"
 
+# The toolkit's superset caffe.proto (base/proto.py loads it; protoc is a Caffe build dependency anyway).
+compile_superset() {
+  step "Superset caffe.proto for the toolkit's own file I/O (BVLC + Caffe forks' fields)"
+  local proto="$ROOT/base/caffe_superset.proto" stamp="$SITE/caffe_superset.sha256" sha
+  sha=$(sha256sum "$proto" | cut -d' ' -f1)
+  if [ -f "$SITE/caffe_superset_pb2.py" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$sha" ]; then
+    echo "base/caffe_superset.proto unchanged, already compiled"
+    return
+  fi
+  if ! command -v protoc >/dev/null; then
+    echo "protoc not found; installing protobuf-compiler"
+    { as_root apt-get update -q && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+        --no-install-recommends protobuf-compiler; } || die "cannot install protobuf-compiler (protoc), which compiles base/caffe_superset.proto; install it and re-run"
+  fi
+  rm -f "$stamp"
+  protoc --proto_path="$ROOT/base" --python_out="$SITE" "$proto" || die "protoc failed on base/caffe_superset.proto"
+  "$PY" -c 'import caffe_superset_pb2' || die "the compiled caffe_superset_pb2 does not import (protoc $(protoc --version) against the protobuf Python package of requirements.txt)"
+  echo "$sha" > "$stamp"
+  echo "compiled with $(protoc --version) into $SITE/caffe_superset_pb2.py"
+}
+
 caffe_works() { "$PY" -c 'import caffe, caffe.proto.caffe_pb2' >/dev/null 2>&1; }
 pin_caffe() {  # make the found Caffe importable without any environment variable
   local dir; dir=$("$PY" -c 'import caffe, os; print(os.path.dirname(os.path.dirname(caffe.__file__)))')
@@ -119,12 +143,13 @@ fi
 if [ "$REBUILD" = 0 ] && caffe_works; then
   pin_caffe
   "$PY" -c 'import caffe; print("pycaffe OK:", caffe.__file__)'
+  compile_superset
   exit 0
 fi
 # A previous build of ours, e.g. after the venv was recreated.
 if [ "$REBUILD" = 0 ] && [ -z "${CAFFE_ROOT:-}" ] && [ -d "$CAFFE_PREFIX/lib/python3/dist-packages/caffe" ]; then
   echo "$CAFFE_PREFIX/lib/python3/dist-packages" > "$SITE/caffe.pth"
-  if caffe_works; then pin_caffe; exit 0; fi
+  if caffe_works; then pin_caffe; compile_superset; exit 0; fi
   rm -f "$SITE/caffe.pth"
 fi
 if [ -n "${CAFFE_ROOT:-}" ]; then
@@ -219,3 +244,4 @@ from caffe.proto import caffe_pb2
 print("pycaffe OK:", caffe.__file__)
 print("layer types:", len(caffe.layer_type_list()), "incl. Python:", "Python" in caffe.layer_type_list())
 PYCHECK
+compile_superset

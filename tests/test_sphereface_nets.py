@@ -12,7 +12,8 @@ from caffe import layers as L, params as P
 from google.protobuf import text_format
 
 from conftest import ROOT
-from base import caffe_io
+from base import caffe_io, netcheck
+from base.proto import caffe_pb2
 from finetune.trainnet import fork_net_class
 from prototxt.sphereface import UNITS, committed_path, sphereface
 
@@ -177,8 +178,15 @@ def test_native_asoftmax_is_the_forks_text(tmp_path):
     assert text_format.MessageToString(mp, as_one_line=True) == (
         'num_output: 10572 type: QUADRUPLE weight_filler { type: "xavier" } base: 1000.0 gamma: 0.12 power: 1.0 '
         'iteration: 0 lambda_min: 5.0')
-    with pytest.raises(caffe_io.CaffeFileError, match=r"net.prototxt:\d+:\d+ .*margin_inner_product_param"):
-        caffe_io.read_net(path)
+    # The toolkit reads it (base/caffe_superset.proto) and writes it back unchanged; Caffe's own checks name
+    # the fork's field, which BVLC's parser refuses.
+    read = caffe_io.read_net(path)
+    assert text_format.MessageToString(read.layer[-2].margin_inner_product_param, as_one_line=True) == \
+        text_format.MessageToString(mp, as_one_line=True)
+    assert caffe_io.net_to_text(read) == text
+    with pytest.raises(caffe_io.CaffeFileError, match=r"layer 'fc6' \(MarginInnerProduct\) sets "
+                                                      r"margin_inner_product_param, a field of SphereFace's Caffe"):
+        netcheck.check_net(read, path, caffe_pb2.TRAIN)
     # Everything but fc6 is the Python-variant net.
     python = sphereface(20, "train", asoftmax="python")
     assert [layer.SerializeToString() for i, layer in enumerate(net.layer) if layer.name != "fc6"] == \

@@ -25,12 +25,16 @@ A new layer type (a fork's own layer, a Python layer) gets a rule with
 
     register_rule("ChannelScale", rule_channel_scale)       # types=..., sources=True for a bottomless layer
 
-A type without a rule stops nothing silently: when prunable channels reach
-it, build_graph refuses the net and names the layer.
+A type without a rule (a Caffe fork's layer, most often) is a fixed point:
+the channels that reach it stay, with a reason naming the layer (and the
+fork, when base.forks knows it), and the rest of the net stays prunable.
+Fork layers whose shapes are known (``FORK_FIXED``) keep the shapes flowing
+past them, so the layers after them still know their input sizes.
 """
 import numpy as np
 
-from caffe.proto import caffe_pb2
+from base.forks import DEPTHWISE_TYPES, describe_type
+from base.proto import caffe_pb2
 
 from .records import Blob, Consumer, Slice
 from .shapes import conv_geometry, conv_shape, data_shapes, pool_shape, reshape_shape
@@ -38,13 +42,12 @@ from .shapes import conv_geometry, conv_shape, data_shapes, pool_shape, reshape_
 DATA_TYPES = {"Input", "Data", "ImageData", "HDF5Data", "MemoryData", "DummyData", "WindowData"}
 # Elementwise and channel-preserving: every top is the bottom's channel space.
 ELEMENTWISE = {"ReLU", "Sigmoid", "TanH", "Dropout", "AbsVal", "Power", "ELU", "BNLL", "Exp", "Log",
-               "Threshold", "Clip", "Swish", "Split"}
-ONE_BOTTOM = {"PReLU", "BatchNorm", "Pooling", "Flatten", "Reshape", "InnerProduct"}
+               "Threshold", "Clip", "Swish", "Split", "ReLU6"}
+ONE_BOTTOM = {"PReLU", "BatchNorm", "Pooling", "Flatten", "Reshape", "InnerProduct", "Slice"}
 # Types that end prunable flow: what reaches them keeps all its channels.
 STOPPERS = {"SoftmaxWithLoss", "Softmax", "EuclideanLoss", "HingeLoss", "InfogainLoss", "ContrastiveLoss",
-            "MultinomialLogisticLoss", "SigmoidCrossEntropyLoss", "Accuracy", "ArgMax", "Python", "Normalize",
-            "Slice", "Crop", "Tile", "Reduction", "Silence", "Embed", "HDF5Output", "SPP", "Im2col",
-            "BatchReindex", "Filter", "LSTM", "RNN", "LSTMUnit", "Parameter"}
+            "MultinomialLogisticLoss", "SigmoidCrossEntropyLoss", "Accuracy", "ArgMax", "Python", "Crop", "Tile",
+            "Reduction", "Silence", "Embed", "HDF5Output", "SPP", "Im2col", "BatchReindex", "Filter", "LSTM", "RNN", "LSTMUnit", "Parameter"}
 
 
 def entries_per_channel(shape):
@@ -112,7 +115,9 @@ def rule_conv(w, layer, bots):
     c_in = shape[1] if shape is not None else (
         sum(s.n for s in segs) if segs and all(s.n is not None for s in segs) else None)
     groups, out = max(p.group, 1), p.num_output
-    if c_in is not None and shape is not None:
+    if layer.type in DEPTHWISE_TYPES and not p.HasField("group"):  # a fork's depthwise type: group = channels
+        groups = c_in if c_in is not None else 0
+    if c_in is not None and shape is not None and groups:
         kernel = conv_geometry(p, len(shape) - 2)[0]
         weight = (c_in, out // groups) if deconv else (out, c_in // groups)
         w.param_shapes[layer.name] = [weight + tuple(kernel)] + ([(out,)] if p.bias_term else [])
@@ -121,13 +126,13 @@ def rule_conv(w, layer, bots):
         w.tie(layer, bots)
     in_axis, out_axis = (0, 1) if deconv else (1, 0)
     bias = [1] if p.bias_term else []
-    if groups > 1 and groups == c_in == out:  # depthwise: channel c in -> channel c out
+    if groups == c_in == out and (groups > 1 or layer.type in DEPTHWISE_TYPES):  # depthwise: channel c -> c
         w.counts[layer.name] = ("depthwise", bots[0])
         passenger(w, layer, bots[0], [0] + bias)
         return [Blob(bots[0].segs, t.shape) for t in tops]
-    if groups > 1:
-        reason = "grouped convolution %r (group %d of %s channels) ties channels in blocks" % (
-            layer.name, groups, c_in)
+    if groups != 1 or layer.type in DEPTHWISE_TYPES:
+        reason = "grouped convolution %r (%s, group %s of %s channels, %d outputs) ties channels in blocks" % (
+            layer.name, layer.type, groups or "?", c_in if c_in is not None else "?", out)
         w.refuse(bots, reason)
         segs = w.new_space(layer, out)
         w.refuse([Blob(segs, None)], reason)
@@ -239,20 +244,110 @@ def rule_eltwise(w, layer, bots):
     return [bots[0]]
 
 
+def fixed_point(w, layer, bots, why, shapes=None):
+    """A layer no channel can be pruned through: what reaches it keeps all its channels, and why."""
+    fork = describe_type(layer.type, detail=False)
+    what = "%s %r%s" % (layer.type, layer.name, " (%s)" % fork if fork else "")
+    w.refuse(bots, "reaches %s, which %s: a fixed point, its channels stay" % (what, why))
+    return [Blob(None, s) for s in (shapes or [None] * len(layer.top))]
+
+
+ACROSS = "mixes the channels at every position, so exact pruning through it is impossible"
+
+
 def rule_lrn(w, layer, bots):
-    if layer.lrn_param.norm_region == caffe_pb2.LRNParameter.ACROSS_CHANNELS:
-        return rule_stop(w, layer, bots)
+    p = layer.lrn_param
+    if p.norm_region == caffe_pb2.LRNParameter.ACROSS_CHANNELS:
+        why = "normalises across channels (local_size %d): every output channel depends on its neighbours, so " \
+              "exact pruning through it is impossible" % p.local_size
+        return fixed_point(w, layer, bots, why, [bots[0].shape] * len(layer.top))
     return rule_elementwise(w, layer, bots)
 
 
 def rule_mvn(w, layer, bots):
-    return rule_stop(w, layer, bots) if layer.mvn_param.across_channels else rule_elementwise(w, layer, bots)
+    if layer.mvn_param.across_channels:
+        return fixed_point(w, layer, bots, "normalises across channels; " + ACROSS, [bots[0].shape] * len(layer.top))
+    return rule_elementwise(w, layer, bots)
 
 
 def rule_stop(w, layer, bots):
     w.refuse(bots, "reaches %s layer %r" % (layer.type, layer.name))
-    same = layer.type in ("Softmax", "Normalize", "LRN", "MVN")
+    same = layer.type in ("Softmax", "LRN", "MVN")
     return [Blob(None, bots[0].shape if same and bots else None)] * len(layer.top)
+
+
+def permuted(layer, shape):
+    """Top shape of SSD's Permute: axes in permute_param.order, the unnamed ones after in their order."""
+    if shape is None:
+        return None
+    order = list(layer.permute_param.order)
+    order += [a for a in range(len(shape)) if a not in order]
+    return tuple(shape[a] for a in order) if sorted(order) == list(range(len(shape))) else None
+
+
+# Layers of Caffe forks whose shapes the graph follows but whose channels it cannot prune through:
+# type -> (why, top shape from the bottoms' shapes).
+FORK_FIXED = {
+    "ShuffleChannel": ("interleaves its channel groups (a channel's place depends on the group size)",
+                       lambda layer, shapes: shapes[0]),
+    "Normalize": ("L2-normalises every position over its channels, so exact pruning through it is impossible",
+                  lambda layer, shapes: shapes[0]),
+    "Axpy": ("scales one input by per-channel factors and adds another (an SE block's excitation)",
+             lambda layer, shapes: shapes[1] if len(shapes) > 1 else None),
+    "Permute": ("moves the channel axis", lambda layer, shapes: permuted(layer, shapes[0])),
+    "DetectionOutput": ("decodes the detector's boxes", lambda layer, shapes: None),
+    "MultiBoxLoss": ("is the detector's loss", lambda layer, shapes: None),
+    "MarginInnerProduct": ("is SphereFace's A-Softmax classifier, which reads the labels",
+                           lambda layer, shapes: None),
+}
+
+
+def rule_shape_only(w, layer, bots):
+    """SSD's PriorBox: its output depends on its bottoms' sizes only, never on their values -- a reader that
+    fixes no channel."""
+    return [Blob(None, None)] * len(layer.top)
+
+
+def rule_fork_fixed(w, layer, bots):
+    why, shape = FORK_FIXED[layer.type]
+    top = shape(layer, [b.shape for b in bots]) if bots else None
+    return fixed_point(w, layer, bots, why, [top] * len(layer.top))
+
+
+def rule_unknown(w, layer, bots):
+    """A type without a rule (a fork's layer, most often): a fixed point of unknown output."""
+    fork = describe_type(layer.type)
+    why = "the channel graph has no rule for (%s)" % (
+        "prune.graph.register_rule adds one" if fork else "a layer of a Caffe fork? prune.graph.register_rule adds one")
+    return fixed_point(w, layer, bots, why)
+
+
+def rule_slice(w, layer, bots):
+    """Slice: the reverse of Concat.  Along the channels it cuts the bottom's channel space at the slice points
+    (a cut inside one producer's channels splits them into two groups); along any other axis every top keeps
+    the bottom's channels.  The surgery rewrites the slice points."""
+    (bot,) = bots
+    p, shape = layer.slice_param, bot.shape
+    axis = p.axis if p.HasField("axis") or not p.HasField("slice_dim") else p.slice_dim
+    if axis < 0:
+        axis = len(shape) + axis if shape is not None else None
+    size = shape[axis] if shape is not None and axis is not None else (
+        sum(s.n * s.block for s in bot.segs) if axis == 1 and bot.segs and all(s.n for s in bot.segs) else None)
+    n = len(layer.top)
+    bounds = [0] + list(p.slice_point) + [size] if len(p.slice_point) else (
+        [i * size // n for i in range(n + 1)] if size is not None and size % n == 0 else None)
+    if bounds is None or axis is None or len(bounds) != n + 1:
+        w.refuse(bots, "Slice %r: where it cuts is unknown" % layer.name)
+        return [Blob(None, None)] * n
+    shapes = [None if shape is None else tuple(shape[:axis]) + (hi - lo,) + tuple(shape[axis + 1:])
+              for lo, hi in zip(bounds, bounds[1:])]
+    if axis != 1 or bot.segs is None:
+        return [Blob(bot.segs, s) for s in shapes]
+    parts = w.cut(layer, bot, bounds)
+    if parts is None:
+        return [Blob(None, s) for s in shapes]
+    w.counts[layer.name] = ("slice", [Blob([s for part in parts[:i + 1] for s in part], None) for i in range(n - 1)])
+    return [Blob(part, s) for part, s in zip(parts, shapes)]
 
 
 def rule_data(w, layer, bots):
@@ -286,6 +381,8 @@ for _types, _rule in [(("Convolution", "Deconvolution"), rule_conv), ("InnerProd
                       ("PReLU", rule_prelu), ("BatchNorm", rule_batchnorm), (("Scale", "Bias"), rule_scale_bias),
                       ("Pooling", rule_pooling), ("Flatten", rule_flatten), ("Reshape", rule_reshape),
                       ("Concat", rule_concat), ("Eltwise", rule_eltwise), ("LRN", rule_lrn), ("MVN", rule_mvn),
+                      ("Slice", rule_slice), (DEPTHWISE_TYPES, rule_conv), (tuple(FORK_FIXED), rule_fork_fixed),
+                      ("PriorBox", rule_shape_only),
                       (ELEMENTWISE, rule_elementwise)]:
     register_rule(_types, _rule)
 register_rule(STOPPERS, rule_stop, sources=True)

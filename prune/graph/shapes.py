@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 
-from caffe.proto import caffe_pb2
+from base.proto import caffe_pb2
 
 
 def _pair(repeated, h, w, default, spatial):
@@ -44,6 +44,8 @@ def pool_shape(layer, shape):
     stride = [p.stride_h, p.stride_w] if p.stride_h else [p.stride] * 2
     pad = [p.pad_h, p.pad_w] if (p.pad_h or p.pad_w) else [p.pad] * 2
     rnd = math.floor if p.round_mode == caffe_pb2.PoolingParameter.FLOOR else math.ceil
+    if p.HasField("ceil_mode"):  # the forks' spelling (BVLC pull request #3057) of the same choice
+        rnd = math.ceil if p.ceil_mode else math.floor
     out = []
     for size, k, s, q in zip(shape[2:], kernel, stride, pad):
         n = int(rnd((size + 2 * q - k) / s)) + 1
