@@ -28,7 +28,7 @@ import numpy as np
 from base import caffe_io, cli
 from base.runfolder import RunFolder, command_config
 from base.shared import shared_dir
-from eval_lfw.evaluator import EvalSpec
+from eval_lfw.evaluator import EvalSpec, spec_from_args
 from finetune.hooks import FineTuneSpec
 from prune import options
 from prune.criteria import CRITERIA
@@ -475,8 +475,7 @@ def settings(argv=None):
                               lr_steps=a.finetune_lr_steps, embedding=a.blob, rgb=a.rgb, mirror=a.finetune_mirror,
                               precompute_teacher=True, seed=a.seed,
                               gpu=None if a.gpu is None else (a.gpu,), progress=not a.quiet, cache_dir=a.cache_dir),
-        evaluation=EvalSpec(lfw_dir=None, pairs=None, folds=a.eval_folds, blob=a.blob, flip=not a.no_flip,
-                            rgb=a.rgb, progress=not a.quiet, cache_dir=a.cache_dir),
+        evaluation=spec_from_args(a, None, None),
         gpu=a.gpu, timing_rounds=a.timing_rounds, seed=a.seed, quiet=a.quiet, config=command_config(a))
 
 

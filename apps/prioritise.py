@@ -34,7 +34,7 @@ import numpy as np
 from base import caffe_io, cli
 from base.lists import read_list
 from base.runfolder import RunFolder, command_config
-from eval_lfw.evaluator import EvalSpec
+from eval_lfw.evaluator import EvalSpec, spec_from_args
 from finetune import bnscale, heads, loop, solver as solver_mod, trainnet
 from finetune.driver import FineTuneJob
 
@@ -336,8 +336,7 @@ def settings(argv=None):
     cli.check_run_inputs(a, dict(model=a.model, weights=a.weights, train_list=a.train_list, teacher=a.teacher,
                                  teacher_weights=a.teacher_weights, pairs=a.pairs),
                          nets=[("model", "weights"), ("teacher", "teacher_weights")])
-    evaluation = EvalSpec(a.lfw_dir, a.pairs, folds=a.eval_folds, blob=a.blob, flip=not a.no_flip, rgb=a.rgb,
-                          progress=not a.quiet, cache_dir=a.cache_dir) if a.lfw_dir else None
+    evaluation = spec_from_args(a, a.lfw_dir, a.pairs) if a.lfw_dir else None
     return Settings(model=a.model, train_list=a.train_list, out=a.out, weights=a.weights, train_root=a.train_root,
                     blob=a.blob, rgb=a.rgb, loss=a.loss, num_classes=a.num_classes, lambda_c=a.lambda_c,
                     center_alpha=a.center_alpha, teacher=a.teacher, teacher_weights=a.teacher_weights,

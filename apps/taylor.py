@@ -35,7 +35,7 @@ import numpy as np
 from base import caffe_io, cli
 from base.figures import pyplot, save_figure
 from base.runfolder import RunFolder, command_config
-from eval_lfw.evaluator import EvalSpec
+from eval_lfw.evaluator import EvalSpec, spec_from_args
 from finetune import driver
 
 PROG = "python -m apps.taylor"
@@ -468,8 +468,7 @@ def settings(argv=None):
     cli.check_run_inputs(a, dict(model=a.model, weights=a.weights, train_list=a.train_list, teacher=a.teacher,
                                  teacher_weights=a.teacher_weights, pairs=a.pairs),
                          nets=[("model", "weights"), ("teacher", "teacher_weights")])
-    evaluation = EvalSpec(a.lfw_dir, a.pairs, folds=a.eval_folds, blob=a.blob, flip=not a.no_flip, rgb=a.rgb,
-                          progress=not a.quiet, cache_dir=a.cache_dir) if a.lfw_dir else None
+    evaluation = spec_from_args(a, a.lfw_dir, a.pairs) if a.lfw_dir else None
     st = Settings(model=a.model, weights=a.weights, train_list=a.train_list, out=a.out, blob=a.blob, rgb=a.rgb,
                   train_root=a.train_root, teacher=a.teacher, teacher_weights=a.teacher_weights,
                   teacher_blob=a.teacher_blob, remove_per_step=a.remove_per_step, remove_share=a.remove_share,

@@ -361,6 +361,14 @@ def int_list(text):
         raise argparse.ArgumentTypeError("expected comma-separated whole numbers, not %r" % text) from None
 
 
+def name_list(text):
+    """'a,b' -> ('a', 'b'): names such as blobs or layers."""
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated names, not %r" % text)
+    return names
+
+
 def gpu_ids(text):
     """'0' or '0,1' -> [0] or [0, 1]."""
     ids = list(int_list(text))

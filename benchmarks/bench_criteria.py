@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from common import LFW_DIR, MFN, PAIRS, ROOT, machine, parser  # first: puts the repository on sys.path
+from common import ROOT, add_face_model, machine, parser  # first: puts the repository on sys.path
 
 from eval_lfw.evaluator import evaluate  # noqa: E402
 from base import caffe_io  # noqa: E402
@@ -29,12 +29,8 @@ from prune.stats import net_stats  # noqa: E402
 
 def parse_args(argv=None):
     p = parser(__doc__)
-    p.add_argument("--model", default=MFN + ".prototxt", help="deploy prototxt")
-    p.add_argument("--weights", default=MFN + ".caffemodel", help="caffemodel")
-    p.add_argument("--blob", default="fc1", help="embedding blob")
+    add_face_model(p)
     p.add_argument("--rgb", action="store_true", default=True, help="the net takes RGB (MobileFaceNet does)")
-    p.add_argument("--lfw-dir", default=LFW_DIR, help="LFW images")
-    p.add_argument("--pairs", default=PAIRS, help="LFW pairs.txt")
     p.add_argument("--criteria", default="thinet,l1,random,actsum,lasso", help="comma-separated criteria")
     p.add_argument("--keeps", default="0.75,0.5", help="comma-separated keep ratios (every group)")
     p.add_argument("--images", type=int, default=128, help="sampling images (people of LFW folds 1-5)")

@@ -12,7 +12,7 @@ import json
 import os
 import time
 
-from common import LFW_DIR, MFN, PAIRS, ROOT, machine, parser  # first: puts the repository on sys.path
+from common import ROOT, add_face_model, machine, parser  # first: puts the repository on sys.path
 
 import caffe  # noqa: E402
 
@@ -24,12 +24,7 @@ from base import caffe_io  # noqa: E402
 
 def parse_args(argv=None):
     p = parser(__doc__)
-    p.add_argument("--model", default=MFN + ".prototxt", help="deploy prototxt")
-    p.add_argument("--weights", default=MFN + ".caffemodel", help="caffemodel")
-    p.add_argument("--blob", default="fc1", help="embedding blob")
-    p.add_argument("--lfw-dir", default=LFW_DIR, help="LFW images")
-    p.add_argument("--pairs", default=PAIRS,
-                   help="pairs.txt; its first --images unique images are used")
+    add_face_model(p, pairs_help="pairs.txt; its first --images unique images are used")
     p.add_argument("--crop", default="none", choices=["112x96", "none"], help="as in python -m eval_lfw")
     p.add_argument("--images", type=int, default=320, help="images per measurement")
     p.add_argument("--batch", type=int, default=64, help="images per forward pass")

@@ -24,7 +24,7 @@ import resource
 import sys
 import time
 
-from common import LFW_DIR, MFN, PAIRS, ROOT, machine, parser  # first: puts the repository on sys.path
+from common import ROOT, add_face_model, machine, parser  # first: puts the repository on sys.path
 
 import numpy as np  # noqa: E402
 
@@ -42,12 +42,14 @@ ROWS = {
     "bn": ("full", "+ BatchNorm re-estimation", dict(bn=True)),
     "allocated": ("full", "+ sensitivity allocation (per-group ratios; no BatchNorm re-estimation)",
                   dict(allocation="sensitivity")),
-    "finetune1": ("allocated", "+ distillation fine-tuning, 1 epoch (Caffe SGD)", dict(epochs=1)),
-    "finetune": ("allocated", "+ distillation fine-tuning within 120 CPU minutes (Caffe SGD)", dict(epochs=None)),
+    "finetune3": ("allocated", "+ distillation fine-tuning, 3 epochs (Caffe SGD)", dict(epochs=3)),
+    "features3": ("allocated", "+ distillation of the embedding and of the block outputs, 3 epochs (teacher run "
+                  "online)", dict(epochs=3, features=True)),
+    "finetune": ("allocated", "+ distillation fine-tuning, 8 epochs (Caffe SGD)", dict(epochs=8)),
     "full_current": ("thinet", "for comparison: full least squares, targets from the pruned net",
                      dict(reconstruct="full")),
 }
-DEFAULTS = dict(reconstruct="full", targets="original", allocation="uniform", bn=False, epochs=0)
+DEFAULTS = dict(reconstruct="full", targets="original", allocation="uniform", bn=False, epochs=0, features=False)
 
 
 def settings(row):
@@ -142,12 +144,20 @@ def bn_row(a, row, proto, model, sample):
     return path
 
 
-def finetune_row(a, row, proto, model, epochs, train):
+def finetune_row(a, row, proto, model, epochs, train, features=False):
+    """Distillation from the unpruned net, lr /10 at 60 % and 85 %, mirrored images. The teacher's embeddings
+    are computed once, or with ``features`` the teacher runs in the train net and the output of every residual
+    block that kept its shape is copied too (--feature-weight each)."""
     from finetune.driver import FineTuneJob, finetune
+    from finetune.solver import iterations
+    n = iterations(sum(1 for _ in open(train)), epochs, 64)
+    steps = tuple(sorted({max(1, int(n * f)) for f in (0.6, 0.85)}))
     job = FineTuneJob(deploy=proto, weights=model, train_list=train, root_folder=a.lfw_dir,
                       out=os.path.join(a.out, row, "finetune"), head="distill", embedding=a.blob,
-                      teacher=a.model, teacher_weights=a.weights, precompute_teacher=True, epochs=epochs,
-                      batch_size=64, base_lr=a.finetune_lr, rgb=True, seed=a.seed)
+                      teacher=a.model, teacher_weights=a.weights, precompute_teacher=not features,
+                      distill_features=("auto",) if features else (), feature_weight=a.feature_weight, epochs=epochs,
+                      batch_size=64, base_lr=a.finetune_lr, lr_policy="multistep", gamma=0.1, stepvalues=steps,
+                      mirror=True, rgb=True, seed=a.seed)
     return finetune(job, resume=True, progress=not a.quiet)["final"]
 
 
@@ -160,17 +170,7 @@ def build_row(a, row, s, done, sample, judge, train):
     proto, model = done[parent]["prototxt"], done[parent]["caffemodel"]
     if own.get("bn"):
         return proto, bn_row(a, row, proto, model, sample), done[parent]["sgd"]
-    epochs = own["epochs"] or budget_epochs(a, done)
-    return proto, finetune_row(a, row, proto, model, epochs, train), True
-
-
-def budget_epochs(a, done):
-    """Epochs that fit --finetune-minutes, from the CPU time one epoch took (the 1-epoch row)."""
-    one = done.get("finetune1")
-    if one is None:
-        raise SystemExit("the budgeted fine-tune row needs the 1-epoch row first (--rows ...,finetune1,finetune)")
-    per_epoch = one["own_cpu_minutes"]
-    return max(1, int(a.finetune_minutes // per_epoch))
+    return proto, finetune_row(a, row, proto, model, own["epochs"], train, own.get("features", False)), True
 
 
 def run_row(a, row, done, sample, judge, train):
@@ -207,18 +207,17 @@ def table(records):
 
 def parse_args(argv=None):
     p = parser(__doc__)
-    p.add_argument("--model", default=MFN + ".prototxt", help="deploy prototxt (RGB, 112x112 input)")
-    p.add_argument("--weights", default=MFN + ".caffemodel", help="caffemodel")
-    p.add_argument("--blob", default="fc1", help="embedding blob")
-    p.add_argument("--lfw-dir", default=LFW_DIR, help="aligned LFW images")
-    p.add_argument("--pairs", default=PAIRS, help="LFW pairs.txt")
+    add_face_model(p)
     p.add_argument("--rows", default=",".join(ROWS), help="rows to run, in order (a row needs its parent)")
     p.add_argument("--macs-target", type=float, default=0.5, help="share of the MACs to keep")
     p.add_argument("--images", type=int, default=1024, help="sampling images")
     p.add_argument("--sensitivity-images", type=int, default=512, help="sampling images of the sensitivity analysis")
     p.add_argument("--judge-images", type=int, default=128, help="held-out images judging the sensitivity")
-    p.add_argument("--finetune-lr", type=float, default=1e-2, help="fine-tune base lr")
-    p.add_argument("--finetune-minutes", type=float, default=120, help="CPU minutes for the budgeted fine-tune")
+    p.add_argument("--finetune-lr", type=float, default=1e-2,
+                   help="fine-tune base lr (/10 at 60%% and 85%% of the iterations; mirrored images too)")
+    p.add_argument("--feature-weight", type=float, default=0.2,
+                   help="weight of each copied block output's mean squared error (the features3 row); 0.2 makes "
+                        "the eight maps' terms about as large as the embedding's at the start on the MobileFaceNet")
     p.add_argument("--seed", type=int, default=0, help="seed of the image draw")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "bench_retention"), help="work folder")
     p.add_argument("--json", default=os.path.join(ROOT, "docs", "results", "retention.json"), help="result file")
@@ -238,6 +237,8 @@ def main(argv=None):
         if row not in done:
             print("[retention] %s: %s" % (row, ROWS[row][1]), file=sys.stderr, flush=True)
             done[row] = run_row(a, row, done, sample, judge, train)
+            if os.path.exists(a.json):   # rows another run of this script finished meanwhile
+                done = dict({r["row"]: r for r in json.load(open(a.json))["rows"]}, **done)
             records = [done[r] for r in ROWS if r in done]
             caffe_io.atomic_write(a.json, json.dumps(dict(machine=machine(), data=dict(
                 sampling_images=a.images, training_images="LFW folds 1-5 people + people in no pair",

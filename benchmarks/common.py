@@ -32,6 +32,15 @@ def add_threads_and_seed(p, threads_help, seed_help):
     p.add_argument("--seed", type=int, default=0, help=seed_help)
 
 
+def add_face_model(p, pairs_help="LFW pairs.txt"):
+    """--model, --weights, --blob (default: the MobileFaceNet of ../shared), --lfw-dir and --pairs."""
+    p.add_argument("--model", default=MFN + ".prototxt", help="deploy prototxt")
+    p.add_argument("--weights", default=MFN + ".caffemodel", help="caffemodel")
+    p.add_argument("--blob", default="fc1", help="embedding blob")
+    p.add_argument("--lfw-dir", default=LFW_DIR, help="aligned LFW images")
+    p.add_argument("--pairs", default=PAIRS, help=pairs_help)
+
+
 def machine():
     """Where and when a result was measured."""
     return {"node": platform.node(), "platform": platform.platform(), "cpu_count": os.cpu_count(),

@@ -94,6 +94,12 @@ class EvalSpec:
     cache_dir: Optional[str] = None      # the feature cache (None: the default, .cache/eval_lfw)
 
 
+def spec_from_args(a, lfw_dir, pairs):
+    """The EvalSpec of the drivers' shared flags (--eval-folds, --blob, --no-flip, --rgb, --quiet, --cache-dir)."""
+    return EvalSpec(lfw_dir, pairs, folds=a.eval_folds, blob=a.blob, flip=not a.no_flip, rgb=a.rgb,
+                    progress=not a.quiet, cache_dir=a.cache_dir)
+
+
 def evaluate_net(spec, proto, weights):
     """The LFW protocol of ``spec`` on one net given by files, the crop by base.netinput's rule
     (decided on the first image); returns the record a driver keeps."""

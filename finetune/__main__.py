@@ -29,6 +29,13 @@ def parser():
                          "--cache-dir) and let the train net look them up (a frozen Embed layer) instead of "
                          "running the teacher every iteration; with mirroring the target is the mean of the "
                          "image's and its mirror's embeddings. Much faster on a CPU; memory: images x dim floats")
+    ap.add_argument("--distill-features", type=cli.name_list, default=(),
+                    help="distill: comma-separated blobs whose feature maps the student copies from the teacher "
+                         "too (EuclideanLoss, each a mean squared error times --feature-weight; same blob name "
+                         "and shape in both nets; the teacher runs in the train net), or 'auto': the output of "
+                         "every Eltwise (residual block) that kept its shape. Default: the embedding only")
+    ap.add_argument("--feature-weight", type=cli.positive, default=1.0,
+                    help="distill: weight of each copied feature map's mean squared error (default 1)")
     ap.add_argument("--num-classes", type=cli.whole, default=0,
                     help="asoftmax: classes of fc6 (default: 1 + the largest label in the list)")
     ap.add_argument("--margin", type=int, default=4, choices=(1, 2, 3, 4), help="asoftmax: margin m (default 4)")
@@ -67,7 +74,8 @@ def job_of(a):
     return FineTuneJob(
         deploy=a.model, weights=a.weights, train_list=a.train_list, out=a.out, root_folder=a.train_root,
         head=a.loss, embedding=a.blob, teacher=a.teacher, teacher_weights=a.teacher_weights,
-        teacher_embedding=a.teacher_blob, precompute_teacher=a.precompute_teacher, num_classes=a.num_classes,
+        teacher_embedding=a.teacher_blob, precompute_teacher=a.precompute_teacher,
+        distill_features=a.distill_features, feature_weight=a.feature_weight, num_classes=a.num_classes,
         margin=a.margin, native_asoftmax=a.native_asoftmax, epochs=a.epochs, batch_size=a.batch,
         base_lr=a.finetune_lr, lr_policy=a.lr_policy, gamma=a.gamma, stepsize=a.stepsize,
         stepvalues=a.stepvalues, momentum=a.momentum, weight_decay=a.weight_decay, snapshot_every=a.snapshot_every,

@@ -53,6 +53,8 @@ class FineTuneJob:
     teacher_weights: Optional[str] = None
     teacher_embedding: Optional[str] = None
     precompute_teacher: bool = False     # distill: teacher embeddings computed once, looked up by the train net
+    distill_features: Sequence[str] = field(default_factory=tuple)   # distill: blobs whose maps are copied too
+    feature_weight: float = 1.0          # distill: weight of each copied map's mean squared error
     num_classes: int = 0                 # asoftmax: 0 = 1 + largest label in the list
     margin: int = 4
     native_asoftmax: bool = False
@@ -87,6 +89,10 @@ class FineTuneJob:
         if self.head != "softmax-center":   # settings of that head only (a run folder of another head
             del c["lambda_c"], c["center_alpha"]   # made before they existed still resumes)
         del c["cache_dir"]                  # where features are cached changes no result
+        if self.distill_features:
+            c["distill_features"] = list(self.distill_features)
+        else:                               # a run folder made before feature maps were copied still resumes
+            del c["distill_features"], c["feature_weight"]
         for key in ("deploy", "weights", "train_list", "teacher", "teacher_weights"):
             if c[key]:
                 c[key + "_sha256"] = caffe_io.file_sha256(c[key])
@@ -105,6 +111,7 @@ def _check_numbers(job):
         ("--momentum", job.momentum, 0 <= job.momentum < 1, "in [0, 1)"),
         ("--weight-decay", job.weight_decay, finite(job.weight_decay) and job.weight_decay >= 0, ">= 0"),
         ("--gamma", job.gamma, finite(job.gamma) and job.gamma > 0, "> 0"),
+        ("--feature-weight", job.feature_weight, finite(job.feature_weight) and job.feature_weight > 0, "> 0"),
         ("--stepsize", job.stepsize, job.stepsize >= 0, ">= 0"),
         ("--stepvalues", list(job.stepvalues), all(v > 0 for v in job.stepvalues)
          and list(job.stepvalues) == sorted(set(job.stepvalues)), "positive and increasing"),

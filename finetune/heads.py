@@ -73,6 +73,27 @@ def _classes(job, items):
     return classes
 
 
+def feature_losses(deploy, teacher, names, weight):
+    """((blob, loss weight), ...) of the feature maps the student copies from the teacher, each weighted by
+    weight / its size, so that each term is weight x half its mean squared error.  names ["auto"]: the output
+    of every Eltwise (residual block) whose shape the student kept."""
+    s_net, t_net = caffe_io.net_from_param(deploy), caffe_io.net_from_param(teacher)
+    shape = {b: tuple(v.data.shape[1:]) for b, v in s_net.blobs.items()}
+    t_shape = {b: tuple(v.data.shape[1:]) for b, v in t_net.blobs.items()}
+    if list(names) == ["auto"]:
+        names = [top for layer in deploy.layer if layer.type == "Eltwise" for top in layer.top
+                 if shape.get(top) == t_shape.get(top)]
+    for blob in names:
+        missing = [who for who, blobs in (("student", shape), ("teacher", t_shape)) if blob not in blobs]
+        if missing:
+            raise HeadError("--distill-features: blob %r is not in the %s net" % (blob, " nor the ".join(missing)))
+        if shape[blob] != t_shape[blob]:
+            raise HeadError("--distill-features: blob %r is %s in the student but %s in the teacher; only maps "
+                            "of the same shape can be copied" % (blob, "x".join(map(str, shape[blob])),
+                                                                 "x".join(map(str, t_shape[blob]))))
+    return tuple((blob, weight / float(np.prod(shape[blob]))) for blob in dict.fromkeys(names))
+
+
 def _distill(job, deploy, items, data, progress):
     teacher_proto = job.teacher or job.deploy
     teacher_weights = job.teacher_weights or (job.weights if not job.teacher else None)
@@ -81,7 +102,11 @@ def _distill(job, deploy, items, data, progress):
     t_blob = job.teacher_embedding or job.embedding
     t_rgb = job.rgb if job.teacher_rgb is None else job.teacher_rgb
     student_dim = blob_dim(deploy, job.embedding)
+    features = tuple(getattr(job, "distill_features", ()) or ())
     if job.precompute_teacher:
+        if features:
+            raise HeadError("--distill-features copies the teacher's feature maps, which a table of embeddings "
+                            "does not hold: drop --precompute-teacher")
         table, index_list = teacher_table(items, job.root_folder, job.out, teacher_proto, teacher_weights, t_blob,
                                           t_rgb, job.mirror, progress, getattr(job, "cache_dir", None))
         data.source, data.size = index_list, read_size(deploy, items)
@@ -93,7 +118,8 @@ def _distill(job, deploy, items, data, progress):
     t_weights = caffe_io.read_weights(teacher_weights)
     head = trainnet.Distill(teacher=teacher, embedding=job.embedding, teacher_embedding=t_blob,
                             teacher_blobs={name: len(arrays) for name, arrays in t_weights.items()},
-                            student_dim=student_dim, teacher_dim=blob_dim(teacher, t_blob), teacher_rgb=t_rgb)
+                            student_dim=student_dim, teacher_dim=blob_dim(teacher, t_blob), teacher_rgb=t_rgb,
+                            features=feature_losses(deploy, teacher, features, job.feature_weight) if features else ())
     return head, {trainnet.TEACHER + name: arrays for name, arrays in t_weights.items()}
 
 

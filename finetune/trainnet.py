@@ -90,6 +90,7 @@ class Distill:
     teacher_blobs: dict = None          # {layer: number of weight blobs}, to freeze each one
     loss_weight: float = 1.0
     table_rows: int = 0                 # teacher None: rows of the embedding table (= images in the list)
+    features: tuple = ()                # ((blob, loss weight), ...): feature maps copied from the teacher too
 
 
 @functools.lru_cache(maxsize=None)
@@ -317,6 +318,12 @@ def _teacher_net(net, head, data, raw, full):
         t_blobs.update(layer.top)
     if head.teacher_embedding not in t_blobs:
         raise TrainNetError("teacher embedding blob %r not in the teacher net" % head.teacher_embedding)
+    for blob, weight in head.features:   # FitNets-style hints: the maps themselves, where the shapes agree
+        if blob not in t_blobs:
+            raise TrainNetError("feature blob %r not in the teacher net" % blob)
+        hint = net.layer.add(name="feature_loss_" + blob, type="EuclideanLoss", bottom=[blob, TEACHER + blob],
+                             top=["feature_loss_" + blob])
+        hint.loss_weight.append(weight)
     return _distill_loss(net, head, head.embedding)
 
 

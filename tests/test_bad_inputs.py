@@ -159,6 +159,10 @@ CASES = [
      "--teacher-weights"),
     ("finetune", with_(FINETUNE, weights="{out}/snapshots/start.caffemodel"), "--weights"),
     ("finetune", with_(FINETUNE, gpu="0"), "--gpu 0"),
+    ("finetune", with_(FINETUNE, loss="distill", distill_features="conv9"), "conv9"),
+    ("finetune", with_(FINETUNE, loss="distill", distill_features="auto") + ["--precompute-teacher"],
+     "--precompute-teacher"),
+    ("finetune", with_(FINETUNE, loss="distill", distill_features="auto", feature_weight="0"), "--feature-weight"),
     # ---- python -m prune
     ("prune", with_(PRUNE, samples_per_image="0"), "--samples-per-image"),
     ("prune", with_(PRUNE, images="0"), "--images"),

@@ -1,6 +1,7 @@
 """Fine-tune driver on real Caffe: distillation, A-Softmax, resume after a kill, bad input."""
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -112,6 +113,72 @@ def test_precomputed_teacher_table_matches_the_teacher_and_trains(tmp_path, imag
         np.testing.assert_allclose(table[row], net.forward()["fc5"][0], rtol=1e-4, atol=1e-5)
     losses = np.array([float(r[1]) for r in csv.reader(open(done["loss_csv"]))])
     assert losses[-10:].mean() < losses[:5].mean(), "distillation loss did not go down"
+
+
+def residual_deploy(path, inner=8, size=(28, 24)):
+    """conv1 (8) -> conv2 (inner) -> conv3 (8) -> res = conv1 + conv3 -> fc5: one residual block."""
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 3, size[0], size[1]]))
+    xavier = dict(type="xavier")
+    n.conv1 = L.Convolution(n.data, num_output=8, kernel_size=3, stride=2, pad=1, weight_filler=xavier)
+    n.conv2 = L.Convolution(n.conv1, num_output=inner, kernel_size=1, weight_filler=xavier)
+    n.relu2 = L.ReLU(n.conv2, in_place=True)
+    n.conv3 = L.Convolution(n.conv2, num_output=8, kernel_size=3, pad=1, weight_filler=xavier)
+    n.res = L.Eltwise(n.conv1, n.conv3)
+    n.fc5 = L.InnerProduct(n.res, num_output=6, weight_filler=xavier)
+    caffe_io.write_net(n.to_proto(), str(path))
+    return str(path)
+
+
+def test_feature_maps_are_copied_from_the_teacher(tmp_path, image_list):
+    root, listing = image_list
+    student = residual_deploy(tmp_path / "student.prototxt", inner=3)
+    teacher = residual_deploy(tmp_path / "teacher.prototxt")
+    tw = saved_weights(teacher, tmp_path / "teacher.caffemodel")
+    job = distill_job(tmp_path, image_list, student, teacher, tw, distill_features=("auto",), feature_weight=2.0,
+                      mirror=False)
+    done = driver.finetune(job, progress=False)
+    train = caffe_io.read_net(os.path.join(job.out, "train.prototxt"))
+    hints = [l for l in train.layer if l.type == "EuclideanLoss" and l.name.startswith("feature_loss_")]
+    # 'auto': the one Eltwise output, whose shape (8 x 14 x 12) the student shares; each weight / its size
+    assert [(l.bottom[0], l.bottom[1]) for l in hints] == [("res", trainnet.TEACHER + "res")]
+    assert hints[0].loss_weight[0] == pytest.approx(2.0 / (8 * 14 * 12))
+    # Caffe's hint loss is the weight x half the mean squared difference of the two maps, per image
+    net = caffe.Net(os.path.join(job.out, "train.prototxt"), done["final"], caffe.TRAIN)
+    net.forward()
+    s, t = net.blobs["res"].data, net.blobs[trainnet.TEACHER + "res"].data
+    expected = 2.0 * 0.5 * ((s - t) ** 2).sum() / s.size
+    np.testing.assert_allclose(float(net.blobs["feature_loss_res"].data) * hints[0].loss_weight[0], expected,
+                               rtol=1e-4)
+    # and training moved the student's map towards the teacher's, on an image, in the deploy nets
+    img = np.random.default_rng(1).normal(0, 0.5, (1, 3, 28, 24)).astype(np.float32)
+
+    def gap(weights):
+        a, b = caffe_io.open_net(student, weights), caffe_io.open_net(teacher, tw)
+        a.blobs["data"].data[...] = img
+        b.blobs["data"].data[...] = img
+        a.forward()
+        b.forward()
+        return float(((a.blobs["res"].data - b.blobs["res"].data) ** 2).mean())
+
+    control = distill_job(tmp_path / "control", image_list, student, teacher, tw, mirror=False)   # embedding only
+    g, c = gap(done["final"]), gap(driver.finetune(control, progress=False)["final"]); print("GAP", g, c)
+    assert g < 0.75 * c
+
+
+def test_feature_maps_bad_input_is_named(tmp_path, image_list):
+    student = residual_deploy(tmp_path / "student.prototxt")
+    teacher = residual_deploy(tmp_path / "teacher.prototxt", size=(28, 24))
+    narrow = tiny_deploy(tmp_path / "narrow.prototxt", width=4, size=(28, 24))
+    tw = saved_weights(teacher, tmp_path / "teacher.caffemodel")
+    for deploy, features, extra, message in [
+            (student, ("conv9",), {}, "blob 'conv9' is not in the student nor the teacher net"),
+            (narrow, ("conv1",), {}, "blob 'conv1' is 4x14x12 in the student but 8x14x12 in the teacher"),
+            (student, ("res",), dict(precompute_teacher=True), "drop --precompute-teacher")]:
+        job = distill_job(tmp_path, image_list, deploy, teacher, tw, distill_features=features, **extra)
+        with pytest.raises(heads.HeadError, match=re.escape(message)):
+            driver.finetune(job, progress=False)
+        assert not os.path.exists(job.out) or not os.listdir(job.out)
 
 
 def _run_cli(args):
