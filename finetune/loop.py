@@ -83,8 +83,10 @@ def plot_loss(rows, path, title):
 
 
 def loss_value(net):
-    """The net's loss after a forward pass: the sum of its outputs named *loss*."""
-    return float(sum(net.blobs[b].data.sum() for b in net.outputs if "loss" in b))
+    """The net's loss after a forward pass, as the solver minimises it: its outputs named *loss*, each times
+    its loss_weight (1 for a loss layer that names none)."""
+    weights = net.blob_loss_weights
+    return float(sum(net.blobs[b].data.sum() * weights[b] for b in net.outputs if "loss" in b))
 
 
 def plain_step(solver):

@@ -150,6 +150,10 @@ def test_feature_maps_are_copied_from_the_teacher(tmp_path, image_list):
     expected = 2.0 * 0.5 * ((s - t) ** 2).sum() / s.size
     np.testing.assert_allclose(float(net.blobs["feature_loss_res"].data) * hints[0].loss_weight[0], expected,
                                rtol=1e-4)
+    # the logged loss is the one the solver minimises: each term times its weight
+    weighted = float(net.blobs["distill_loss"].data) + expected
+    from finetune.loop import loss_value
+    assert loss_value(net) == pytest.approx(weighted, rel=1e-4)
     # and training moved the student's map towards the teacher's, on an image, in the deploy nets
     img = np.random.default_rng(1).normal(0, 0.5, (1, 3, 28, 24)).astype(np.float32)
 
