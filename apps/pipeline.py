@@ -23,8 +23,6 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
-
 from base import caffe_io, cli
 from base.runfolder import RunFolder, command_config
 from base.shared import shared_dir
@@ -85,6 +83,11 @@ class PruneSpec:
     ridge: object = "auto"
     bn_reestimate: str = "none"
     positions_per_image: int = 10
+    round_to: Optional[int] = None       # every cut group keeps a multiple of it (prune.policy.keep_count)
+    latency_target: Optional[float] = None   # the share of the batch-1 latency on `runtime` to keep
+    runtime: Optional[str] = None        # rank the sensitivity allocation's cuts by time saved there
+    latency_points: Optional[int] = None
+    latency_cache: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -204,19 +207,22 @@ def sampling_images(s, d, held_out=0):
 
 
 def plan_stage(s, d, base):
-    """How much each group keeps: --keep/--preset as given; --macs-target by the sensitivity analysis's
-    allocation (prune.sensitivity, its curves and plan in OUT/plan/) or one ratio for every group."""
+    """How much each group keeps: --keep/--preset as given; --macs-target (and/or --latency-target) by the
+    sensitivity analysis's allocation (prune.sensitivity, its curves and plan in OUT/plan/; ranked by the time
+    each cut saves on --runtime when one is given) or one ratio for every group; --round-to rounds every
+    count to a multiple."""
     from prune.macs import MacsModel
     net = caffe_io.read_net(base["prototxt"])
-    if s.prune.macs_target is None:
-        return dict(keep=s.prune.keep, allocation="given")
-    if s.prune.allocation == "uniform":
+    p = s.prune
+    if p.macs_target is None and p.latency_target is None:
+        return rounded_plan(dict(keep=p.keep, allocation="given"), net, base["prototxt"], p.round_to)
+    if p.allocation == "uniform":
         from prune.policy import ratio_for_macs
-        ratio, share = ratio_for_macs(net, None, "all", s.prune.macs_target, base["prototxt"])
-        return dict(keep=ratio, allocation="uniform", macs_share=share)
+        ratio, share = ratio_for_macs(net, None, "all", p.macs_target, base["prototxt"], round_to=p.round_to or 1)
+        return rounded_plan(dict(keep=ratio, allocation="uniform", macs_share=share), net, base["prototxt"], p.round_to)
     from base.images import image_batches
-    from prune import sensitivity
-    root, fit, pre, judge = sampling_images(s, d, held_out=s.prune.judge_images)
+    from prune import latency, sensitivity
+    root, fit, pre, judge = sampling_images(s, d, held_out=p.judge_images)
     out = os.path.join(s.out, "plan")
     os.makedirs(out, exist_ok=True)
     say("sensitivity of every group (%d images sampled, %d judged)" % (len(fit), len(judge)), s.quiet)
@@ -224,10 +230,30 @@ def plan_stage(s, d, base):
                                  lambda: image_batches(root, fit, pre, 32), lambda: image_batches(root, judge, pre, 32),
                                  s.blob, os.path.join(out, "sensitivity.json"), progress=not s.quiet, seed=s.seed)
     sensitivity.plot(record, os.path.join(out, "sensitivity.png"))
-    plan = sensitivity.plan(record, MacsModel(net, source=base["prototxt"]), s.prune.macs_target)
+    macs = MacsModel(net, source=base["prototxt"])
+    runtime, model = latency.runtime_of(p), None
+    if runtime:
+        say("latency table of every layer on %s" % runtime, s.quiet)
+        model = latency.model_for(net, runtime, source=base["prototxt"], graph=macs.graph, round_to=p.round_to,
+                                  points=p.latency_points, lowest=min(record["ratios"]), cache_dir=p.latency_cache,
+                                  progress=not s.quiet)
+    plan = sensitivity.plan(record, macs, p.macs_target, latency=model, latency_target=p.latency_target,
+                            round_to=p.round_to or 1)
     caffe_io.atomic_write(os.path.join(out, "plan.json"), json.dumps(plan, indent=1))
+    extra = dict(round_to=p.round_to, latency=plan.get("latency"))
     return dict(keep=plan["keep"], allocation="sensitivity", macs_share=plan["macs_share"],
-                plan=os.path.join(out, "plan.json"), predicted_damage=plan["predicted_damage"])
+                plan=os.path.join(out, "plan.json"), predicted_damage=plan["predicted_damage"],
+                **{k: v for k, v in extra.items() if v is not None})
+
+
+def rounded_plan(plan, net, source, round_to):
+    """The plan with every count a multiple of ``round_to`` (a keep table; prune.policy.rounded)."""
+    if not round_to or round_to == 1:
+        return plan
+    from prune.graph import build_graph
+    from prune.policy import plan_groups, rounded
+    graph = build_graph(net, source=source)
+    return dict(plan, keep=rounded(graph, plan_groups(graph, "all", plan["keep"]), round_to), round_to=round_to)
 
 
 def prune_stage(s, d, base, plan):
@@ -251,21 +277,17 @@ def prune_stage(s, d, base, plan):
                                               mirror=ft.mirror, loss="distillation from the baseline"))
 
 
-def opencv_stage(proto, model, blob, seed=0):
-    """The pruned net in OpenCV's DNN module (layer fusion off, so the numbers are comparable): the
-    largest deviation from Caffe's output on random inputs, relative to the output's scale."""
-    import cv2
-    net = caffe_io.open_net(proto, model)
-    inp = net.inputs[0]
-    x = np.random.default_rng(seed).uniform(-1, 1, (2,) + net.blobs[inp].data.shape[1:]).astype(np.float32)
-    net.blobs[inp].reshape(*x.shape)
-    ref = net.forward(**{inp: x})[blob].copy()
-    cv = cv2.dnn.readNetFromCaffe(proto, model)
-    cv.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
-    cv.enableFusion(False)
-    cv.setInput(x)
-    out = cv.forward().reshape(ref.shape)   # the final output: forward(name) stops before in-place layers
-    return dict(opencv=cv2.__version__, max_rel_deviation=float(np.abs(out - ref).max() / np.abs(ref).max()))
+def verify_stage(deploy, model, base, rounds, seed=0):
+    """The pruned net beside the baseline in every runtime installed here (prune.verify): deviation from
+    Caffe's output, batch-1 latency of both, speed-up per runtime against the MACs reduction."""
+    from prune.verify import failures, verify
+    record = verify(deploy, model, reference=(base["prototxt"], base["caffemodel"]), rounds=rounds, seed=seed)
+    record["tolerance"] = TOLERANCE
+    record["failures"] = failures(record, TOLERANCE)
+    return record
+
+
+TOLERANCE = 1e-4    # prune.verify's default: the largest relative deviation from Caffe of an exact runtime
 
 
 def evaluations(s, run, ev, base, log):
@@ -327,8 +349,9 @@ def run_pipeline(s):
         model = run.copy(log["caffemodel"], "model.caffemodel")
         timing = run.stage("timing", lambda: dict(forward_ms=forward_ms(
             dict(baseline=(base["prototxt"], base["caffemodel"]), pruned=(deploy, model)), rounds=s.timing_rounds)))
-        cv = run.stage("opencv", lambda: opencv_stage(deploy, model, s.blob))
-        rep = report.build(s.out, dict(data=d, baseline=base, prune=log, evaluations=evals, timing=timing, opencv=cv))
+        checked = run.stage("verify", lambda: verify_stage(deploy, model, base, s.timing_rounds, s.seed))
+        rep = report.build(s.out, dict(data=d, baseline=base, prune=log, evaluations=evals, timing=timing,
+                                       verify=checked))
         report.write(rep, s.out)
     say("done in %.0f s: %s" % (time.time() - start, os.path.join(s.out, "report.md")), s.quiet)
     return rep
@@ -337,6 +360,7 @@ def run_pipeline(s):
 # ------------------------------------------------------------------ command line
 
 def parser():
+    from prune import latency
     ap = cli.parser(PROG, description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1], raw=True)
     ap.add_argument("--depth", type=int, choices=(4, 10, 20, 36, 64), default=4,
                     help="SphereFace depth: its deploy prototxt from prototxt/ is the net (default 4)")
@@ -378,6 +402,7 @@ def parser():
     p.add_argument("--judge-images", type=cli.count, default=128,
                    help="held-out training images on which the sensitivity analysis measures damage (default 128)")
     p.add_argument("--images", type=cli.count, default=128, help="images of the training list sampled per group (default 128)")
+    latency.add_arguments(ap)
     options.add_reconstruction(ap)
     f = ap.add_argument_group("fine-tuning (distillation from the baseline; Caffe's solver)")
     f.add_argument("--finetune-epochs-per-layer", type=cli.non_negative, default=1, help="after each pruned group (default 1)")
@@ -413,7 +438,17 @@ def fractions(text):
 
 
 def keep_schedule(a, depth):
-    """The driver's keep from --keep or --preset (None with --macs-target: the plan stage decides)."""
+    """The driver's keep from --keep or --preset (None with --macs-target or --latency-target: the plan stage
+    decides)."""
+    from prune import latency
+    latency.check_arguments(a)
+    if a.latency_target is not None:
+        if a.keep is not None or a.allocation == "uniform":
+            raise cli.UsageError("--latency-target is met by the sensitivity allocation; it excludes --keep and "
+                                 "--allocation uniform")
+        return None
+    if a.runtime and a.allocation == "uniform":
+        raise cli.UsageError("--runtime ranks the sensitivity allocation's cuts; --allocation uniform has none")
     if a.macs_target is not None:
         return None
     if a.keep is not None:
@@ -469,14 +504,17 @@ def settings(argv=None):
         baseline=BaselineSpec(a.weights, a.baseline_epochs, a.baseline_lr, a.teacher, a.teacher_weights,
                               a.teacher_blob, a.teacher_rgb),
         prune=PruneSpec(a.criterion, keep, a.images, a.macs_target, a.allocation, a.judge_images, a.reconstruct,
-                        a.targets, a.ridge, a.bn_reestimate, a.positions_per_image),
+                        a.targets, a.ridge, a.bn_reestimate, a.positions_per_image, round_to=a.round_to,
+                        latency_target=a.latency_target, runtime=a.runtime, latency_points=a.latency_points,
+                        latency_cache=a.latency_cache),
         finetune=FineTuneSpec(train_list=None, epochs_per_layer=a.finetune_epochs_per_layer,
                               epochs_final=a.finetune_epochs_final, lr=a.finetune_lr, batch=a.batch,
                               lr_steps=a.finetune_lr_steps, embedding=a.blob, rgb=a.rgb, mirror=a.finetune_mirror,
                               precompute_teacher=True, seed=a.seed,
                               gpu=None if a.gpu is None else (a.gpu,), progress=not a.quiet, cache_dir=a.cache_dir),
         evaluation=spec_from_args(a, None, None),
-        gpu=a.gpu, timing_rounds=a.timing_rounds, seed=a.seed, quiet=a.quiet, config=command_config(a))
+        gpu=a.gpu, timing_rounds=a.timing_rounds, seed=a.seed, quiet=a.quiet,
+        config=command_config(a, leave_out=("quiet", "out", "cache_dir", "latency_cache")))
 
 
 @cli.entry(PROG)

@@ -33,7 +33,8 @@ def _layers(proto):
 
 def build(out, records):
     """The report of a finished pipeline run in ``out``, from its stage records alone:
-    data, baseline, prune (the driver's log + its fine-tune settings), evaluations, timing, opencv."""
+    data, baseline, prune (the driver's log + its fine-tune settings), evaluations, timing, verify (prune.verify's
+    record of the pruned net beside the baseline)."""
     d, base, log, evals = records["data"], records["baseline"], records["prune"], records["evaluations"]
     before, after = _layers(base["prototxt"]), _layers(log["prototxt"])
     b, f = evals[0], evals[-1]
@@ -58,16 +59,36 @@ def build(out, records):
                 for name in before},
         verdict=verdict(b, f),
         outputs=dict(prototxt=os.path.join(out, "deploy.prototxt"), caffemodel=os.path.join(out, "model.caffemodel"),
-                     opencv_dnn=dict(version=records["opencv"]["opencv"],
-                                     max_rel_deviation_from_caffe=records["opencv"]["max_rel_deviation"])),
+                     **verified(records["verify"])),
         loss_curves=loss_curves(out, base, log),
         timing=dict(forward_ms=t, speedup=speed, measured_over_macs={k: v / (b["macs"] / f["macs"])
                                                                     for k, v in speed.items()},
+                    runtimes=runtime_times(records["verify"]),
                     machine="%s, %d CPUs, Python %s" % (platform.platform(), os.cpu_count(),
                                                         platform.python_version()),
                     date=time.strftime("%Y-%m-%d")),
         wall_seconds=wall_seconds(out),
     )
+
+
+def verified(record):
+    """What prune.verify found, the parts that repeat exactly: every runtime's version and deviation from
+    Caffe, the runtimes the net was verified in (deviation within the tolerance), those skipped."""
+    from prune.runtimes import LABELS
+    runtimes = {}
+    for kind, r in record["runtimes"].items():
+        runtimes[kind] = dict(label=LABELS[kind], **{k: r[k] for k in ("error", "version", "max_rel_deviation",
+                                                                        "min_cosine") if k in r})
+    ok = [k for k, r in runtimes.items() if "error" not in r and r["max_rel_deviation"] <= record["tolerance"]]
+    return dict(runtimes=runtimes, verified_in=ok, tolerance=record["tolerance"],
+                skipped={LABELS[k]: why for k, why in record["skipped"].items()}, failures=record["failures"])
+
+
+def runtime_times(record):
+    """{runtime: baseline and pruned batch-1 ms, speed-up, measured / theoretical} of prune.verify's record."""
+    return {kind: dict(baseline_ms=r["reference_latency_ms"], pruned_ms=r["latency_ms"], speedup=r["speedup"],
+                       measured_over_macs=r["measured_over_macs"])
+            for kind, r in record["runtimes"].items() if "error" not in r}
 
 
 def verdict(b, f):
@@ -138,6 +159,7 @@ def markdown(rep):
         lines.append("| %s | %.3f | %.3f | %.2fx | %.2fx | %.2f |" % (
             batch, t["forward_ms"]["baseline"][batch], t["forward_ms"]["pruned"][batch], t["speedup"][batch],
             v["macs_ratio"], t["measured_over_macs"][batch]))
+    lines += runtime_table(rep)
     lines += ["", "Machine: %s; %s." % (t["machine"], t["date"]), "",
               "## Layers", "", "| layer | channels | params | MACs |", "|---|---|---|---|"]
     for name, l in rep["layers"].items():
@@ -154,11 +176,40 @@ def markdown(rep):
     lines += ["", "## Wall time per stage (s)", "", "| stage | seconds |", "|---|---|"]
     lines += ["| %s | %s |" % (k, w) for k, w in rep["wall_seconds"].items()]
     lines += ["", "## Plots", ""] + ["![%s](%s)" % (k, p) for k, p in rep.get("plots", {}).items()]
-    o = rep["outputs"]
-    lines += ["", "Pruned net: `%s` + `%s` (plain Caffe files). OpenCV %s DNN (fusion off) reproduces Caffe's "
-              "output to a relative deviation of %.1e." % (o["prototxt"], o["caffemodel"], o["opencv_dnn"]["version"],
-                                                           o["opencv_dnn"]["max_rel_deviation_from_caffe"]), ""]
+    lines += closing_lines(rep)
     return "\n".join(lines)
+
+
+def runtime_table(rep):
+    """The section on the runtimes the pruned net was verified and timed in."""
+    o, times = rep["outputs"], rep["timing"].get("runtimes", {})
+    lines = ["", "## Runtimes: verified and timed (prune.verify; batch 1, both nets and every runtime in one "
+             "process, interleaved rounds, one thread each)", "",
+             "| runtime | version | max rel. deviation from Caffe | min cosine | baseline ms | pruned ms | speed-up "
+             "| measured / theoretical |", "|---|---|---|---|---|---|---|---|"]
+    for kind, r in o["runtimes"].items():
+        if "error" in r:
+            lines.append("| %s | | FAILED: %s | | | | | |" % (r["label"], r["error"]))
+            continue
+        t = times.get(kind, {})
+        lines.append("| %s | %s | %.1e | %.7f | %.2f | %.2f | %.2fx | %.2f |" % (
+            r["label"], r["version"], r["max_rel_deviation"], r["min_cosine"], t.get("baseline_ms", 0),
+            t.get("pruned_ms", 0), t.get("speedup", 0), t.get("measured_over_macs", 0)))
+    return lines + [""] + ["%s: skipped (%s)." % (label, why) for label, why in o["skipped"].items()]
+
+
+def closing_lines(rep):
+    """Where the pruned net is, the runtimes it was verified in and its latency in each."""
+    o, times = rep["outputs"], rep["timing"].get("runtimes", {})
+    labels = {k: r["label"] for k, r in o["runtimes"].items()}
+    named = ", ".join("%s (%.2f ms)" % (labels[k], times[k]["pruned_ms"]) if k in times else labels[k]
+                      for k in o["verified_in"])
+    lines = ["", "Pruned net: `%s` + `%s` (plain Caffe files), verified in: %s (relative deviation from Caffe "
+              "within %.0e; batch-1 latency in brackets)." % (o["prototxt"], o["caffemodel"], named or "none",
+                                                             o["tolerance"])]
+    if o["failures"]:
+        lines += ["", "**Not verified**: %s." % "; ".join(o["failures"])]
+    return lines + [""]
 
 
 def describe_recipe(rep):
@@ -168,6 +219,7 @@ def describe_recipe(rep):
            "uniform": "one ratio for every group, for %.1f%% of the MACs" % (100 * p.get("macs_share", 0)),
            "sensitivity": "allocated per group from the sensitivity analysis (%s), %.1f%% of the MACs"
                           % (p.get("plan"), 100 * p.get("macs_share", 0))}[p["allocation"]]
+    how += rounding_and_latency(p)
     rec = {"full": "least squares of all kept weights and the intercept", "scale": "ThiNet's per-channel scale",
            "none": "no reconstruction", None: "ThiNet's per-channel scale"}[r.get("reconstruct")]
     target = {"original": " towards the unpruned net's outputs", "current": " towards the pruned net's own outputs",
@@ -176,6 +228,19 @@ def describe_recipe(rep):
           "again after every cut"}.get(r.get("bn_reestimate"), "")
     return "Channels kept: %s. Consumers of each cut group: %s%s%s." % (how, rec, target if r.get("reconstruct") !=
                                                                          "none" else "", bn)
+
+
+def rounding_and_latency(p):
+    """The plan's channel rounding and latency ranking, as a clause ('' without either)."""
+    text = ""
+    lat = p.get("latency")
+    if lat:
+        text += "; cuts ranked by the time they save on %s (predicted %.2f of %.2f ms%s)" % (
+            lat["runtime"], lat["predicted_ms"], lat["unpruned_ms"],
+            ", latency target %.0f%%" % (100 * lat["target"]) if lat.get("target") else "")
+    if p.get("round_to"):
+        text += "; every count a multiple of %d" % p["round_to"]
+    return text
 
 
 def plot_all(rep, folder):

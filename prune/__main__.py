@@ -12,7 +12,20 @@ PROG = "python -m prune"
 
 
 def keep_of(a, net, layers):
-    """(keep, layers) for the driver from --keep, --macs-target, --threshold or --plan (one of them)."""
+    """(keep, layers) for the driver from --keep, --macs-target, --threshold or --plan (one of them), with
+    every count a multiple of --round-to when it is given."""
+    keep, layers = _keep_of(a, net, layers)
+    if not a.round_to or a.round_to == 1:
+        return keep, layers
+    from prune.graph import build_graph
+    graph = build_graph(net, source=a.model)
+    table = policy.rounded(graph, policy.plan_groups(graph, layers, keep), a.round_to)
+    print("--round-to %d: %s" % (a.round_to, ", ".join("%s %d/%d" % (g, round(r * graph[g].channels),
+                                                                      graph[g].channels) for g, r in table.items())))
+    return table, "all"
+
+
+def _keep_of(a, net, layers):
     if a.plan is not None:
         return policy.read_plan(a.plan), layers
     if a.threshold is not None:
@@ -23,7 +36,7 @@ def keep_of(a, net, layers):
         print("--threshold %g: %d of %d channels kept in %d groups" % (a.threshold, kept, total, len(table)))
         return table, "all"
     if a.macs_target is not None:
-        keep, reached = policy.ratio_for_macs(net, None, layers, a.macs_target, a.model)
+        keep, reached = policy.ratio_for_macs(net, None, layers, a.macs_target, a.model, round_to=a.round_to or 1)
         print("--macs-target %g: keep ratio %.4f on every selected group leaves %.2f%% of the MACs"
               % (a.macs_target, keep, 100 * reached))
         return keep, layers
@@ -83,6 +96,8 @@ def parser():
     how.add_argument("--plan", default=None,
                      help="instead of --keep: a plan file, JSON with a 'keep' table {group or layer: ratio} (as "
                           "python -m prune.sensitivity writes it; groups left out are not pruned)")
+    ap.add_argument("--round-to", type=cli.count, default=None, metavar="N",
+                    help="with any of the above: " + policy.ROUND_TO_HELP)
     ap.add_argument("--layers", default="all",
                     help="comma-separated layers or group ids to prune, in any order (they are pruned in "
                          "network order); default all prunable groups (python -m prune.groups lists them)")

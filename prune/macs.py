@@ -16,6 +16,11 @@ from prune.graph import build_graph
 
 
 class MacsModel:
+    """The allocator's cost model in MACs: ``cost(kept)`` (= ``macs``), ``share(kept)``, ``total``,
+    ``channels()``; prune.latency.LatencyModel has the same interface in milliseconds."""
+
+    unit = "MACs"
+
     def __init__(self, net, graph=None, source="net"):
         from prune.stats import net_stats
         self.graph = graph or build_graph(net, source=source)
@@ -38,14 +43,22 @@ class MacsModel:
 
     def macs(self, kept):
         """Total MACs with ``kept`` = {group id: number of channels kept} (others whole)."""
-        total = 0.0
-        for macs, rows, cols, cuts in self.layers.values():
+        return sum(self.per_layer(kept).values())
+
+    def per_layer(self, kept):
+        """{layer: MACs} with ``kept`` channels of each group."""
+        out = {}
+        for name, (macs, rows, cols, cuts) in self.layers.items():
             dims = [rows, cols]
             for gid, axis, block in cuts:
                 if gid in kept:
                     dims[axis] -= (self.graph[gid].channels - kept[gid]) * block
-            total += macs * dims[0] / rows * dims[1] / cols
-        return total
+            out[name] = macs * dims[0] / rows * dims[1] / cols
+        return out
+
+    def cost(self, kept):
+        """The cost the allocator weighs (prune.sensitivity.allocate): the MACs."""
+        return self.macs(kept)
 
     def share(self, kept):
         return self.macs(kept) / self.total

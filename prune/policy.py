@@ -24,9 +24,37 @@ class PruneError(ValueError):
     pass
 
 
-def keep_count(ratio, channels):
-    """The one rule from a keep ratio to a number of channels: the nearest count, at least one."""
-    return max(1, min(channels, int(round(ratio * channels))))
+ROUND_TO_HELP = ("every cut group keeps a multiple of N channels, at least N (vector widths: 4, 8 or 16 are "
+                 "common); a group kept whole stays whole")
+
+
+def keep_count(ratio, channels, round_to=1):
+    """The one rule from a keep ratio to a number of channels: the nearest count, at least one.
+
+    With ``round_to`` N (``--round-to``) the nearest multiple of N, at least N: a group that is cut keeps a
+    multiple of N channels, never zero; a ratio of 1, or a count that would round up to the whole group (or
+    beyond), keeps the group whole."""
+    round_to = int(round_to or 1)
+    if round_to < 1:
+        raise PruneError("--round-to must be at least 1, not %d" % round_to)
+    if round_to == 1:
+        return max(1, min(channels, int(round(ratio * channels))))
+    if ratio >= 1:
+        return channels
+    count = max(round_to, round_to * int(round(ratio * channels / round_to)))
+    return channels if count >= channels else count
+
+
+def rounded(graph, plan, round_to):
+    """A plan [(group id, ratio)] as {group id: ratio} whose counts under keep_count are multiples of
+    ``round_to``: every ratio replaced by (its rounded count) / channels, which keep_count maps back to exactly
+    that count (so the driver, a plan file and a reader agree on every count); groups kept whole are left
+    out."""
+    table = {gid: keep_count(r, graph[gid].channels, round_to) / graph[gid].channels for gid, r in plan}
+    table = {gid: r for gid, r in table.items() if r < 1}
+    if not table:
+        raise PruneError("with --round-to %d every selected group keeps all its channels; nothing to prune" % round_to)
+    return table
 
 
 def names(group):
@@ -74,10 +102,11 @@ def plan_groups(graph, layers, keep):
     return out
 
 
-def ratio_for_macs(net, weights, layers, target, source="net"):
+def ratio_for_macs(net, weights, layers, target, source="net", round_to=1):
     """The single keep ratio that, applied to the chosen groups, leaves ``target`` (a share, 0..1) of the
-    net's MACs: a bisection over the ratio on the exact MACs model (prune.macs).  ``weights`` is unused
-    (kept for callers).  Returns (ratio, MACs share reached)."""
+    net's MACs: a bisection over the ratio on the exact MACs model (prune.macs), every count under
+    keep_count(ratio, channels, round_to).  ``weights`` is unused (kept for callers).  Returns (ratio, MACs
+    share reached)."""
     from prune.macs import MacsModel
     if not 0 < target < 1:
         raise PruneError("--macs-target is the share of MACs to keep, in (0, 1); got %g" % target)
@@ -87,7 +116,7 @@ def ratio_for_macs(net, weights, layers, target, source="net"):
         raise PruneError("nothing to prune: no prunable group selected")
 
     def share(ratio):
-        return model.share({gid: keep_count(ratio, model.graph[gid].channels) for gid, _ in plan})
+        return model.share({gid: keep_count(ratio, model.graph[gid].channels, round_to) for gid, _ in plan})
 
     lowest = share(1e-9)
     if target < lowest:

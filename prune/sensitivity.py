@@ -95,67 +95,117 @@ def _interpolated(curve, channels):
     return np.interp(np.arange(channels + 1) / channels, r, d)
 
 
-def allocate(record, macs_model, target, min_ratio=None, step=None):
-    """Per-group kept channel counts that reach ``target`` (share of the net's MACs) with the least
-    summed damage.  min_ratio: the fewest channels a group keeps, as a share (default the smallest
-    measured ratio); step: channels removed per move (default 1/32 of the group, at least 1)."""
-    curves = record["curves"]
-    widths = {gid: c["channels"] for gid, c in curves.items()}
-    lowest = min(float(r) for r in record["ratios"]) if min_ratio is None else min_ratio
-    floor = {gid: max(1, int(np.ceil(lowest * c))) for gid, c in widths.items()}
-    damage = {gid: _interpolated(curves[gid], c) for gid, c in widths.items()}
-    kept = dict(widths)
-    goal = target * macs_model.total
-    now = macs_model.macs(kept)
-    while now > goal:
-        best = None
+def _floor(lowest, channels, round_to):
+    """The fewest channels a group keeps: ``lowest`` of them, a multiple of ``round_to`` (the whole group
+    when that is all it can keep)."""
+    if round_to <= 1:
+        return max(1, int(np.ceil(lowest * channels)))
+    count = max(round_to, round_to * int(np.ceil(lowest * channels / round_to)))
+    return channels if count >= channels else count
+
+
+def _lower(k, channels, floor, step, round_to):
+    """The next smaller count of a group at ``k``: one move of ``step`` channels (default 1/32 of the group,
+    at least one; a multiple of ``round_to``), never below ``floor``."""
+    move = max(1, channels // 32) if step is None else step
+    if round_to <= 1:
+        return max(floor, k - move)
+    move = max(round_to, round_to * int(round(move / round_to)))
+    return max(floor, round_to * ((k - move) // round_to))
+
+
+def _best_cut(kept, widths, floor, damage, rank, need, step, round_to):
+    """(group, new count) of the move with the least damage per unit of ``rank``'s cost saved; moves that
+    save nothing there are ranked by what they save of ``need`` (the model of an unmet target) instead."""
+    for model in (rank, need) if rank is not need else (rank,):
+        now, best = model.cost(kept), None
         for gid, k in kept.items():
-            move = max(1, widths[gid] // 32) if step is None else step
-            k2 = max(floor[gid], k - move)
-            if k2 == k:
+            k2 = _lower(k, widths[gid], floor[gid], step, round_to)
+            if k2 >= k:
                 continue
-            saved = now - macs_model.macs(dict(kept, **{gid: k2}))
+            saved = now - model.cost(dict(kept, **{gid: k2}))
             if saved <= 0:
                 continue
             cost = (damage[gid][k2] - damage[gid][k]) / saved
             if best is None or cost < best[0]:
                 best = (cost, gid, k2)
-        if best is None:
-            raise SensitivityError("the groups cannot be cut below %.1f%% of the MACs (each keeps at least %g "
-                                   "of its channels); --macs-target %g is out of reach"
-                                   % (100 * now / macs_model.total, lowest, target))
-        kept[best[1]] = best[2]
-        now = macs_model.macs(kept)
-    _refill(kept, widths, damage, macs_model, goal)
+        if best is not None:
+            return best[1], best[2]
+    return None
+
+
+def allocate(record, macs_model, target, min_ratio=None, step=None, round_to=1, rank=None, also=()):
+    """Per-group kept channel counts that bring ``macs_model`` -- the cost model: prune.macs.MacsModel, or
+    prune.latency.LatencyModel (anything with ``cost(kept)``, ``total``) -- to ``target`` (a share of its
+    total) with the least summed damage.  min_ratio: the fewest channels a group keeps, as a share (default
+    the smallest measured ratio); step: channels removed per move (default 1/32 of the group, at least 1);
+    round_to: every cut group keeps a multiple of it (prune.policy.keep_count); rank: the cost model whose
+    saving ranks the moves (default ``macs_model``; a LatencyModel spends the cuts where they buy time on its
+    runtime); also: more [(cost model, target share)] that must hold too."""
+    curves = record["curves"]
+    widths = {gid: c["channels"] for gid, c in curves.items()}
+    lowest = min(float(r) for r in record["ratios"]) if min_ratio is None else min_ratio
+    round_to = max(1, int(round_to or 1))
+    floor = {gid: _floor(lowest, c, round_to) for gid, c in widths.items()}
+    damage = {gid: _interpolated(curves[gid], c) for gid, c in widths.items()}
+    goals = [(macs_model, target)] + list(also)
+    kept = dict(widths)
+    while True:
+        unmet = [(m, t) for m, t in goals if m.cost(kept) > t * m.total]
+        if not unmet:
+            break
+        move = _best_cut(kept, widths, floor, damage, rank or macs_model, unmet[0][0], step, round_to)
+        if move is None:
+            model, goal = unmet[0]
+            what = getattr(model, "unit", "MACs")
+            raise SensitivityError("the groups cannot be cut below %.1f%% of the %s (each keeps at least %g "
+                                   "of its channels); --%s-target %g is out of reach"
+                                   % (100 * model.cost(kept) / model.total, "MACs" if what == "MACs" else
+                                      "latency", lowest, "macs" if what == "MACs" else "latency", goal))
+        kept[move[0]] = move[1]
+    _refill(kept, widths, damage, goals, round_to)
     return kept
 
 
-def _refill(kept, widths, damage, macs_model, goal):
-    """Give back single channels where they buy the most damage while the target still holds (the
-    greedy moves in steps, so it overshoots by up to one step)."""
+def _refill(kept, widths, damage, goals, round_to=1):
+    """Give back channels (``round_to`` at a time, or the rest of the group) where they buy the most damage
+    while every target still holds (the greedy moves in steps, so it overshoots by up to one step)."""
     while True:
-        now = macs_model.macs(kept)
         best = None
         for gid, k in kept.items():
             if k >= widths[gid]:
                 continue
-            extra = macs_model.macs(dict(kept, **{gid: k + 1}))
-            if extra > goal:
+            k2 = min(widths[gid], k + round_to)
+            trial = dict(kept, **{gid: k2})
+            if any(m.cost(trial) > t * m.total for m, t in goals):
                 continue
-            gain = damage[gid][k] - damage[gid][k + 1]
+            gain = damage[gid][k] - damage[gid][k2]
             if best is None or gain > best[0]:
-                best = (gain, gid)
+                best = (gain, gid, k2)
         if best is None or best[0] <= 0:
             return
-        kept[best[1]] += 1
+        kept[best[1]] = best[2]
 
 
-def plan(record, macs_model, target, **kw):
-    """The plan file's content: per-group keep ratios (exact channel counts under the driver's rule)."""
-    kept = allocate(record, macs_model, target, **kw)
+def predicted_damage(record, kept):
+    """The summed damage the curves of ``record`` predict for ``kept`` = {group id: channels kept} (groups
+    left out are whole)."""
+    curves = record["curves"]
+    return sum(float(_interpolated(curves[g], curves[g]["channels"])[k]) for g, k in kept.items())
+
+
+def plan(record, macs_model, target=None, latency=None, latency_target=None, round_to=1, **kw):
+    """The plan file's content: per-group keep ratios (exact channel counts under the driver's rule) for
+    ``target`` (a share of the MACs) and/or ``latency_target`` (a share of ``latency``'s predicted time, a
+    prune.latency.LatencyModel).  With ``latency`` the moves are ranked by the time they save on its
+    runtime, so at a MACs target alone the allocation still spends its cuts where they buy time."""
+    goals = [(m, t) for m, t in ((macs_model, target), (latency, latency_target)) if t is not None]
+    if not goals:
+        raise SensitivityError("a plan needs a MACs target or a latency target")
+    kept = allocate(record, goals[0][0], goals[0][1], round_to=round_to, rank=latency, also=goals[1:], **kw)
     widths = macs_model.channels()
-    predicted = sum(float(_interpolated(record["curves"][g], widths[g])[k]) for g, k in kept.items())
-    return {
+    predicted = predicted_damage(record, kept)
+    content = {
         "about": "per-group keep ratios for python -m prune --plan; edit freely (a group left out is not pruned)",
         "macs_target": target,
         "macs_share": round(macs_model.share(kept), 6),
@@ -163,6 +213,14 @@ def plan(record, macs_model, target, **kw):
         "keep": {g: kept[g] / widths[g] for g in kept if kept[g] < widths[g]},
         "channels": {g: [kept[g], widths[g]] for g in kept},
     }
+    if round_to and round_to > 1:
+        content["round_to"] = int(round_to)
+    if latency is not None:
+        content["latency"] = dict(runtime=latency.runtime, target=latency_target,
+                                  share=round(latency.share(kept), 6), predicted_ms=round(latency.cost(kept), 4),
+                                  unpruned_ms=round(latency.total, 4),
+                                  ranked_by="time saved on %s (prune.latency)" % latency.runtime)
+    return content
 
 
 def plot(record, path):
@@ -192,7 +250,8 @@ def parser():
                     "unpruned net's) is measured on --judge-images images the step did not sample. Writes "
                     "OUT/sensitivity.json (resumable) and OUT/sensitivity.png; with --macs-target also "
                     "OUT/plan.json, per-group keep ratios with the least summed damage for that MACs share, "
-                    "which python -m prune --plan OUT/plan.json runs (edit it freely).")
+                    "which python -m prune --plan OUT/plan.json runs (edit it freely); --latency-target (or "
+                    "--runtime) allocates by the measured latency of every layer on a runtime instead.")
     cli.add_net(ap, weights_required=True, blob_default=None, blob_required=True,
                 blob_help="embedding blob whose change is the damage (e.g. fc5, fc1)")
     options.add_images(ap, "images the closed-form step samples (default: all, at most %d)" % options.DEFAULT_IMAGES)
@@ -204,6 +263,8 @@ def parser():
                     help="channel criterion of the step (default thinet)")
     ap.add_argument("--macs-target", type=cli.share, default=None,
                     help="also write OUT/plan.json: the allocation that keeps this share of the MACs")
+    from prune import latency
+    latency.add_arguments(ap)
     cli.add_run(ap, "folder for sensitivity.json, sensitivity.png and plan.json")
     return ap
 
@@ -224,7 +285,11 @@ def main(argv=None):
     from base.images import image_batches
     from base.netinput import input_layer
     from prune import options
+    from prune import latency
     a = parser().parse_args(argv)
+    latency.check_arguments(a)
+    if a.round_to and a.macs_target is None and a.latency_target is None:
+        raise cli.UsageError("--round-to rounds the plan's counts: give --macs-target or --latency-target")
     cli.check_run_inputs(a, dict(model=a.model, weights=a.weights, pairs=a.pairs,
                                  data=a.data if os.path.isfile(a.data) else None), nets=[("model", "weights")])
     net, weights = caffe_io.read_net(a.model), caffe_io.read_weights(a.weights)
@@ -240,13 +305,34 @@ def main(argv=None):
     print("%-32s %5s  %s" % ("group", "chans", "  ".join("%6g" % r for r in a.ratios)))
     for gid, c in record["curves"].items():
         print("%-32s %5d  %s" % (gid, c["channels"], "  ".join("%6.4f" % c["damage"]["%g" % r] for r in a.ratios)))
-    if a.macs_target is not None:
-        content = plan(record, macs, a.macs_target)
-        caffe_io.atomic_write(os.path.join(a.out, "plan.json"), json.dumps(content, indent=1))
-        print("plan for %.1f%% of the MACs (reached %.2f%%, predicted damage %.3f): %s"
-              % (100 * a.macs_target, 100 * content["macs_share"], content["predicted_damage"],
-                 os.path.join(a.out, "plan.json")))
+    if a.macs_target is not None or a.latency_target is not None:
+        write_plan(a, net, record, macs)
     return 0
+
+
+def write_plan(a, net, record, macs):
+    """OUT/plan.json for --macs-target and/or --latency-target (--runtime, --round-to), and its summary line."""
+    from prune import latency
+    runtime = latency.runtime_of(a)
+    model = None
+    if runtime:
+        model = latency.model_for(net, runtime, source=a.model, graph=macs.graph, round_to=a.round_to,
+                                  points=a.latency_points, lowest=min(a.ratios), cache_dir=a.latency_cache,
+                                  progress=not a.quiet)
+    content = plan(record, macs, a.macs_target, latency=model, latency_target=a.latency_target,
+                   round_to=a.round_to or 1)
+    caffe_io.atomic_write(os.path.join(a.out, "plan.json"), json.dumps(content, indent=1))
+    goals = (["%.1f%% of the MACs (reached %.2f%%)" % (100 * a.macs_target, 100 * content["macs_share"])]
+             if a.macs_target is not None else [])
+    if model is not None:
+        lat = content["latency"]
+        shares = "%.2f%% predicted: %.2f of %.2f ms" % (100 * lat["share"], lat["predicted_ms"], lat["unpruned_ms"])
+        goals.append("%.1f%% of the latency on %s (%s)" % (100 * a.latency_target, runtime, shares)
+                     if a.latency_target is not None else "cuts ranked by the time they save on %s (%s)"
+                     % (runtime, shares))
+    print("plan for %s, predicted damage %.3f%s: %s" % (", ".join(goals), content["predicted_damage"],
+                                                        ", multiples of %d channels" % a.round_to if a.round_to
+                                                        else "", os.path.join(a.out, "plan.json")))
 
 
 if __name__ == "__main__":

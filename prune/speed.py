@@ -32,17 +32,24 @@ def forward_ms(nets, batches=(1, 32), rounds=7, min_seconds=0.2, seed=0):
             x = inputs.setdefault(shape, rng.uniform(-1, 1, shape).astype(np.float32))
             net.blobs[blob].data[...] = x
             net.forward()   # warm-up: memory allocation, caches
-        times = {name: [] for name in loaded}
-        for _ in range(rounds):
-            for name, net in loaded.items():
-                n, start = 0, time.perf_counter()
-                while True:
-                    net.forward()
-                    n += 1
-                    elapsed = time.perf_counter() - start
-                    if elapsed >= min_seconds:
-                        break
-                times[name].append(1000.0 * elapsed / (n * batch))
+        ms = interleaved_ms({name: net.forward for name, net in loaded.items()}, rounds, min_seconds)
         for name in loaded:
-            out[name][batch] = float(np.median(times[name]))
+            out[name][batch] = ms[name] / batch
     return out
+
+
+def interleaved_ms(calls, rounds=7, min_seconds=0.2):
+    """{key: median ms per call} of ``calls`` = {key: function of no arguments} (each warmed up by the
+    caller), timed side by side: every round runs each in turn, whole calls, for at least ``min_seconds``."""
+    times = {key: [] for key in calls}
+    for _ in range(rounds):
+        for key, call in calls.items():
+            n, start = 0, time.perf_counter()
+            while True:
+                call()
+                n += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= min_seconds:
+                    break
+            times[key].append(1000.0 * elapsed / n)
+    return {key: float(np.median(t)) for key, t in times.items()}

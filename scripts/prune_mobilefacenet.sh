@@ -3,7 +3,10 @@
 # (README: "Keeping the accuracy"): per-group ratios from a sensitivity analysis, every cut group's consumers
 # refitted by least squares towards the unpruned net, then distillation fine-tuning with Caffe's solver.
 # Samples and trains only on LFW folds 1-5 people and people in no pair; evaluates on folds 6-10.
-# Report and plots in runs/mobilefacenet (or --out DIR). Every flag of python -m apps.pipeline can be added,
+# Report and plots in runs/mobilefacenet (or --out DIR); the report's verify stage (python -m prune.verify) runs the
+# pruned net beside the original in Caffe, OpenCV DNN and MNN: deviation from Caffe, batch-1 latency, speed-up.
+# Add --runtime mnn (or opencv, caffe) to rank the allocation's cuts by measured time there, --round-to 8 for
+# channel counts in multiples of 8. Every flag of python -m apps.pipeline can be added,
 # e.g. --macs-target 0.35, --finetune-epochs-final 0 (closed-form steps only), --model/--weights of your own net.
 set -euo pipefail
 cd "$(dirname "$0")/.."

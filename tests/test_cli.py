@@ -44,6 +44,8 @@ CASES = [
                            "--data", MISSING, "--out", "OUT"]),
     ("prune.groups", [MISSING + ".prototxt"]),
     ("prune.stats", [MISSING + ".prototxt"]),
+    ("prune.verify", [MISSING + ".prototxt", MISSING + ".caffemodel", "--json", "OUT/verify.json"]),
+    ("prune.verify", [sphereface4(), MISSING + ".caffemodel", "--json", "OUT/verify.json"]),
     ("prune.widths", ["--model", MISSING + ".prototxt", "--weights", MISSING + ".caffemodel", "--out", "OUT"]),
     ("prune.towers", ["--model", MISSING + ".prototxt", "--out", "OUT/towers.prototxt"]),
     ("prune.towers", ["--model", sphereface4(), "--out", UNWRITABLE + "/towers.prototxt"]),

@@ -43,7 +43,20 @@ def test_pipeline_end_to_end(finished):
         assert rep["timing"]["forward_ms"]["pruned"][batch] > 0
     for plot in ("accuracy_vs_macs", "channels", "params_macs", "loss"):
         assert os.path.getsize(os.path.join(finished, rep["plots"][plot])) > 1000
-    assert "within" in open(os.path.join(finished, "report.md")).read()
+    md = open(os.path.join(finished, "report.md")).read()
+    assert "within" in md
+    # verified and timed in every runtime installed here (prune.verify), named in the report with its latency
+    from prune import runtimes
+    out = rep["outputs"]
+    assert out["failures"] == [] and "caffe" in out["verified_in"]
+    for kind in runtimes.KINDS:
+        if runtimes.missing(kind) is None:
+            assert kind in out["runtimes"] and rep["timing"]["runtimes"][kind]["pruned_ms"] > 0
+            if kind in runtimes.EXACT:
+                assert kind in out["verified_in"] and out["runtimes"][kind]["max_rel_deviation"] < 1e-4
+        else:
+            assert runtimes.LABELS[kind] in out["skipped"]
+    assert "verified in: Caffe (" in md and "## Runtimes: verified and timed" in md
     # the deliverable: plain Caffe files, loadable by Caffe and by OpenCV's DNN module with the same output
     import cv2
     proto, model = os.path.join(finished, "deploy.prototxt"), os.path.join(finished, "model.caffemodel")

@@ -1,0 +1,270 @@
+"""The runtimes a pruned Caffe net is dropped into, behind one small interface.
+
+* ``caffe``: pycaffe itself (the reference);
+* ``opencv``: OpenCV's DNN module (``cv2.dnn.readNetFromCaffe``), with layer
+  fusion on, as deployments run it; ``opencv-nofusion``: fusion off, which
+  computes what Caffe computes to float precision (BRIEF.md);
+* ``mnn``: Alibaba's MNN, the model converted by its own Caffe converter
+  (``mnnconvert -f CAFFE``, here the converter's library called in a child
+  process, see ``convert_mnn``) and run by ``MNN.Interpreter`` with its
+  defaults, as deployed; ``mnn-nowinograd``: the same with its Winograd
+  convolutions off (session hint WINOGRAD_MEMORY_LEVEL 0: direct
+  convolution).  MNN's default picks large Winograd tiles for 3x3 convs,
+  which drift from Caffe's output by ~1e-4 relative on SphereFace-20
+  (measured); with Winograd off it matches to ~1e-6.
+
+``missing(kind)`` says why a runtime cannot run here (not installed, too new)
+or None; ``open_session(kind, prototxt, caffemodel, workdir)`` gives a
+``Session`` whose ``run(x)`` returns the net's output for one input batch and
+whose ``forward()`` repeats the last run (what the timings call).  Every
+runtime runs on ``threads`` threads (``pinned``), so their latencies compare.
+"""
+import contextlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from base import caffe_io
+
+KINDS = ("caffe", "opencv-nofusion", "opencv", "mnn-nowinograd", "mnn")
+EXACT = ("caffe", "opencv-nofusion", "mnn-nowinograd")   # compute what Caffe computes, to float precision
+LATENCY_KINDS = ("caffe", "opencv", "mnn")      # what --runtime takes: each as deployed (fusion, Winograd on)
+LABELS = {"caffe": "Caffe", "opencv-nofusion": "OpenCV DNN (fusion off)", "opencv": "OpenCV DNN (fused)",
+          "mnn-nowinograd": "MNN (Winograd off)", "mnn": "MNN"}
+WINOGRAD_MEMORY_LEVEL = 3       # MNN's Interpreter::HintMode number of that hint
+
+
+class RuntimeFailure(ValueError):
+    """A net a runtime cannot load or convert (named runtime and file)."""
+
+
+def version(kind):
+    """The runtime's version string (None when it is missing)."""
+    if missing(kind):
+        return None
+    if kind == "caffe":
+        import caffe
+        return getattr(caffe, "__version__", "BVLC")
+    if kind.startswith("opencv"):
+        import cv2
+        return cv2.__version__
+    return import_mnn().version()
+
+
+def missing(kind):
+    """Why ``kind`` cannot run here, or None when it can."""
+    if kind == "caffe":
+        return None
+    if kind.startswith("opencv"):
+        try:
+            import cv2
+        except ImportError:
+            return "OpenCV is not installed (pip install 'opencv-python-headless<5', in requirements.txt)"
+        if not hasattr(cv2, "dnn") or not hasattr(cv2.dnn, "readNetFromCaffe"):
+            return "OpenCV %s has no cv2.dnn.readNetFromCaffe (OpenCV 5 removed it; use <5)" % cv2.__version__
+        return None
+    if kind.startswith("mnn"):
+        try:
+            import_mnn()
+            with quiet_stdout():
+                import _tools  # noqa: F401  (the converter's library, shipped in the MNN wheel)
+        except ImportError:
+            return "MNN is not installed (pip install MNN, in requirements.txt)"
+        return None
+    raise ValueError("unknown runtime %r (one of %s)" % (kind, ", ".join(KINDS)))
+
+
+@contextlib.contextmanager
+def quiet_stdout():
+    """File descriptor 1 to /dev/null inside the block: MNN's library prints notes on the C stdout (on import,
+    on every session) that would land in the middle of a command's output."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
+
+
+def import_mnn():
+    """The MNN module, imported quietly."""
+    with quiet_stdout():
+        import MNN
+    return MNN
+
+
+@contextlib.contextmanager
+def pinned(threads=1):
+    """Caffe's BLAS and OpenCV run on ``threads`` threads inside the block (MNN takes it per session)."""
+    from threadpoolctl import threadpool_limits
+    cv2 = None
+    if missing("opencv") is None:
+        import cv2
+        before = cv2.getNumThreads()
+        cv2.setNumThreads(threads)
+    try:
+        with threadpool_limits(threads):
+            yield
+    finally:
+        if cv2 is not None:
+            cv2.setNumThreads(before)
+
+
+# The converter library prints its progress on the C stdout; run in a child so that a model it cannot
+# convert (it may abort) is one error here, and so that its output stays out of ours.  The wheel's own
+# `mnnconvert` script is not used: after converting it tries to install and call a usage-reporting client.
+_CONVERT = r"""
+import json, os, sys
+import _tools
+failed = []
+for proto, model, out in json.load(sys.stdin):
+    ok = _tools.mnnconvert(["mnnconvert", "-f", "CAFFE", "--modelFile", model, "--prototxt", proto,
+                            "--MNNModel", out, "--bizCode", "sphereface-prune"])
+    if not ok or not os.path.exists(out):
+        failed.append(proto)
+print(json.dumps(failed), file=sys.stderr)
+"""
+
+
+def convert_mnn(jobs, timeout=600):
+    """Convert [(prototxt, caffemodel, out.mnn)] with MNN's Caffe converter, in one child process."""
+    if not jobs:
+        return
+    done = subprocess.run([sys.executable, "-c", _CONVERT], input=json.dumps([list(j) for j in jobs]),
+                          capture_output=True, text=True, timeout=timeout)
+    lines = done.stderr.strip().splitlines()
+    try:
+        failed = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        failed = None
+    if done.returncode != 0 or failed is None:
+        raise RuntimeFailure("MNN's converter stopped (exit %d) on %s: %s" % (
+            done.returncode, jobs[0][0], (lines[-1] if lines else done.stdout.strip().splitlines()[-1:]) or "?"))
+    if failed:
+        raise RuntimeFailure("MNN's converter could not convert %s" % ", ".join(failed))
+
+
+class Session:
+    """A loaded net in one runtime: ``run(x)`` -> output array; ``forward()`` runs again on the same input."""
+
+    kind = None
+
+    def run(self, x):
+        raise NotImplementedError
+
+    def forward(self):
+        raise NotImplementedError
+
+
+class CaffeSession(Session):
+    kind = "caffe"
+
+    def __init__(self, proto, model):
+        self.net = caffe_io.open_net(proto, model)
+        if len(self.net.outputs) != 1:
+            raise RuntimeFailure("%s has %d outputs (%s); the runtimes are compared on a net's single output"
+                                % (proto, len(self.net.outputs), ", ".join(self.net.outputs)))
+        self.input, self.output = self.net.inputs[0], self.net.outputs[0]
+
+    def input_shape(self):
+        return tuple(self.net.blobs[self.input].data.shape)
+
+    def run(self, x):
+        self.net.blobs[self.input].reshape(*x.shape)
+        self.net.reshape()
+        self.net.blobs[self.input].data[...] = x
+        return self.forward().copy()
+
+    def forward(self):
+        self.net.forward()
+        return self.net.blobs[self.output].data
+
+
+class OpenCVSession(Session):
+    def __init__(self, proto, model, fusion):
+        import cv2
+        self.kind = "opencv" if fusion else "opencv-nofusion"
+        try:
+            self.net = cv2.dnn.readNetFromCaffe(proto, model)
+        except cv2.error as e:
+            raise RuntimeFailure("OpenCV DNN cannot read %s: %s" % (proto, str(e).strip().splitlines()[-1])) from None
+        self.net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+        self.net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+        self.net.enableFusion(fusion)
+
+    def run(self, x):
+        self.net.setInput(np.ascontiguousarray(x, dtype=np.float32))
+        return np.array(self.forward())
+
+    def forward(self):
+        return self.net.forward()       # the final output (forward(name) would stop before in-place layers)
+
+
+class MNNSession(Session):
+    def __init__(self, path, threads=1, winograd=True):
+        self.kind = "mnn" if winograd else "mnn-nowinograd"
+        self.mnn = import_mnn()
+        with quiet_stdout():
+            self.interpreter = self.mnn.Interpreter(path)
+            if not winograd:
+                self.interpreter.setSessionHint(WINOGRAD_MEMORY_LEVEL, 0)
+            self.session = self.interpreter.createSession({"backend": "CPU", "numThread": threads,
+                                                           "precision": "high"})
+        self.input = self.interpreter.getSessionInput(self.session)
+        self.shape = None
+
+    def run(self, x):
+        m, x = self.mnn, np.ascontiguousarray(x, dtype=np.float32)
+        if self.shape != x.shape:
+            with quiet_stdout():
+                self.interpreter.resizeTensor(self.input, x.shape)
+                self.interpreter.resizeSession(self.session)
+            self.shape = x.shape
+        self.input.copyFrom(m.Tensor(x.shape, m.Halide_Type_Float, x, m.Tensor_DimensionType_Caffe))
+        self.forward()
+        out = self.interpreter.getSessionOutput(self.session)
+        shape = tuple(out.getShape())
+        host = m.Tensor(shape, m.Halide_Type_Float, np.zeros(shape, np.float32), m.Tensor_DimensionType_Caffe)
+        out.copyToHostTensor(host)
+        return np.array(host.getNumpyData() if hasattr(host, "getNumpyData") else host.getData(),
+                        dtype=np.float32).reshape(shape)
+
+    def forward(self):
+        self.interpreter.runSession(self.session)
+
+
+def open_sessions(kinds, nets, workdir, threads=1):
+    """{(kind, name): Session} for every runtime of ``kinds`` and every net of ``nets`` = {name: (prototxt,
+    caffemodel)}; MNN models are converted into ``workdir`` first (one child process for all of them; the
+    keys of ``nets`` name their files there)."""
+    if any(k.startswith("mnn") for k in kinds):
+        jobs = [(p, m, os.path.join(workdir, "%s.mnn" % name)) for name, (p, m) in nets.items()
+                if not os.path.exists(os.path.join(workdir, "%s.mnn" % name))]
+        convert_mnn(jobs)
+    sessions = {}
+    for kind in kinds:
+        for name, (proto, model) in nets.items():
+            if kind == "caffe":
+                sessions[kind, name] = CaffeSession(proto, model)
+            elif kind.startswith("opencv"):
+                sessions[kind, name] = OpenCVSession(proto, model, fusion=kind == "opencv")
+            else:
+                sessions[kind, name] = MNNSession(os.path.join(workdir, "%s.mnn" % name), threads,
+                                                  winograd=kind == "mnn")
+    return sessions
+
+
+def median_ms(sessions, rounds=7, min_seconds=0.05):
+    """{key: median ms per forward} of ``sessions`` ({key: Session}, each already run once on its input),
+    timed side by side after a warm-up (prune.speed.interleaved_ms)."""
+    from prune.speed import interleaved_ms
+    for s in sessions.values():
+        s.forward()                             # warm-up
+    return interleaved_ms({key: s.forward for key, s in sessions.items()}, rounds, min_seconds)
