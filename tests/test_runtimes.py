@@ -272,3 +272,28 @@ def test_sensitivity_plans_for_a_latency_target_in_multiples_and_prune_runs_the_
                        "--quiet"]) == 0
     graph = build_graph(str(tmp_path / "keep" / "pruned.prototxt"))
     assert graph["c1"].channels == 40 and graph["u1"].channels == 56
+
+
+def test_the_pipeline_rounds_a_given_keep_and_refuses_latency_flags_it_cannot_steer(tmp_path, capsys):
+    """apps.pipeline: --keep with --round-to 16 becomes a table of multiples of 16 (the plan stage); a latency
+    target or a runtime with nothing to allocate is one usage error, as is --runtime without a target in
+    python -m prune.sensitivity."""
+    from apps.pipeline import rounded_plan, settings
+    from base import cli
+    from prune.sensitivity import main as sensitivity_main
+    proto = sphereface_path(4)
+    net = caffe_io.read_net(proto)
+    graph = build_graph(net)
+    given = rounded_plan(dict(keep=0.6, allocation="given"), net, proto, 16)
+    assert given["round_to"] == 16 and given["keep"]
+    assert all(keep_count(r, graph[g].channels) % 16 == 0 for g, r in given["keep"].items())
+    assert rounded_plan(dict(keep=0.6, allocation="given"), net, proto, None)["keep"] == 0.6
+    out = str(tmp_path / "out")
+    with pytest.raises(cli.UsageError, match="--latency-target is met by the sensitivity allocation"):
+        settings(["--keep", "0.5", "--latency-target", "0.5", "--out", out])
+    with pytest.raises(cli.UsageError, match="--runtime ranks the sensitivity allocation's cuts"):
+        settings(["--macs-target", "0.5", "--allocation", "uniform", "--runtime", "caffe", "--out", out])
+    assert sensitivity_main(["--model", proto, "--weights", "w.caffemodel", "--blob", "fc5", "--data", "d",
+                             "--runtime", "caffe", "--out", out]) == 2
+    assert "--runtime ranks the cuts of an allocation" in capsys.readouterr().err
+    assert not os.path.exists(out)
