@@ -14,6 +14,7 @@ from collections import OrderedDict
 
 import numpy as np
 import pytest
+from google.protobuf.internal.encoder import _VarintBytes as _varint
 import caffe
 from caffe import layers as L, params as P
 from google.protobuf import descriptor, text_format
@@ -276,16 +277,8 @@ def test_a_fork_prototxt_round_trips_byte_for_byte(tmp_path):
     assert again.SerializeToString() == net.SerializeToString()
 
 
-def _varint(n):
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _field(number, payload):
+    """Length-delimited field bytes, by protobuf's own encoder (not the toolkit's writer under test)."""
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
