@@ -55,6 +55,9 @@ class FineTuneJob:
     precompute_teacher: bool = False     # distill: teacher embeddings computed once, looked up by the train net
     distill_features: Sequence[str] = field(default_factory=tuple)   # distill: blobs whose maps are copied too
     feature_weight: float = 1.0          # distill: weight of each copied map's mean squared error
+    augment_shift: float = 0             # online augmentation (finetune.augment): pixels of random shift,
+    augment_scale: float = 0.0           # random zoom within 1 +- this,
+    augment_colour: float = 0.0          # per-plane gain and offset within +- this
     num_classes: int = 0                 # asoftmax: 0 = 1 + largest label in the list
     margin: int = 4
     native_asoftmax: bool = False
@@ -82,6 +85,11 @@ class FineTuneJob:
         return dict(model=self.deploy, weights=self.weights, train_list=self.train_list, teacher=self.teacher,
                     teacher_weights=self.teacher_weights)
 
+    def augmentation(self):
+        """finetune.augment's parameters, or None when nothing is changed."""
+        p = dict(shift=self.augment_shift, scale=self.augment_scale, colour=self.augment_colour, seed=self.seed)
+        return p if (p["shift"] or p["scale"] or p["colour"]) else None
+
     def config(self):
         c = asdict(self)
         c["stepvalues"] = list(self.stepvalues)
@@ -93,6 +101,8 @@ class FineTuneJob:
             c["distill_features"] = list(self.distill_features)
         else:                               # a run folder made before feature maps were copied still resumes
             del c["distill_features"], c["feature_weight"]
+        if not self.augmentation():         # nor one made before augmentation
+            del c["augment_shift"], c["augment_scale"], c["augment_colour"]
         for key in ("deploy", "weights", "train_list", "teacher", "teacher_weights"):
             if c[key]:
                 c[key + "_sha256"] = caffe_io.file_sha256(c[key])
@@ -112,6 +122,9 @@ def _check_numbers(job):
         ("--weight-decay", job.weight_decay, finite(job.weight_decay) and job.weight_decay >= 0, ">= 0"),
         ("--gamma", job.gamma, finite(job.gamma) and job.gamma > 0, "> 0"),
         ("--feature-weight", job.feature_weight, finite(job.feature_weight) and job.feature_weight > 0, "> 0"),
+        ("--augment-shift", job.augment_shift, finite(job.augment_shift) and job.augment_shift >= 0, ">= 0 pixels"),
+        ("--augment-scale", job.augment_scale, 0 <= job.augment_scale < 1, "in [0, 1)"),
+        ("--augment-colour", job.augment_colour, 0 <= job.augment_colour < 1, "in [0, 1)"),
         ("--stepsize", job.stepsize, job.stepsize >= 0, ">= 0"),
         ("--stepvalues", list(job.stepvalues), all(v > 0 for v in job.stepvalues)
          and list(job.stepvalues) == sorted(set(job.stepvalues)), "positive and increasing"),

@@ -107,6 +107,10 @@ def _distill(job, deploy, items, data, progress):
         if features:
             raise HeadError("--distill-features copies the teacher's feature maps, which a table of embeddings "
                             "does not hold: drop --precompute-teacher")
+        if data.augment:
+            raise HeadError("--augment-shift/--augment-scale/--augment-colour change each image, so the target "
+                            "is the teacher's view of the changed image, which a table cannot hold: drop "
+                            "--precompute-teacher")
         table, index_list = teacher_table(items, job.root_folder, job.out, teacher_proto, teacher_weights, t_blob,
                                           t_rgb, job.mirror, progress, getattr(job, "cache_dir", None))
         data.source, data.size = index_list, read_size(deploy, items)
@@ -130,8 +134,9 @@ def data_and_head(job, deploy, items, start_iter=0, progress=True):
     (counted inside the layer, not saved by Caffe) goes on from there."""
     if not items:
         raise HeadError("%s: the image list is empty" % job.train_list)
+    augment = job.augmentation() if hasattr(job, "augmentation") else None
     data = trainnet.ImageList(source=os.path.abspath(job.train_list), root_folder=job.root_folder,
-                              batch_size=job.batch_size, mirror=job.mirror, rgb=job.rgb)
+                              batch_size=job.batch_size, mirror=job.mirror, rgb=job.rgb, augment=augment)
     if job.head == "distill":
         head, init = _distill(job, deploy, items, data, progress)
         return data, head, init

@@ -54,6 +54,7 @@ class ImageList:
     rgb: bool = False           # the net expects RGB planes (Caffe/SphereFace: BGR)
     shuffle: bool = True
     size: tuple = None          # (H, W) the files are read at, when larger than the net's input: centre crop
+    augment: dict = None        # finetune.augment's parameters (shift, scale, colour, seed); None: none
 
 
 @dataclass
@@ -227,7 +228,13 @@ def train_net(deploy, data, head, name=None):
         full = shape[:2] + tuple(data.size)
     plain = not data.rgb and full[2:] == shape[2:]
     raw = top if plain else "data_bgr"
-    _image_data(net, data, raw, full)
+    if data.augment:   # right after the reader, so that a teacher in the net sees the same changed image
+        _image_data(net, data, raw + "_plain", full)
+        jitter = net.layer.add(name="augment", type="Python", bottom=[raw + "_plain"], top=[raw])
+        jitter.python_param.module, jitter.python_param.layer = "finetune.augment", "Jitter"
+        jitter.python_param.param_str = json.dumps(data.augment, sort_keys=True)
+    else:
+        _image_data(net, data, raw, full)
     if not plain:
         _input_chain(net, raw, top, data.rgb, data.batch_size, shape, full)
     blobs = set()

@@ -163,6 +163,8 @@ CASES = [
     ("finetune", with_(FINETUNE, loss="distill", distill_features="auto") + ["--precompute-teacher"],
      "--precompute-teacher"),
     ("finetune", with_(FINETUNE, loss="distill", distill_features="auto", feature_weight="0"), "--feature-weight"),
+    ("finetune", with_(FINETUNE, augment_scale="1.5"), "--augment-scale"),
+    ("finetune", with_(FINETUNE, loss="distill", augment_shift="2") + ["--precompute-teacher"], "--precompute-teacher"),
     # ---- python -m prune
     ("prune", with_(PRUNE, samples_per_image="0"), "--samples-per-image"),
     ("prune", with_(PRUNE, images="0"), "--images"),

@@ -1,5 +1,6 @@
 """Fine-tune driver on real Caffe: distillation, A-Softmax, resume after a kill, bad input."""
 import csv
+import json
 import os
 import re
 import signal
@@ -183,6 +184,65 @@ def test_feature_maps_bad_input_is_named(tmp_path, image_list):
         with pytest.raises(heads.HeadError, match=re.escape(message)):
             driver.finetune(job, progress=False)
         assert not os.path.exists(job.out) or not os.listdir(job.out)
+
+
+def jitter_net(path, shape, phase_params):
+    """A net of one Input and the Jitter layer, for Caffe to run the augmentation on given images."""
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=list(shape)))
+    n.out = L.Python(n.data, module="finetune.augment", layer="Jitter", param_str=json.dumps(phase_params))
+    caffe_io.write_net(n.to_proto(), str(path))
+    return str(path)
+
+
+def test_augmentation_in_caffe(tmp_path):
+    x = np.random.default_rng(0).normal(0, 0.5, (4, 3, 16, 12)).astype(np.float32)
+
+    def run(params, phase=caffe.TRAIN, images=x):
+        net = caffe.Net(jitter_net(tmp_path / "j.prototxt", images.shape, params), phase)
+        net.blobs["data"].data[...] = images
+        return net.forward()["out"].copy()
+
+    # colour: per image and plane, out = gain * in + offset, gain within 1 +- 0.2, one offset per image
+    out = run(dict(colour=0.2))
+    for i in range(4):
+        offsets = []
+        for c in range(3):
+            gain, offset = np.polyfit(x[i, c].ravel(), out[i, c].ravel(), 1)
+            assert 0.8 - 1e-4 <= gain <= 1.2 + 1e-4
+            np.testing.assert_allclose(out[i, c], gain * x[i, c] + offset, atol=1e-5)
+            offsets.append(offset)
+        assert np.ptp(offsets) < 1e-5 and abs(offsets[0]) <= 0.2 + 1e-5
+    # shift: each image is a translation by at most 2 pixels each way, the border repeated
+    out = run(dict(shift=2))
+    for i in range(4):
+        padded = np.pad(x[i], ((0, 0), (2, 2), (2, 2)), mode="edge")
+        assert any(np.array_equal(out[i], padded[:, 2 - dy:2 - dy + 16, 2 - dx:2 - dx + 12])
+                   for dy in range(-2, 3) for dx in range(-2, 3))
+    # no state: the same batch gets the same change (a resumed run replays the same images), another batch not
+    params = dict(shift=3, scale=0.1, colour=0.1, seed=5)
+    np.testing.assert_array_equal(run(params), run(params))
+    assert not np.array_equal(run(params, images=x[::-1].copy())[::-1], run(params))
+    # TEST phase: the images as they are
+    np.testing.assert_array_equal(run(params, phase=caffe.TEST), x)
+
+
+def test_augmented_distillation_feeds_the_teacher_the_same_images(tmp_path, image_list):
+    student = tiny_deploy(tmp_path / "student.prototxt", width=4, emb=6, size=(28, 24))
+    teacher = tiny_deploy(tmp_path / "teacher.prototxt", width=8, emb=6, size=(28, 24))
+    tw = saved_weights(teacher, tmp_path / "teacher.caffemodel")
+    job = distill_job(tmp_path, image_list, student, teacher, tw, augment_shift=2, augment_scale=0.05,
+                      augment_colour=0.1, mirror=False)
+    done = driver.finetune(job, progress=False)
+    net = caffe.Net(os.path.join(job.out, "train.prototxt"), done["final"], caffe.TRAIN)
+    net.forward()
+    assert not np.array_equal(net.blobs["data"].data, net.blobs["data_plain"].data)
+    conv = [l for l in caffe_io.read_net(os.path.join(job.out, "train.prototxt")).layer
+            if l.name == trainnet.TEACHER + "conv1"][0]
+    assert conv.bottom[0] == "data", "the teacher reads the augmented images"
+    with pytest.raises(heads.HeadError, match="drop --precompute-teacher"):
+        driver.finetune(distill_job(tmp_path / "t", image_list, student, teacher, tw, augment_shift=2,
+                                    precompute_teacher=True), progress=False)
 
 
 def _run_cli(args):
