@@ -149,7 +149,7 @@ def test_a_diverged_pipeline_stage_frees_only_its_settings(kit, tmp_path):
 
 def test_ctrl_c_is_one_line_and_the_run_resumes(kit, tmp_path):
     out = tmp_path / "run"
-    args = finetune_args(kit, out, "--epochs", "100", long=True)
+    args = finetune_args(kit, out, "--epochs", "1000", long=True)   # a few thousand iterations: it cannot end first
     proc = subprocess.Popen([sys.executable, "-m", "finetune"] + args, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
