@@ -150,8 +150,11 @@ def test_a_diverged_pipeline_stage_frees_only_its_settings(kit, tmp_path):
 def test_ctrl_c_is_one_line_and_the_run_resumes(kit, tmp_path):
     out = tmp_path / "run"
     args = finetune_args(kit, out, "--epochs", "1000", long=True)   # a few thousand iterations: it cannot end first
+    # Ctrl-C's default action in the child even where pytest itself runs with SIGINT ignored (a background job of
+    # a non-interactive shell inherits SIG_IGN, and Python then never raises KeyboardInterrupt)
     proc = subprocess.Popen([sys.executable, "-m", "finetune"] + args, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not snapshots.latest(str(out / "snapshots"))[1] and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
