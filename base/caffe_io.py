@@ -480,3 +480,14 @@ def net_from_param(net, phase="test"):
     with tempfile.TemporaryDirectory() as tmp:
         path = write_net(net, os.path.join(tmp, "net.prototxt"))
         return caffe.Net(path, _phase(phase))
+
+
+def runnable_net(net, weights=None, source="weights", phase="test"):
+    """caffe.Net of the part of ``net`` (a NetParameter) this Caffe build runs -- all of a BVLC net; of a
+    Caffe fork's net every layer but the fork's own and those reading what they make
+    (netcheck.runnable_view) -- with ``weights`` loaded when given (every layer of that part must have its
+    arrays; those of the layers left out are not looked at)."""
+    cnet = net_from_param(netcheck.runnable_view(net, _phase(phase))[0], phase)
+    if weights is not None:
+        load_into(cnet, weights, source, complete=True)
+    return cnet

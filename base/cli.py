@@ -151,12 +151,14 @@ def check_out(out, need_bytes=1 << 20, flag="--out"):
                                                                                       need_bytes / 1e6))
 
 
-def check_run_inputs(a, inputs, nets=(), train_list=True):
+def check_run_inputs(a, inputs, nets=(), train_list=True, runnable_part=False):
     """The common checks of a driver writing into the run folder ``a.out``, before anything is created:
     ``inputs`` ({dest: path}) exist and lie outside the run folder; the folder can be written and has room for
     a few copies of the weights; every (prototxt dest, caffemodel dest) of ``nets`` is a net Caffe builds
-    (base.netcheck, in a child process) with a caffemodel holding all its layers; with ``train_list`` the
-    list's images are all images Caffe can decode."""
+    (base.netcheck, in a child process) with a caffemodel holding all its layers -- with ``runnable_part``,
+    for a driver that runs only what this Caffe build can (python -m prune), the part of the net left when a
+    Caffe fork's layers are set aside (netcheck.runnable_view); with ``train_list`` the list's images are all
+    images Caffe can decode."""
     from . import caffe_io, netcheck
     from .lists import check_images_decode, read_list
     check_files(**inputs)
@@ -164,11 +166,15 @@ def check_run_inputs(a, inputs, nets=(), train_list=True):
     weights = [inputs.get(w) for _, w in nets if inputs.get(w)]
     check_out(a.out, need_bytes=(1 << 20) + 4 * sum(os.path.getsize(w) for w in weights))
     given = [(n, inputs[n], inputs.get(w)) for n, w in nets if inputs.get(n)]
-    netcheck.probe_nets([(_flag(n) + " " + path, path, "test") for n, path, _ in given])
-    for _, path, weight in given:
+    if runnable_part:
+        for n, path, _ in given:
+            netcheck.check_net(caffe_io.read_net(path), _flag(n) + " " + path, types=False)
+        given = [(n, netcheck.runnable_view(caffe_io.read_net(path))[0], w) for n, path, w in given]
+    netcheck.probe_nets([(_flag(n) + " " + inputs[n], net, "test") for n, net, _ in given])
+    for _, net, weight in given:
         if weight:
-            caffe_io.check_weights(caffe_io.net_from_param(caffe_io.read_net(path)), caffe_io.read_weights(weight),
-                                   weight, complete=True)
+            caffe_io.check_weights(caffe_io.net_from_param(caffe_io.read_net(net) if isinstance(net, str) else net),
+                                   caffe_io.read_weights(weight), weight, complete=True)
     if train_list and inputs.get("train_list"):
         check_images_decode(read_list(inputs["train_list"], getattr(a, "train_root", "")), inputs["train_list"])
 

@@ -154,9 +154,10 @@ def fork_field_error(layer, source):
                                               "; " + hint if hint else ""))
 
 
-def check_net(net, source="net", phase=caffe_pb2.TEST):
-    """Raise CaffeFileError (naming ``source`` and the layer) for what Caffe would abort on; see the module doc."""
-    for layer in net.layer:   # Caffe parses every layer's fields, whatever its phase
+def check_net(net, source="net", phase=caffe_pb2.TEST, types=True):
+    """Raise CaffeFileError (naming ``source`` and the layer) for what Caffe would abort on; see the module doc.
+    ``types=False``: all but the layer types and fork fields (for a net whose fork layers are set aside)."""
+    for layer in net.layer if types else ():   # Caffe parses every layer's fields, whatever its phase
         error = fork_field_error(layer, source)
         if error is not None:
             raise error
@@ -167,7 +168,8 @@ def check_net(net, source="net", phase=caffe_pb2.TEST):
         if layer.name in names:
             raise _error("%s: two layers are named %r (weights are stored by layer name)" % (source, layer.name))
         names[layer.name] = layer
-        _check_type(layer, known, source)
+        if types:
+            _check_type(layer, known, source)
         if layer.type == "Input" and len(layer.input_param.shape) == 0:
             raise _error("%s: Input layer %r has no shape" % (source, layer.name))
         _check_source(layer, source)
@@ -180,8 +182,10 @@ def check_net(net, source="net", phase=caffe_pb2.TEST):
 
 def runnable_view(net, phase=caffe_pb2.TEST):
     """(view, left out): the ``phase`` layers of ``net`` that this Caffe build can run -- every layer but those
-    of a type it lacks or setting a fork's field (pooling ceil_mode, which BVLC spells round_mode, is
-    translated), and those reading what a left-out layer makes -- and [(layer, why)] of the layers left out.
+    of a type it lacks or setting a fork's field, and those reading what a left-out layer makes -- and
+    [(layer, why)] of the layers left out.  What BVLC can run the same is translated: pooling ceil_mode into
+    round_mode, the forks' depthwise types into a Convolution with group = num_output (the same blobs; a
+    depthwise layer with a channel multiplier must set its group).
     The view's dangling blobs are its outputs."""
     known = known_types()
     view = caffe_pb2.NetParameter()
@@ -195,6 +199,10 @@ def runnable_view(net, phase=caffe_pb2.TEST):
             p = layer.pooling_param
             p.round_mode = caffe_pb2.PoolingParameter.CEIL if p.ceil_mode else caffe_pb2.PoolingParameter.FLOOR
             p.ClearField("ceil_mode")
+        if layer.type in forks.DEPTHWISE_TYPES:   # the forks' fast kernels of a Convolution with group = channels
+            layer.type = "Convolution"
+            if not layer.convolution_param.HasField("group"):
+                layer.convolution_param.group = layer.convolution_param.num_output
         fields = forks.fork_fields(layer)
         why = None
         if layer.type not in known:

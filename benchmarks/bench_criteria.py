@@ -111,7 +111,8 @@ def main(argv=None):
                      time.time() - start), flush=True)
             name = "criteria%s.json" % ("_finetuned" if a.finetune_epochs else "")
             caffe_io.atomic_write(os.path.join(a.out, name), json.dumps(dict(
-                rows=rows, images=len(rels), test_folds=a.test_folds, **machine()), indent=1))
+                rows=rows, images=len(rels), test_folds=a.test_folds, reconstruct=a.reconstruct,
+                targets=a.targets, **machine()), indent=1))
     print("\n| criterion | keep | LFW folds %s (%%), no fine-tuning | after fine-tuning | params | MACs |"
           % a.test_folds)
     print("|---|---|---|---|---|---|")

@@ -5,8 +5,8 @@ from base import caffe_io, cli
 from base.images import image_batches
 from base.netinput import input_layer
 from prune import options, policy
-from prune.criteria import CRITERIA
-from prune.driver import PruneError, PruneJob, run
+from prune.criteria import CRITERIA, make as make_criterion
+from prune.driver import PruneError, PruneJob, needs_images, run
 
 PROG = "python -m prune"
 
@@ -43,6 +43,10 @@ def _keep_of(a, net, layers):
     return a.keep, layers
 
 
+def criterion_of(a):
+    return a.criterion or ("bnscale" if a.threshold is not None else "thinet")
+
+
 def finetune_hooks(a, net):
     """The driver's fine-tune hooks: distil each pruned net from the original one (finetune.hooks)."""
     if not (a.finetune_epochs_per_layer or a.finetune_epochs_final):
@@ -67,10 +71,13 @@ def parser():
                     "keep; every consumer is then reconstructed by least squares (by default all its kept "
                     "weights and its intercept, towards the unpruned net's outputs). A checkpoint is written "
                     "after every group: run the same command again to resume. Result: OUT/pruned.prototxt + "
-                    "OUT/pruned.caffemodel (plain Caffe files) and OUT/log.json.")
+                    "OUT/pruned.caffemodel (plain Caffe files) and OUT/log.json. A net of a Caffe fork (layers "
+                    "this Caffe build lacks, e.g. Axpy, Permute, Normalize) is run only on the part without them: "
+                    "groups that feed such layers can be pruned by a criterion that reads only weights (l1, "
+                    "bnscale, random) with --reconstruct none, the others as usual.")
     cli.add_net(ap, weights_required=True, blob_default=None,
                 blob_help="embedding blob, for fine-tuning (default: the net's last output)")
-    options.add_images(ap)
+    options.add_images(ap, required=False)
     ap.add_argument("--samples-per-image", type=cli.count, default=10,
                     help="random (output filter, position) samples per image and consumer (default 10, as in "
                          "ThiNet). Memory: one C x C Gram per consumer plus one batch of activations; it does "
@@ -79,7 +86,10 @@ def parser():
                     help="thinet: ThiNet remove-greedy + least squares (default); thinet-add: add-greedy with "
                          "least-squares refit; lasso: He et al. 2017; l1: filter L1 norm; random; actsum: the "
                          "original Sphereface-prune activation-sum pairs; bnscale: largest |gamma| of the "
-                         "BatchNorm Scale layers (network slimming; the default with --threshold)")
+                         "BatchNorm Scale layers (network slimming; the default with --threshold); taylor: Molchanov's "
+                         "first-order Taylor importance from Caffe's backward pass of a label-free loss (distance "
+                         "of the net's L2-normalised output to the unpruned net's mean output on the image and "
+                         "its mirror), one extra forward+backward pass per group")
     how = ap.add_mutually_exclusive_group()
     how.add_argument("--keep", type=cli.parse_keep, default=0.5,
                      help="share of channels kept: one ratio for every selected group (0.5), or a table by "
@@ -126,9 +136,15 @@ def check_inputs(a):
     """Every input checked before any work (base.cli.check_run_inputs: files, outputs over inputs, a net and a
     caffemodel Caffe can load, the fine-tune list's images, the output folder; and the GPU); returns the net."""
     fine_tune = bool(a.finetune_epochs_per_layer or a.finetune_epochs_final)
+    name = criterion_of(a)
+    if a.data is None and (needs_images(make_criterion(name), a.reconstruct) or a.bn_reestimate != "none"):
+        how = "" if a.reconstruct == "none" else " with --reconstruct " + a.reconstruct
+        raise cli.UsageError("--data is required: --criterion %s%s runs the net on images (only l1, bnscale or "
+                             "random with --reconstruct none and no --bn-reestimate read the weights alone)"
+                             % (name, how))
     cli.check_run_inputs(a, dict(model=a.model, weights=a.weights, train_list=a.train_list, pairs=a.pairs,
-                                 plan=a.plan, data=a.data if os.path.isfile(a.data) else None),
-                         nets=[("model", "weights")], train_list=fine_tune)
+                                 plan=a.plan, data=a.data if a.data and os.path.isfile(a.data) else None),
+                         nets=[("model", "weights")], train_list=fine_tune, runnable_part=True)
     cli.check_gpu(a.gpu)
     return caffe_io.read_net(a.model)
 
@@ -138,24 +154,30 @@ def main(argv=None):
     a = parser().parse_args(argv)
     net = check_inputs(a)
     _, shape = input_layer(net, a.model)
-    root, rels, pre, _ = options.images_of(a, shape)
+    root, rels, pre, _ = options.images_of(a, shape) if a.data else (None, [], None, None)
     layers = "all" if a.layers == "all" else [s.strip() for s in a.layers.split(",") if s.strip()]
     step_ft, final_ft = finetune_hooks(a, net)
     keep, layers = keep_of(a, net, layers)
-    criterion = a.criterion or ("bnscale" if a.threshold is not None else "thinet")
-    job = PruneJob(model=a.model, weights=a.weights, out=a.out, criterion=criterion, keep=keep,
+    job = PruneJob(model=a.model, weights=a.weights, out=a.out, criterion=criterion_of(a), keep=keep,
                    layers=layers, samples_per_image=a.samples_per_image, seed=a.seed,
                    reconstruct=a.reconstruct, targets=a.targets, ridge=a.ridge,
                    positions_per_image=a.positions_per_image, bn_reestimate=a.bn_reestimate,
                    data=dict(data=a.data, root=root, images=len(rels), lfw_folds=a.lfw_folds,
-                             rgb=a.rgb, crop=pre.crop))
+                             rgb=a.rgb, crop=pre.crop if pre else None))
     log = run(job, lambda: image_batches(root, rels, pre, a.batch), finetune=step_ft, final_finetune=final_ft,
               progress=not a.quiet)
     for s in log["steps"]:
         err = ", ".join("%s %.3f->%.3f" % (k, v["removed"], v.get("target_after", v["rescaled"]))
                         for k, v in s["error"].items())
-        print("%-12s %4d -> %-4d  rel. error %s" % (s["group"], s["channels"], s["kept"], err))
+        print("%-12s %4d -> %-4d  rel. error %s"
+              % (s["group"], s["channels"], s["kept"], err or "not measured (no images)"))
     print("pruned net: %s + %s" % (log["prototxt"], log["caffemodel"]))
+    left = log["not_run_in_caffe"]
+    if left:
+        roots = [x["layer"] for x in left if not x["why"].startswith("reads ")]
+        print("checked in Caffe on the part of the net this build runs; not run there, their blobs checked against "
+              "the inferred shapes only: %s (types this Caffe build lacks) and the %d layer(s) reading what they "
+              "make (log.json: not_run_in_caffe)" % (", ".join(roots), len(left) - len(roots)))
     return 0
 
 

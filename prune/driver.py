@@ -6,7 +6,8 @@ For each selected group, in network order (as ThiNet does):
    and, for the least squares, the unpruned net at the same places
    (prune.sample);
 2. the criterion picks the channels to keep (its number comes from the
-   plan, prune.policy);
+   plan, prune.policy); a criterion that needs a loss gradient (Taylor)
+   first gets one backward pass of the current net in Caffe (prune.taylor);
 3. every consumer of the group is reconstructed (prune.reconstruct): by
    default all its kept weights and its intercept by least squares towards
    the unpruned net's outputs; or ThiNet's per-channel scale; or not at all;
@@ -14,6 +15,11 @@ For each selected group, in network order (as ThiNet does):
    ``step.json`` (what was removed, reconstruction error of every consumer)
    -- step.json last, so a step is done exactly when it exists;
 5. an optional fine-tune hook may replace the step's weights.
+
+Caffe runs only the part of the net this build has (base.netcheck.runnable_view):
+a Caffe fork's layers, and what reads them, are set aside; a group read by
+one of them is pruned only by a criterion that reads weights alone, with no
+reconstruction (checked before any work).
 
 A killed run started again with the same arguments skips the finished steps.
 The result is ``pruned.prototxt`` + ``pruned.caffemodel`` in the run folder,
@@ -26,15 +32,16 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from base import caffe_io, cli
+from base import caffe_io, cli, netcheck
 from base.runfolder import RunFolder
 from prune import bnstats
 from prune.criteria import make as make_criterion
 from prune.graph import build_graph
 from prune.policy import PruneError, keep_count, names, plan_groups, ratio_for_macs  # noqa: F401 (re-exported)
 from prune.reconstruct import cut
-from prune.sample import Targets, collect
-from prune.surgery import save_pruned
+from prune.sample import Evidence, Targets, collect
+from prune.surgery import checked_weights, save_pruned
+from prune.taylor import gradient_terms
 
 
 @dataclass
@@ -67,21 +74,58 @@ def _uses_normals(job):
     return job.reconstruct == "full" or (job.reconstruct == "scale" and job.targets == "original")
 
 
+def needs_images(criterion, reconstruct):
+    """Whether a step runs the net on images: to sample for the criterion (a prune.criteria object) or the
+    reconstruction."""
+    return criterion.needs_images or criterion.needs_gradient or reconstruct != "none"
+
+
 def _original(job):
-    """The unpruned net in Caffe, and its weights, for reconstruction targets."""
-    return caffe_io.open_net(job.model, job.weights), caffe_io.read_weights(job.weights)
+    """The unpruned net in Caffe (the part this build runs), and its weights, for reconstruction targets."""
+    weights = caffe_io.read_weights(job.weights)
+    return caffe_io.runnable_net(caffe_io.read_net(job.model), weights, job.weights), weights
 
 
-def _step(job, k, gid, ratio, net, weights, criterion, images, original, out_map):
+def _check_runnable(job, graph, plan, criterion, left):
+    """Before any work: a net with layers this Caffe build lacks (a fork's; ``left``, from
+    netcheck.runnable_view) is pruned only where that needs no Caffe run of those layers."""
+    if not left:
+        return
+    gone = {name for name, _ in left}
+    roots = [(name, why) for name, why in left if not why.startswith("reads ")]
+    what = ", ".join("%s (%s)" % (name, why) for name, why in roots[:2]) + (", ..." if len(roots) > 2 else "")
+    if job.bn_reestimate != "none":
+        raise PruneError("%s: --bn-reestimate runs the whole net, and this Caffe build cannot run %s"
+                         % (job.model, what))
+    if not needs_images(criterion, job.reconstruct):
+        return
+    cannot = [gid for gid, _ in plan if any(c.layer in gone for c in graph[gid].consumers)]
+    if cannot:
+        runs = [gid for gid, _ in plan if gid not in cannot]
+        many = len(cannot) > 1
+        raise PruneError("%s: group%s %s %s read by layers this Caffe build cannot run (%s), so %s cannot be "
+                         "sampled on images: leave %s out (--layers %s) or choose a criterion that reads only "
+                         "weights (--criterion l1, bnscale or random) with --reconstruct none"
+                         % (job.model, "s" if many else "", ", ".join(cannot), "are" if many else "is", what,
+                            "they" if many else "it", "them" if many else "it", ",".join(runs) or "-"))
+
+
+def _step(job, k, gid, ratio, net, weights, criterion, images, original, out_map, teacher=None):
     """Prune one group of the current net: (net, weights, record); ``out_map`` (the original output
-    channel of every current one, per layer whose outputs were cut) is updated."""
+    channel of every current one, per layer whose outputs were cut) is updated.  ``teacher``: the unpruned
+    caffe.Net, for a criterion that needs a loss gradient."""
     graph = build_graph(net, source=job.model)
     group = graph[gid]
     targets = None
     if _uses_normals(job):
         targets = Targets(net=original[0] if original else None, weights=original[1] if original else None,
                           out_map=out_map, positions=job.positions_per_image)
-    ev = collect(net, weights, group, images(), job.samples_per_image, seed=job.seed + k, targets=targets)
+    if needs_images(criterion, job.reconstruct):
+        ev = collect(net, weights, group, images(), job.samples_per_image, seed=job.seed + k, targets=targets)
+    else:
+        ev = Evidence(group=group, weights=weights)
+    if criterion.needs_gradient:
+        ev.taylor = gradient_terms(net, weights, [group], images(), teacher)[gid]
     kept = [int(c) for c in criterion.select(ev, keep_count(ratio, group.channels))]
     removed = sorted(set(range(group.channels)) - set(kept))
     reference = (original[1], out_map) if original else None
@@ -101,7 +145,7 @@ def _step(job, k, gid, ratio, net, weights, criterion, images, original, out_map
 
 def run(job, images, finetune: Optional[Callable] = None, final_finetune: Optional[Callable] = None, progress=True):
     """Prune per ``job``; ``images()`` yields float32 batches for one sampling
-    pass (called once per step).  ``finetune(step_dir, proto, weights) ->
+    pass (called once per step, twice for a criterion that needs a gradient).  ``finetune(step_dir, proto, weights) ->
     weights`` runs after each step, ``final_finetune`` (same signature) once
     after the last.  Returns the log record."""
     with RunFolder(job.out, PruneError) as folder:
@@ -123,15 +167,19 @@ def _run(job, folder, images, finetune, final_finetune, progress):
     cli.check_outputs(dict(model=job.model, weights=job.weights), [os.path.join(job.out, "")])
     net = caffe_io.read_net(job.model)
     weights = caffe_io.read_weights(job.weights)
-    caffe_io.check_weights(caffe_io.net_from_param(net), weights, job.weights, complete=True)
     graph = build_graph(net, source=job.model)
+    caffe_io.runnable_net(net, weights, job.weights)
+    checked_weights(graph, weights, job.weights)     # also the layers this Caffe build does not run
     plan = plan_groups(graph, job.layers, job.keep)
     if not plan:
         raise PruneError("nothing to prune: no prunable group selected")
     criterion = make_criterion(job.criterion, seed=job.seed)
+    _, left = netcheck.runnable_view(net)
+    _check_runnable(job, graph, plan, criterion, left)
     folder.save_config(config)
     proto, model = job.model, job.weights
     original = _original(job) if _uses_normals(job) and job.targets == "original" else None
+    teacher = (original or _original(job))[0] if criterion.needs_gradient else None
     out_map = {}
     steps = []
     bar = tqdm(plan, desc="prune", unit="group", disable=not progress, dynamic_ncols=True)
@@ -147,7 +195,7 @@ def _run(job, folder, images, finetune, final_finetune, progress):
             continue
         start = time.time()
         net2, weights2, record = _step(job, k, gid, ratio, caffe_io.read_net(proto), caffe_io.read_weights(model),
-                                       criterion, images, original, out_map)
+                                       criterion, images, original, out_map, teacher)
         out_proto, out_model = os.path.join(step_dir, "net.prototxt"), os.path.join(step_dir, "net.caffemodel")
         save_pruned(net2, weights2, out_proto, out_model, inputs=(job.model, job.weights))
         record.update(prototxt=out_proto, caffemodel=out_model, seconds=round(time.time() - start, 2))
@@ -167,6 +215,7 @@ def _run(job, folder, images, finetune, final_finetune, progress):
     save_pruned(caffe_io.read_net(proto), caffe_io.read_weights(model), final_proto, final_model,
                 inputs=(job.model, job.weights))
     log = dict(config=config, steps=steps, prototxt=final_proto, caffemodel=final_model,
-               final_finetune=final_finetune is not None)
+               final_finetune=final_finetune is not None,
+               not_run_in_caffe=[dict(layer=name, why=why) for name, why in left])
     folder.save("log.json", log)
     return log

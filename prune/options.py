@@ -13,11 +13,13 @@ from base.lists import image_files
 DEFAULT_IMAGES = 500
 
 
-def add_images(ap, images_help=None):
+def add_images(ap, images_help=None, required=True):
     """--data --data-root --lfw-folds --lfw-unpaired --pairs --images --crop --batch."""
-    ap.add_argument("--data", required=True,
+    ap.add_argument("--data", required=required,
                     help="images to sample: an image list ('path label' lines, see --data-root) or a folder of "
-                         "identity folders (e.g. ../shared/data/lfw/images-112x112)")
+                         "identity folders (e.g. ../shared/data/lfw/images-112x112)"
+                         + ("" if required else "; not needed by a criterion that reads only weights (l1, bnscale, "
+                                                "random) with --reconstruct none"))
     ap.add_argument("--data-root", default="", help="folder the --data list's paths are relative to")
     cli.hidden_alias(ap, "--root", "data_root")
     ap.add_argument("--lfw-folds", default=None,

@@ -289,7 +289,8 @@ def consumer_weights(net, group, weights, ev, kept, reconstruct="full", ridge="a
     for c in group.consumers:
         normal = ev.normals.get(c.layer)
         W = np.asarray(weights[c.layer][0], dtype=np.float32)
-        errors[c.layer] = _scale_error(ev.grams[c.layer], kept)
+        if c.layer in ev.grams:     # no Gram when the criterion and the reconstruction needed no images
+            errors[c.layer] = _scale_error(ev.grams[c.layer], kept)
         if reconstruct == "none":
             continue
         if normal is None:      # too wide for the normal equations: ThiNet's scale on the sampled Gram

@@ -9,6 +9,8 @@ already pruned) net over the images once and returns an ``Evidence``:
 * ``actsum``: the sum over images and positions of each channel of the
   group's first blob (what the original Sphereface-prune scripts rank by);
 * ``weights`` and the ``group`` itself, for weight-based criteria;
+* ``taylor``: left empty here; the driver adds prune.taylor.gradient_terms
+  for criteria that need a loss gradient (a backward pass of its own);
 * ``normals[consumer]``: with ``targets``, the normal equations of every
   consumer's least-squares reconstruction (prune.reconstruct): its input
   windows at random output positions and, as targets, the output of that
@@ -41,6 +43,7 @@ class Evidence:
     normals: dict = field(default_factory=dict)   # consumer layer -> prune.reconstruct.Normal
     images: int = 0
     samples: int = 0
+    taylor: np.ndarray = None    # first-order loss change per channel (prune.taylor), for needs_gradient criteria
 
 
 @dataclass
@@ -72,8 +75,14 @@ def collect_many(net_param, weights, groups, images, samples_per_image=10, seed=
             if layer.type == "Convolution" and layer.convolution_param.group != 1:
                 raise SampleError("consumer %r of group %r is a grouped convolution; sampling needs a plain one"
                                   % (c.layer, group.id))
-    net = caffe_io.net_from_param(net_param)
-    caffe_io.load_into(net, weights)
+    net = caffe_io.runnable_net(net_param, weights)
+    runs = set(net._layer_names)
+    for group in groups:
+        for c in group.consumers:
+            if c.layer not in runs:
+                raise SampleError("consumer %r of group %r is not in the part of the net this Caffe build runs "
+                                  "(it reads what a Caffe fork's layer makes); it cannot be sampled"
+                                  % (c.layer, group.id))
     rng = np.random.default_rng(seed)
     found = {g.id: Evidence(group=g, weights=weights, actsum=np.zeros(g.channels)) for g in groups}
     grams = {(g.id, c.layer): GramAccumulator(g.channels) for g in groups for c in g.consumers}

@@ -24,6 +24,7 @@ from prune.policy import keep_count
 from prune.reconstruct import cut
 from prune.graph import build_graph
 from prune.sample import Targets, collect
+from prune.taylor import gradient_terms
 
 
 class SensitivityError(ValueError):
@@ -55,6 +56,9 @@ def group_curve(net, weights, graph, group, fit, judge, reference, blob, ratios,
     ev = collect(net, weights, group, fit(), samples_per_image, seed=seed,
                  targets=Targets(net=None, positions=positions))
     chooser = make_criterion(criterion, seed=seed)
+    if chooser.needs_gradient:     # the net here is the unpruned one: it is its own teacher
+        teacher = caffe_io.runnable_net(net, weights)
+        ev.taylor = gradient_terms(net, weights, [group], fit(), teacher)[group.id]
     curve = {}
     for r in ratios:
         kept = [int(c) for c in chooser.select(ev, keep_count(r, group.channels))]

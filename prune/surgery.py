@@ -59,7 +59,7 @@ def check_keep(graph, keep):
     return plan
 
 
-def _checked_weights(graph, weights, source="weights"):
+def checked_weights(graph, weights, source="weights"):
     """Copies of the arrays, legacy 4-D shapes reshaped, mismatches named (``source``: the weights' name)."""
     out = OrderedDict()
     for name, arrays in weights.items():
@@ -89,7 +89,7 @@ def prune_net(net, weights, keep, new_consumer_weights=None, graph=None):
     """
     graph = graph or build_graph(net)
     plan = check_keep(graph, keep)
-    arrays = _checked_weights(graph, weights)
+    arrays = checked_weights(graph, weights)
 
     cuts = defaultdict(list)        # (layer, blob, axis) -> [indices to delete]
     consumer_axes = defaultdict(set)
@@ -202,13 +202,14 @@ def verify(net, weights, proto_path, model_path, graph=None, names=None):
     import caffe
     proto_name, model_name = names or (proto_path, model_path)
     graph = graph or build_graph(net, source=proto_name)
-    _checked_weights(graph, weights, model_name)
+    checked_weights(graph, weights, model_name)
     loadable = _loadable_view(net, graph)
     view, left = netcheck.runnable_view(loadable)
     if not view.layer:
         return None
     netcheck.check_net(view, proto_name)
-    whole = not left and superset(loadable) == superset(net)   # then Caffe loads the very file written
+    # nothing set aside, translated or replaced: then Caffe loads the very file written
+    whole = not left and superset(view) == superset(loadable) == superset(net)
     cnet = caffe.Net(proto_path, caffe.TEST) if whole else caffe_io.net_from_param(view)
     caffe_io.check_weights(cnet, OrderedDict((k, list(v)) for k, v in weights.items()), source=model_name)
     cnet.copy_from(model_path)

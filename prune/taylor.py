@@ -32,6 +32,12 @@ The sum runs over positions rather than averaging them; the per-group L2
 normalisation removes that constant factor except between consumers of
 different resolutions in one group, where the sum is the loss change.
 
+Without labels (``python -m prune --criterion taylor``, prune.sensitivity)
+``gradient_terms`` runs the current deploy net with ``force_backward`` and
+sets the gradient of ``MirrorDistillation`` (towards the unpruned net) at its
+outputs; Caffe does the backward pass. The Taylor criterion
+(prune.criteria.taylor) turns either kind of terms into scores.
+
     net = caffe.Net("train.prototxt", caffe.TRAIN)      # any net with a loss
     scores = taylor_scores(net, build_graph(deploy).prunable(), batches=20)
     for gid, channel in global_ranking(scores)[:k]: ...  # the k least important
@@ -86,8 +92,10 @@ class _Plan:
         return {blob for taps in self.taps.values() for *_, blob in taps}
 
 
-def _run_batch(net, plan, feed, sums):
-    """One forward + segmented backward; adds each group's per-channel sum of a*g to ``sums``."""
+def _run_batch(net, plan, feed, sums, top_diffs=None):
+    """One forward + segmented backward; adds each group's per-channel sum of a*g to ``sums``.
+    ``top_diffs(net, feed)``, when given, returns {output blob: dL/d(blob)} of a loss computed outside the
+    net, after the forward pass of ``feed``."""
     for name, value in (feed or {}).items():
         if name not in net.blobs:
             raise TaylorError("batch has blob %r, which the net does not have" % name)
@@ -97,6 +105,8 @@ def _run_batch(net, plan, feed, sums):
     net.forward()
     for blob in plan.blobs():  # a consumer that does not back-propagate must leave 0, not a stale diff
         net.blobs[blob].diff[...] = 0
+    for blob, diff in (top_diffs(net, feed) if top_diffs else {}).items():
+        net.blobs[blob].diff[...] = diff
     start = len(plan.names) - 1
     for index in sorted(plan.taps, reverse=True):
         net.backward(start=plan.names[start], end=plan.names[index])
@@ -107,10 +117,11 @@ def _run_batch(net, plan, feed, sums):
             sums[gid] += v[consumer.indices(np.arange(channels))].reshape(channels, consumer.block).sum(1)
 
 
-def taylor_terms(net, groups, batches):
+def taylor_terms(net, groups, batches, top_diffs=None, progress=True):
     """{group id: signed sum of a*dL/da per channel, mean over batches} (see the module doc).
 
-    net: caffe.Net with a loss (TRAIN or TEST phase) holding the weights to score.
+    net: caffe.Net with a loss (TRAIN or TEST phase) holding the weights to score, or any net with
+    ``force_backward`` and ``top_diffs`` giving the gradient of a loss at its outputs.
     groups: prune.graph Groups (e.g. ``build_graph(deploy).prunable()``); their
     consumer layers must be in ``net`` under the same names.
     batches: a number of batches the net's own data layers fetch, or an
@@ -121,8 +132,8 @@ def taylor_terms(net, groups, batches):
     sums = OrderedDict((g.id, np.zeros(g.channels, dtype=np.float64)) for g in plan.groups)
     count = 0
     feeds = [None] * int(batches) if isinstance(batches, (int, np.integer)) else batches
-    for feed in tqdm(feeds, desc="taylor", unit="batch", leave=False):
-        _run_batch(net, plan, feed, sums)
+    for feed in tqdm(feeds, desc="taylor", unit="batch", leave=False, disable=not progress):
+        _run_batch(net, plan, feed, sums, top_diffs)
         count += 1
     if not count:
         raise TaylorError("no batches to score with")
@@ -133,16 +144,64 @@ def taylor_terms(net, groups, batches):
     return OrderedDict((gid, s / count) for gid, s in sums.items())
 
 
-def normalise(terms):
-    """|term| divided by its group's L2 norm, per group."""
-    out = OrderedDict()
-    for gid, t in terms.items():
-        a = np.abs(np.asarray(t, dtype=np.float64))
-        norm = np.linalg.norm(a)
-        out[gid] = a / norm if norm > 0 else a
-    return out
-
-
 def taylor_scores(net, groups, batches):
-    """{group id: per-channel importance}: |taylor_terms|, L2-normalised per group (unit norm)."""
-    return normalise(taylor_terms(net, groups, batches))
+    """{group id: per-channel importance}: the Taylor criterion's scores of ``taylor_terms``
+    (|term|, L2-normalised per group, so they rank across groups)."""
+    from prune.criteria.taylor import Taylor
+    from prune.sample import Evidence
+    groups = list(groups)
+    terms = taylor_terms(net, groups, batches)
+    return OrderedDict((g.id, Taylor().scores(Evidence(group=g, weights=None, taylor=terms[g.id]))) for g in groups)
+
+
+# ------------------------------------------------------------------ the label-free loss of the prune driver
+
+def _unit(x):
+    x = x.reshape(x.shape[0], -1).astype(np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _outputs(net, x):
+    net.blobs[net.inputs[0]].reshape(*x.shape)
+    net.blobs[net.inputs[0]].data[...] = x
+    net.forward()
+    return {o: np.array(net.blobs[o].data) for o in net.outputs}
+
+
+class MirrorDistillation:
+    """``top_diffs`` of the label-free loss: for every output f of the net,
+    L = 1/(2N) sum over images of ||f/|f| - t/|t|||^2 with t the teacher's (the unpruned net's) mean output
+    on the image and its mirror -- finetune's distillation head as apps.taylor scores with it.  The mirror
+    matters: towards the teacher's own output of the same view the unpruned net has a loss of exactly zero,
+    and so zero gradient everywhere."""
+
+    def __init__(self, teacher):
+        self.teacher = teacher
+
+    def __call__(self, net, feed):
+        x = feed[net.inputs[0]]
+        plain = _outputs(self.teacher, x)
+        mirrored = _outputs(self.teacher, np.ascontiguousarray(x[..., ::-1]))
+        diffs = {}
+        for o in net.outputs:
+            f = np.asarray(net.blobs[o].data, dtype=np.float64).reshape(x.shape[0], -1)
+            u, t = _unit(f), _unit(plain[o] + mirrored[o])
+            g = u - t
+            g = (g - u * np.sum(g * u, axis=1, keepdims=True)) / np.maximum(
+                np.linalg.norm(f, axis=1, keepdims=True), 1e-12)    # through f -> f/|f|
+            diffs[o] = (g / x.shape[0]).reshape(net.blobs[o].diff.shape)
+        return diffs
+
+
+def gradient_terms(net_param, weights, groups, images, teacher, progress=False):
+    """{group id: taylor_terms} of the current net (``net_param`` + ``weights``, any deploy net) under
+    ``MirrorDistillation`` towards ``teacher`` (a caffe.Net of the unpruned net), over ``images`` (an
+    iterable of (N, C, H, W) float32 batches).  Caffe back-propagates; numpy computes only the loss's
+    gradient at the outputs."""
+    from base import caffe_io
+    param = type(net_param)()
+    param.CopyFrom(net_param)
+    param.force_backward = True
+    net = caffe_io.runnable_net(param, weights)
+    data = net.inputs[0]
+    return taylor_terms(net, groups, ({data: x} for x in images), MirrorDistillation(teacher), progress)

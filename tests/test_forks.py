@@ -7,6 +7,7 @@ OpenCV's DNN module where it runs the fork's layers, and in Caffe on the part of
 (base.netcheck.runnable_view).
 """
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -468,6 +469,85 @@ def test_an_ssd_net_prunes_its_backbone_exactly(tmp_path, capsys):
     names = ["mbox_loc", "mbox_conf_flatten"]
     assert_close(opencv_outputs(p2, m2, x, names), opencv_outputs(proto, ref, x, names),
                  opencv_outputs(proto, model, x, names))
+
+
+def fork_net_files(tmp_path, text, name, size, seed=0):
+    """The prototxt, random weights (written without Caffe) and a folder of 8 images of the net's size."""
+    import cv2
+    proto = write_text(tmp_path, text, name + ".prototxt")
+    net = caffe_io.read_net(proto)
+    model = caffe_io.write_weights(net, random_weights(net, build_graph(net, proto), seed),
+                                   str(tmp_path / (name + ".caffemodel")))
+    rng = np.random.default_rng(seed)
+    for i in range(8):
+        folder = tmp_path / ("img%d" % size) / "ab"[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(folder / ("%d.png" % i)), rng.integers(0, 255, (size, size, 3)).astype(np.uint8))
+    return proto, model, str(tmp_path / ("img%d" % size))
+
+
+def test_python_m_prune_prunes_an_se_net_where_its_axpy_allows(tmp_path, capsys):
+    """python -m prune on a net with SENet's Axpy, a type this Caffe lacks: a criterion that samples images
+    is refused, before anything is written, for the groups only the Axpy's output reaches (naming them, the
+    layer and the ways out); with --layers it prunes the group before the Axpy; a criterion that reads only
+    weights prunes every prunable group with no images at all, exactly (OpenCV runs the whole net)."""
+    from prune.__main__ import main as prune_main
+    proto, model, images = fork_net_files(tmp_path, SE_NET, "se", 16)
+    out = tmp_path / "refused"
+    assert prune_main(["--model", proto, "--weights", model, "--data", images, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert not out.exists() and len(err.strip().splitlines()) == 1
+    assert "groups c3, c4 are read by layers this Caffe build cannot run (axpy (type Axpy (a layer of SENet's" in err
+    assert "leave them out (--layers fc1) or choose a criterion that reads only weights" in err
+    assert prune_main(["--model", proto, "--weights", model, "--out", str(out), "--quiet"]) == 2
+    assert "--data is required: --criterion thinet with --reconstruct full" in capsys.readouterr().err
+
+    assert prune_main(["--model", proto, "--weights", model, "--data", images, "--layers", "fc1",
+                       "--out", str(tmp_path / "fc1"), "--quiet"]) == 0
+    said = capsys.readouterr().out
+    assert "fc1             4 -> 2     rel. error fc2" in said
+    assert "not run there, their blobs checked against the inferred shapes only: axpy (types this Caffe build " \
+           "lacks) and the 4 layer(s) reading what they make" in said
+
+    assert prune_main(["--model", proto, "--weights", model, "--criterion", "l1", "--reconstruct", "none",
+                       "--out", str(tmp_path / "l1"), "--quiet"]) == 0
+    log = json.loads((tmp_path / "l1" / "log.json").read_text())
+    assert [(s["group"], s["kept"]) for s in log["steps"]] == [("fc1", 2), ("c3", 3), ("c4", 2)]
+    why = dict(netcheck.runnable_view(caffe_io.read_net(proto))[1])["axpy"]
+    assert log["not_run_in_caffe"][0] == dict(layer="axpy", why=why)
+    graph = build_graph(caffe_io.read_net(proto), proto)
+    keep = {s["group"]: np.setdiff1d(np.arange(s["channels"]), s["removed_channels"]) for s in log["steps"]}
+    zeroed = zero_removed_inputs(graph, caffe_io.read_weights(model), keep)
+    ref = caffe_io.write_weights(caffe_io.read_net(proto), zeroed, str(tmp_path / "ref.caffemodel"))
+    one = np.random.default_rng(5).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    names = ["fc", "fc2"]
+    assert_close(opencv_outputs(log["prototxt"], log["caffemodel"], one, names), opencv_outputs(proto, ref, one, names),
+                 opencv_outputs(proto, model, one, names))
+
+
+def test_python_m_prune_samples_an_ssd_backbone_in_caffe(tmp_path, capsys):
+    """A MobileNet-SSD-like net: its forks' depthwise type runs in Caffe as a Convolution with group =
+    channels, so the whole backbone is sampled and reconstructed by least squares; the SSD layers are set
+    aside and named; the result loads in OpenCV, which runs all of it, and stays close to the original."""
+    from prune.__main__ import main as prune_main
+    proto, model, images = fork_net_files(tmp_path, SSD_NET, "ssd", 32)
+    view, left = netcheck.runnable_view(caffe_io.read_net(proto))
+    assert [layer.type for layer in view.layer if layer.name == "conv1/dw"] == ["Convolution"]
+    assert "conv1/dw" not in dict(left) and dict(left)["conv1_norm"].startswith("type Normalize")
+    for criterion in ("thinet", "taylor"):
+        run = tmp_path / criterion
+        assert prune_main(["--model", proto, "--weights", model, "--data", images, "--criterion", criterion,
+                           "--keep", "0.75", "--out", str(run), "--quiet"]) == 0
+        log = json.loads((run / "log.json").read_text())
+        assert [(s["group"], s["kept"]) for s in log["steps"]] == [("conv0", 6), ("conv2", 8), ("conv3", 6)]
+        assert all(s["error"] and s["images"] == 8 for s in log["steps"])
+        x = np.random.default_rng(6).standard_normal((1, 3, 32, 32)).astype(np.float32)
+        names = ["mbox_loc", "mbox_conf_flatten"]
+        pruned = opencv_outputs(log["prototxt"], log["caffemodel"], x, names)
+        original = opencv_outputs(proto, model, x, names)
+        for name in names:
+            assert pruned[name].shape == original[name].shape and nets.rel_err(pruned[name], original[name]) < 0.5
+    capsys.readouterr()
 
 
 def test_lrn_across_channels_is_a_fixed_point_with_its_reason(tmp_path):

@@ -248,6 +248,11 @@ def test_sensitivity_cli_writes_curves_and_a_plan_that_prune_runs(tmp_path):
         assert graph[gid].channels == k == keep_count(content["keep"].get(gid, 1.0), c)
     assert net_stats(pruned).macs / macs.total == pytest.approx(content["macs_share"])
     assert sensitivity_main(args) == 0                                   # a finished analysis is read back
+    taylor = tmp_path / "sens_taylor"                  # a criterion that needs Caffe's backward pass works too
+    assert sensitivity_main(args[:-3] + ["--criterion", "taylor", "--out", str(taylor), "--quiet"]) == 0
+    curves = json.loads((taylor / "sensitivity.json").read_text())["curves"]
+    assert set(curves) == set(record["curves"])
+    assert all(curve["damage"]["0.25"] > curve["damage"]["0.75"] >= 0 for curve in curves.values())
 
 
 def test_driver_reestimates_batchnorm_at_the_end_and_after_each_cut(tmp_path):

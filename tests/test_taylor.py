@@ -14,17 +14,21 @@ from caffe import layers as L
 from base import caffe_io
 from prune.graph import build_graph
 from prune.policy import global_ranking
-from prune.taylor import TaylorError, normalise, taylor_scores, taylor_terms
+from prune.criteria.taylor import Taylor
+from prune.sample import Evidence
+from prune.taylor import TaylorError, gradient_terms, taylor_scores, taylor_terms
 import nets
 
 BATCH = 4
 
 
-def small_net():
-    """A conv with BatchNorm+Scale+PReLU in place, a residual stream of two producers, a softmax loss."""
+def small_net(with_loss=True):
+    """A conv with BatchNorm+Scale+PReLU in place, a residual stream of two producers, a softmax loss
+    (or, without, the deploy net ending in fc)."""
     n = caffe.NetSpec()
     n.data = L.Input(shape=dict(dim=[BATCH, 3, 10, 10]))
-    n.label = L.Input(shape=dict(dim=[BATCH]))
+    if with_loss:
+        n.label = L.Input(shape=dict(dim=[BATCH]))
     n.c1 = L.Convolution(n.data, num_output=5, kernel_size=3, pad=1)
     n.bn1 = L.BatchNorm(n.c1, in_place=True)
     n.sc1 = L.Scale(n.c1, bias_term=True, in_place=True)
@@ -37,7 +41,8 @@ def small_net():
     n.add = L.Eltwise(n.c2, n.u2)
     n.radd = L.PReLU(n.add, in_place=True)
     n.fc = L.InnerProduct(n.add, num_output=7)
-    n.loss = L.SoftmaxWithLoss(n.fc, n.label)
+    if with_loss:
+        n.loss = L.SoftmaxWithLoss(n.fc, n.label)
     return n.to_proto()
 
 
@@ -138,7 +143,9 @@ def test_scores_are_normalised_and_accumulate_over_batches(setup):
 
 
 def test_global_ranking():
-    scores = normalise({"a": np.array([3.0, -4.0]), "b": np.array([1.0, 0.0, 0.0]), "z": np.zeros(2)})
+    terms = {"a": np.array([3.0, -4.0]), "b": np.array([1.0, 0.0, 0.0]), "z": np.zeros(2)}
+    scores = {gid: Taylor().scores(Evidence(group=None, weights=None, taylor=t)) for gid, t in terms.items()}
+    np.testing.assert_allclose(scores["a"], [0.6, 0.8])
     ranking = global_ranking(scores)
     assert ranking == [("b", 1), ("b", 2), ("z", 0), ("z", 1), ("a", 0), ("a", 1), ("b", 0)]
 
@@ -153,3 +160,70 @@ def test_bad_groups_are_named(setup, tmp_path):
         taylor_terms(net, [groups["c1"]], [])
     with pytest.raises(TaylorError, match="blob 'images'"):
         taylor_terms(net, [groups["c1"]], [{"images": feed["data"]}])
+
+
+# ------------------------------------------------------------------ the label-free loss of the prune driver
+
+def mirror_loss(student, teacher, x):
+    """The loss MirrorDistillation differentiates, from Caffe forward passes: 1/(2N) sum ||u(f) - u(t)||^2."""
+    def out(net, images):
+        net.blobs["data"].data[...] = images
+        return np.array(net.forward()["fc"], dtype=np.float64)
+
+    def unit(v):
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+    t = out(teacher, x) + out(teacher, x[..., ::-1])
+    return 0.5 * np.sum((unit(out(student, x)) - unit(t)) ** 2) / x.shape[0]
+
+
+def test_label_free_terms_are_the_derivative_of_the_mirror_distillation_loss(tmp_path):
+    """A deploy net with no loss layer: Caffe back-propagates the gradient set at its output; the terms
+    equal finite differences of the loss computed from forward passes, for the unpruned net itself (the
+    first group the driver scores) and for a perturbed student."""
+    proto = caffe_io.write_net(small_net(with_loss=False), str(tmp_path / "deploy.prototxt"))
+    param = caffe_io.read_net(proto)
+    weights = nets.random_weights(proto, seed=7)
+    teacher = caffe_io.open_net(proto)
+    caffe_io.load_into(teacher, weights)
+    groups = {g.id: g for g in build_graph(param).prunable()}
+    x = np.random.default_rng(8).standard_normal((BATCH, 3, 10, 10)).astype(np.float32)
+    rng = np.random.default_rng(9)
+    perturbed = {k: [np.asarray(b) * (1 + 0.2 * rng.standard_normal(np.shape(b))) for b in v]
+                 for k, v in weights.items()}
+    for student_weights in (weights, perturbed):
+        terms = gradient_terms(param, student_weights, groups.values(), [x], teacher)
+        student = caffe_io.open_net(proto)
+        caffe_io.load_into(student, student_weights)
+        assert mirror_loss(student, teacher, x) > 1e-4
+        for gid in ("c2", "u1"):
+            def f(s, gid=gid, c=0):
+                for p in groups[gid].producers:
+                    student.params[p.layer][p.blob].data[p.indices([c])] *= s
+                try:
+                    return mirror_loss(student, teacher, x)
+                finally:
+                    caffe_io.load_into(student, student_weights)
+            fd = [central(lambda s: f(s, c=c)) for c in range(groups[gid].channels)]
+            np.testing.assert_allclose(terms[gid], fd, rtol=0.03, atol=2e-2 * np.abs(fd).max())
+
+
+def test_taylor_criterion_in_the_prune_driver_keeps_the_channels_of_largest_terms(tmp_path):
+    """python -m prune --criterion taylor: the first group's kept channels are the top |terms| of the
+    unpruned net on the same images (later groups are scored on the already pruned net)."""
+    from prune.driver import PruneJob, run
+    proto = caffe_io.write_net(small_net(with_loss=False), str(tmp_path / "deploy.prototxt"))
+    weights = nets.random_weights(proto, seed=10)
+    model = caffe_io.write_weights(caffe_io.read_net(proto), weights, str(tmp_path / "w.caffemodel"))
+    x = np.random.default_rng(11).standard_normal((BATCH, 3, 10, 10)).astype(np.float32)
+    job = PruneJob(model=proto, weights=model, out=str(tmp_path / "run"), criterion="taylor", keep=0.5,
+                   samples_per_image=4, reconstruct="none")
+    log = run(job, lambda: iter([x]), progress=False)
+    first = log["steps"][0]
+    teacher = caffe_io.open_net(proto, model)
+    group = build_graph(caffe_io.read_net(proto))[first["group"]]
+    terms = gradient_terms(caffe_io.read_net(proto), caffe_io.read_weights(model), [group], [x], teacher)
+    expected = np.argsort(-np.abs(terms[group.id]), kind="stable")[:first["kept"]]
+    assert first["criterion"] == "taylor"
+    assert sorted(set(range(group.channels)) - set(expected.tolist())) == first["removed_channels"]
+    assert [s["kept"] for s in log["steps"]] == [max(1, round(s["channels"] * 0.5)) for s in log["steps"]]
+    caffe_io.open_net(log["prototxt"], log["caffemodel"])     # the result loads in Caffe

@@ -1,10 +1,10 @@
 """Channel selection criteria, one small module each, behind one interface.
 
-A criterion is an object with
+A criterion is a ``Criterion`` (criteria.base) with
 
     select(evidence, n_keep) -> sorted kept channel indices of the group
 
-and, when it ranks channels one by one (L1, random, BN scale), also
+and, when it ranks channels one by one (L1, BN scale, Taylor), also
 
     scores(evidence) -> one importance per channel (higher: keep)
 
@@ -17,15 +17,21 @@ layers that read the group is the reconstruction's (prune.reconstruct).
 ``evidence`` (prune.sample.Evidence) carries the group, the current weights,
 each consumer's Gram matrix of sampled contributions and the activation sums,
 so weight-based, data-based and reconstruction-based criteria share one call.
-Taylor scores (prune.taylor) are computed from a loss's gradient by the
-Taylor app and ranked across groups by ``prune.policy.global_ranking``.
+A criterion with ``needs_gradient`` (Taylor) also gets ``evidence.taylor``,
+the first-order change of a loss per channel from Caffe's backward pass
+(prune.taylor): the layer-by-layer driver uses a label-free loss, apps.taylor
+a distillation train net, and both rank with the same criterion.
+
+A new criterion: one module here with a ``Criterion`` subclass, one line in
+``CRITERIA``.
 """
-from .base import Scored  # noqa: F401
+from .base import Criterion, Scored  # noqa: F401
 from .actsum import ActSum
 from .bnscale import BNScale
 from .l1 import L1
 from .lasso import Lasso
 from .random import Random
+from .taylor import Taylor
 from .thinet import ThiNet
 
 CRITERIA = {
@@ -36,6 +42,7 @@ CRITERIA = {
     "random": Random,
     "actsum": ActSum,
     "bnscale": BNScale,
+    "taylor": Taylor,
 }
 
 

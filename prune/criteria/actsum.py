@@ -7,11 +7,10 @@ number to remove ends with the single channel of smallest |sum| (the scripts
 removed only pairs, so they could not ask for that)."""
 import numpy as np
 
+from .base import Criterion
 
-class ActSum:
-    def __init__(self, seed=0):
-        pass
 
+class ActSum(Criterion):
     def select(self, evidence, n_keep):
         sums = np.asarray(evidence.actsum, dtype=np.float64)
         alive = list(range(len(sums)))

@@ -32,8 +32,7 @@ def scale_gammas(group, weights):
 
 
 class BNScale(Scored):
-    def __init__(self, seed=0):
-        pass
+    needs_images = False
 
     def scores(self, evidence):
         return scale_gammas(evidence.group, evidence.weights)

@@ -8,8 +8,7 @@ from .base import Scored
 
 
 class L1(Scored):
-    def __init__(self, seed=0):
-        pass
+    needs_images = False
 
     def scores(self, evidence):
         score = np.zeros(evidence.group.channels)

@@ -2,10 +2,9 @@
 alpha bisected until the count is met, then least-squares reconstruction."""
 from prune import gram
 
+from .base import Criterion
 
-class Lasso:
-    def __init__(self, seed=0):
-        pass
 
+class Lasso(Criterion):
     def select(self, evidence, n_keep):
         return gram.lasso_select(gram.joint_gram(evidence.grams.values()), n_keep)

@@ -1,8 +1,12 @@
 """Random channels: the baseline every criterion must beat."""
 import numpy as np
 
+from .base import Criterion
 
-class Random:
+
+class Random(Criterion):
+    needs_images = False
+
     def __init__(self, seed=0):
         self.rng = np.random.default_rng(seed)
 

@@ -7,8 +7,10 @@ jointly, each normalised by its own output energy.
 """
 from prune import gram
 
+from .base import Criterion
 
-class ThiNet:
+
+class ThiNet(Criterion):
     def __init__(self, variant="remove", seed=0):
         if variant not in ("remove", "add"):
             raise ValueError("ThiNet variant must be 'remove' or 'add', not %r" % variant)
