@@ -4,7 +4,9 @@ One row per recipe, each adding one ingredient to a previous row: ThiNet as
 it was (one scale per kept channel, targets from the pruned net, one keep
 ratio for every group); targets from the unpruned net; full least squares of
 every kept weight; BatchNorm re-estimation; per-group keep ratios allocated
-from a sensitivity analysis; distillation fine-tuning with Caffe's solver.
+from a sensitivity analysis, the cuts ranked by MACs or by the time they save
+in Caffe (prune.latency; at the same MACs, or at the Caffe latency of the
+MACs-ranked plan); distillation fine-tuning with Caffe's solver.
 Everything that is sampled, calibrated or trained sees only images of people
 of LFW folds 1-5 or of people in no pair of pairs.txt; accuracy is the LFW
 protocol over folds 6-10 (5-fold cross-validation, no flip; the last row also
@@ -42,6 +44,10 @@ ROWS = {
     "bn": ("full", "+ BatchNorm re-estimation", dict(bn=True)),
     "allocated": ("full", "+ sensitivity allocation (per-group ratios; no BatchNorm re-estimation)",
                   dict(allocation="sensitivity")),
+    "latency": ("full", "+ sensitivity allocation ranked by the time each cut saves in Caffe (prune.latency; the "
+                "allocated row's curves)", dict(allocation="latency")),
+    "latency_equal": ("full", "+ sensitivity allocation ranked by Caffe time, to the Caffe latency the allocated "
+                      "row's plan predicts (it keeps more MACs)", dict(allocation="latency_equal")),
     "finetune3": ("allocated", "+ distillation fine-tuning, 3 epochs (Caffe SGD)", dict(epochs=3)),
     "features3": ("allocated", "+ distillation of the embedding and of the block outputs, 3 epochs (teacher run "
                   "online)", dict(epochs=3, features=True)),
@@ -112,13 +118,22 @@ def keep_plan(a, s, sample, judge, out):
     net, weights = caffe_io.read_net(a.model), caffe_io.read_weights(a.weights)
     if s["allocation"] == "uniform":
         return ratio_for_macs(net, weights, "all", a.macs_target, a.model)[0]
-    from prune import sensitivity
+    from prune import latency, sensitivity
     fit, held = judge
     pre = preprocess_for((1, 3, 112, 112), a.lfw_dir, fit, True, "none")
-    record = sensitivity.analyse(net, weights, lambda: image_batches(a.lfw_dir, fit, pre),
+    record = sensitivity.analyse(net, weights, lambda: image_batches(a.lfw_dir, fit, pre),   # one analysis for both
                                  lambda: image_batches(a.lfw_dir, held, pre), a.blob,
-                                 os.path.join(out, "sensitivity.json"), progress=not a.quiet)
-    plan = sensitivity.plan(record, MacsModel(net, source=a.model), a.macs_target)
+                                 os.path.join(a.out, "allocated", "sensitivity.json"), progress=not a.quiet)
+    macs = MacsModel(net, source=a.model)
+    rank = None
+    if s["allocation"] != "sensitivity":   # the tables bench_runtimes.py times with (4 counts per axis), cached
+        rank = latency.model_for(net, "caffe", source=a.model, graph=macs.graph, points=4,
+                                 lowest=min(record["ratios"]), progress=not a.quiet)
+    if s["allocation"] == "latency_equal":
+        same = rank.share(sensitivity.allocate(record, macs, a.macs_target))
+        plan = sensitivity.plan(record, macs, None, latency=rank, latency_target=same)
+    else:
+        plan = sensitivity.plan(record, macs, a.macs_target, latency=rank)
     caffe_io.atomic_write(os.path.join(out, "plan.json"), json.dumps(plan, indent=1))
     return plan["keep"]
 
@@ -237,12 +252,14 @@ def main(argv=None):
         if row not in done:
             print("[retention] %s: %s" % (row, ROWS[row][1]), file=sys.stderr, flush=True)
             done[row] = run_row(a, row, done, sample, judge, train)
-            if os.path.exists(a.json):   # rows another run of this script finished meanwhile
-                done = dict({r["row"]: r for r in json.load(open(a.json))["rows"]}, **done)
+            data = dict(sampling_images=a.images, training_images="LFW folds 1-5 people + people in no pair",
+                        evaluation="LFW folds 6-10, 5-fold CV")
+            if os.path.exists(a.json):   # rows another run of this script finished meanwhile; notes written by hand
+                before = json.load(open(a.json))
+                done = dict({r["row"]: r for r in before["rows"]}, **done)
+                data.update({k: v for k, v in before.get("data", {}).items() if k == "note"})
             records = [done[r] for r in ROWS if r in done]
-            caffe_io.atomic_write(a.json, json.dumps(dict(machine=machine(), data=dict(
-                sampling_images=a.images, training_images="LFW folds 1-5 people + people in no pair",
-                evaluation="LFW folds 6-10, 5-fold CV"), rows=records), indent=1))
+            caffe_io.atomic_write(a.json, json.dumps(dict(machine=machine(), data=data, rows=records), indent=1))
     print(table([done[r] for r in ROWS if r in done]))
 
 

@@ -14,7 +14,10 @@ and loaded back by each runtime):
   the retention work): ``MACs-allocated 50%`` (prune.sensitivity.plan, cuts
   ranked by MACs saved) and ``latency-allocated 50% on R`` (the same MACs
   target, cuts ranked by the time they save on runtime R, from R's measured
-  per-layer table, prune.latency), each also rounded.
+  per-layer table, prune.latency), each also rounded; and ``equal-latency on
+  R``: no MACs target, the cuts ranked by time on R down to the latency R's
+  table predicts for the MACs-allocated net (the same time for less damage:
+  it keeps more MACs).
 
 All variants of one net and every runtime run in ONE process, interleaved
 round by round (prune.runtimes.median_ms, one thread each, warm-up first);
@@ -116,6 +119,9 @@ def allocated_variants(net, proto, model, args, kinds):
             models.setdefault(kind, lat)
             out["latency-allocated on %s%s" % (kind, suffix)] = sensitivity.allocate(
                 record, model, args.macs_target, round_to=n, rank=lat)
+            if n == 1:      # no MACs target: the latency the MACs-ranked plan predicts, at the least damage
+                out["equal-latency on %s" % kind] = sensitivity.allocate(
+                    record, lat, lat.share(out["MACs-allocated"]), rank=lat)
     return out, models, record
 
 

@@ -102,7 +102,7 @@ def _distill(job, deploy, items, data, progress):
     t_blob = job.teacher_embedding or job.embedding
     t_rgb = job.rgb if job.teacher_rgb is None else job.teacher_rgb
     student_dim = blob_dim(deploy, job.embedding)
-    features = tuple(getattr(job, "distill_features", ()) or ())
+    features = tuple(job.distill_features or ())
     if job.precompute_teacher:
         if features:
             raise HeadError("--distill-features copies the teacher's feature maps, which a table of embeddings "
@@ -112,7 +112,7 @@ def _distill(job, deploy, items, data, progress):
                             "is the teacher's view of the changed image, which a table cannot hold: drop "
                             "--precompute-teacher")
         table, index_list = teacher_table(items, job.root_folder, job.out, teacher_proto, teacher_weights, t_blob,
-                                          t_rgb, job.mirror, progress, getattr(job, "cache_dir", None))
+                                          t_rgb, job.mirror, progress, job.cache_dir)
         data.source, data.size = index_list, read_size(deploy, items)
         head = trainnet.Distill(teacher=None, embedding=job.embedding, teacher_embedding=t_blob,
                                 student_dim=student_dim, teacher_dim=table.shape[1], table_rows=len(table))
@@ -128,13 +128,13 @@ def _distill(job, deploy, items, data, progress):
 
 
 def data_and_head(job, deploy, items, start_iter=0, progress=True):
-    """(ImageList, head, extra initial weights) of a job (any object with FineTuneJob's fields).
+    """(ImageList, head, extra initial weights) of a finetune.driver.FineTuneJob.
 
     start_iter: where a resumed run starts, so A-Softmax's lambda schedule
     (counted inside the layer, not saved by Caffe) goes on from there."""
     if not items:
         raise HeadError("%s: the image list is empty" % job.train_list)
-    augment = job.augmentation() if hasattr(job, "augmentation") else None
+    augment = job.augmentation()
     data = trainnet.ImageList(source=os.path.abspath(job.train_list), root_folder=job.root_folder,
                               batch_size=job.batch_size, mirror=job.mirror, rgb=job.rgb, augment=augment)
     if job.head == "distill":
