@@ -51,11 +51,14 @@ ROWS = {
     "finetune3": ("allocated", "+ distillation fine-tuning, 3 epochs (Caffe SGD)", dict(epochs=3)),
     "features3": ("allocated", "+ distillation of the embedding and of the block outputs, 3 epochs (teacher run "
                   "online)", dict(epochs=3, features=True)),
+    "augment3": ("allocated", "+ distillation with online augmentation (shift 4 px, zoom 1 +- 0.05, colour +- 0.1; "
+                 "teacher run online), 3 epochs", dict(epochs=3, augment=True)),
     "finetune": ("allocated", "+ distillation fine-tuning, 8 epochs (Caffe SGD)", dict(epochs=8)),
     "full_current": ("thinet", "for comparison: full least squares, targets from the pruned net",
                      dict(reconstruct="full")),
 }
-DEFAULTS = dict(reconstruct="full", targets="original", allocation="uniform", bn=False, epochs=0, features=False)
+DEFAULTS = dict(reconstruct="full", targets="original", allocation="uniform", bn=False, epochs=0, features=False,
+                augment=False)
 
 
 def settings(row):
@@ -159,17 +162,20 @@ def bn_row(a, row, proto, model, sample):
     return path
 
 
-def finetune_row(a, row, proto, model, epochs, train, features=False):
+def finetune_row(a, row, proto, model, epochs, train, features=False, augment=False):
     """Distillation from the unpruned net, lr /10 at 60 % and 85 %, mirrored images. The teacher's embeddings
     are computed once, or with ``features`` the teacher runs in the train net and the output of every residual
-    block that kept its shape is copied too (--feature-weight each)."""
+    block that kept its shape is copied too (--feature-weight each); with ``augment`` every image is also
+    shifted, zoomed and recoloured at random (the teacher runs in the train net and sees the same image)."""
     from finetune.driver import FineTuneJob, finetune
     from finetune.solver import iterations
     n = iterations(sum(1 for _ in open(train)), epochs, 64)
     steps = tuple(sorted({max(1, int(n * f)) for f in (0.6, 0.85)}))
     job = FineTuneJob(deploy=proto, weights=model, train_list=train, root_folder=a.lfw_dir,
                       out=os.path.join(a.out, row, "finetune"), head="distill", embedding=a.blob,
-                      teacher=a.model, teacher_weights=a.weights, precompute_teacher=not features,
+                      teacher=a.model, teacher_weights=a.weights, precompute_teacher=not (features or augment),
+                      augment_shift=4 if augment else 0, augment_scale=0.05 if augment else 0.0,
+                      augment_colour=0.1 if augment else 0.0,
                       distill_features=("auto",) if features else (), feature_weight=a.feature_weight, epochs=epochs,
                       batch_size=64, base_lr=a.finetune_lr, lr_policy="multistep", gamma=0.1, stepvalues=steps,
                       mirror=True, rgb=True, seed=a.seed)
@@ -185,7 +191,8 @@ def build_row(a, row, s, done, sample, judge, train):
     proto, model = done[parent]["prototxt"], done[parent]["caffemodel"]
     if own.get("bn"):
         return proto, bn_row(a, row, proto, model, sample), done[parent]["sgd"]
-    return proto, finetune_row(a, row, proto, model, own["epochs"], train, own.get("features", False)), True
+    return proto, finetune_row(a, row, proto, model, own["epochs"], train, own.get("features", False),
+                               own.get("augment", False)), True
 
 
 def run_row(a, row, done, sample, judge, train):
@@ -252,14 +259,14 @@ def main(argv=None):
         if row not in done:
             print("[retention] %s: %s" % (row, ROWS[row][1]), file=sys.stderr, flush=True)
             done[row] = run_row(a, row, done, sample, judge, train)
-            data = dict(sampling_images=a.images, training_images="LFW folds 1-5 people + people in no pair",
-                        evaluation="LFW folds 6-10, 5-fold CV")
+            about = dict(sampling_images=a.images, training_images="LFW folds 1-5 people + people in no pair",
+                         evaluation="LFW folds 6-10, 5-fold CV")
             if os.path.exists(a.json):   # rows another run of this script finished meanwhile; notes written by hand
                 before = json.load(open(a.json))
                 done = dict({r["row"]: r for r in before["rows"]}, **done)
-                data.update({k: v for k, v in before.get("data", {}).items() if k == "note"})
+                about.update({k: v for k, v in before.get("data", {}).items() if k == "note"})
             records = [done[r] for r in ROWS if r in done]
-            caffe_io.atomic_write(a.json, json.dumps(dict(machine=machine(), data=data, rows=records), indent=1))
+            caffe_io.atomic_write(a.json, json.dumps(dict(machine=machine(), data=about, rows=records), indent=1))
     print(table([done[r] for r in ROWS if r in done]))
 
 
