@@ -165,16 +165,15 @@ def check_run_inputs(a, inputs, nets=(), train_list=True, runnable_part=False):
     check_outputs(inputs, [os.path.join(a.out, "")])
     weights = [inputs.get(w) for _, w in nets if inputs.get(w)]
     check_out(a.out, need_bytes=(1 << 20) + 4 * sum(os.path.getsize(w) for w in weights))
-    given = [(n, inputs[n], inputs.get(w)) for n, w in nets if inputs.get(n)]
+    given = [(n, caffe_io.read_net(inputs[n]), inputs.get(w)) for n, w in nets if inputs.get(n)]
     if runnable_part:
-        for n, path, _ in given:
-            netcheck.check_net(caffe_io.read_net(path), _flag(n) + " " + path, types=False)
-        given = [(n, netcheck.runnable_view(caffe_io.read_net(path))[0], w) for n, path, w in given]
+        for n, net, _ in given:
+            netcheck.check_net(net, _flag(n) + " " + inputs[n], types=False)
+        given = [(n, netcheck.runnable_view(net)[0], w) for n, net, w in given]
     netcheck.probe_nets([(_flag(n) + " " + inputs[n], net, "test") for n, net, _ in given])
     for _, net, weight in given:
         if weight:
-            caffe_io.check_weights(caffe_io.net_from_param(caffe_io.read_net(net) if isinstance(net, str) else net),
-                                   caffe_io.read_weights(weight), weight, complete=True)
+            caffe_io.check_weights(caffe_io.net_from_param(net), caffe_io.read_weights(weight), weight, complete=True)
     if train_list and inputs.get("train_list"):
         check_images_decode(read_list(inputs["train_list"], getattr(a, "train_root", "")), inputs["train_list"])
 

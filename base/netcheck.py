@@ -211,7 +211,7 @@ def runnable_view(net, phase=caffe_pb2.TEST):
         elif fields:
             why = "sets %s, a field of %s" % (fields[0][0], forks.fork_name(fields[0][1]))
         elif tainted & set(layer.bottom):
-            why = "reads %s, made by a layer left out" % ", ".join(sorted(tainted & set(layer.bottom)))
+            why = _TAINTED + "%s, made by a layer left out" % ", ".join(sorted(tainted & set(layer.bottom)))
         if why is None:
             kept.append(layer)
         else:
@@ -220,6 +220,15 @@ def runnable_view(net, phase=caffe_pb2.TEST):
     del view.layer[:]
     view.layer.extend(kept)
     return view, left
+
+
+def causes(left):
+    """Of runnable_view's [(layer, why)], those set aside for themselves (a type or field this build lacks),
+    not for reading what another set-aside layer makes."""
+    return [(name, why) for name, why in left if not why.startswith(_TAINTED)]
+
+
+_TAINTED = "reads "
 
 
 # ------------------------------------------------------------------ building in a child process

@@ -1,7 +1,7 @@
 """python -m prune: layer-by-layer channel pruning of a Caffe net (with optional fine-tuning)."""
 import os
 
-from base import caffe_io, cli
+from base import caffe_io, cli, netcheck
 from base.images import image_batches
 from base.netinput import input_layer
 from prune import options, policy
@@ -174,7 +174,7 @@ def main(argv=None):
     print("pruned net: %s + %s" % (log["prototxt"], log["caffemodel"]))
     left = log["not_run_in_caffe"]
     if left:
-        roots = [x["layer"] for x in left if not x["why"].startswith("reads ")]
+        roots = [name for name, _ in netcheck.causes([(x["layer"], x["why"]) for x in left])]
         print("checked in Caffe on the part of the net this build runs; not run there, their blobs checked against "
               "the inferred shapes only: %s (types this Caffe build lacks) and the %d layer(s) reading what they "
               "make (log.json: not_run_in_caffe)" % (", ".join(roots), len(left) - len(roots)))

@@ -92,7 +92,7 @@ def _check_runnable(job, graph, plan, criterion, left):
     if not left:
         return
     gone = {name for name, _ in left}
-    roots = [(name, why) for name, why in left if not why.startswith("reads ")]
+    roots = netcheck.causes(left)
     what = ", ".join("%s (%s)" % (name, why) for name, why in roots[:2]) + (", ..." if len(roots) > 2 else "")
     if job.bn_reestimate != "none":
         raise PruneError("%s: --bn-reestimate runs the whole net, and this Caffe build cannot run %s"
@@ -168,13 +168,13 @@ def _run(job, folder, images, finetune, final_finetune, progress):
     net = caffe_io.read_net(job.model)
     weights = caffe_io.read_weights(job.weights)
     graph = build_graph(net, source=job.model)
-    caffe_io.runnable_net(net, weights, job.weights)
+    view, left = netcheck.runnable_view(net)
+    caffe_io.check_weights(caffe_io.net_from_param(view), weights, job.weights, complete=True)
     checked_weights(graph, weights, job.weights)     # also the layers this Caffe build does not run
     plan = plan_groups(graph, job.layers, job.keep)
     if not plan:
         raise PruneError("nothing to prune: no prunable group selected")
     criterion = make_criterion(job.criterion, seed=job.seed)
-    _, left = netcheck.runnable_view(net)
     _check_runnable(job, graph, plan, criterion, left)
     folder.save_config(config)
     proto, model = job.model, job.weights
