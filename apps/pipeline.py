@@ -27,7 +27,7 @@ from base import caffe_io, cli
 from base.runfolder import RunFolder, command_config
 from base.shared import shared_dir
 from eval_lfw.evaluator import EvalSpec, spec_from_args
-from finetune.hooks import FineTuneSpec
+from finetune.hooks import FineTuneSpec, add_similarity
 from prune import options
 from prune.criteria import CRITERIA
 
@@ -414,6 +414,7 @@ def parser():
     f.add_argument("--finetune-mirror", action="store_true",
                    help="fine-tune on mirrored images too (the target: the mean of the baseline's embeddings of the "
                         "image and its mirror); default off, one embedding per image")
+    add_similarity(f)
     ap.add_argument("--batch", type=cli.count, default=64, help="training batch size (default 64)")
     ap.add_argument("--gpu", type=cli.whole, default=None,
                     help="GPU id for Caffe (training, sampling, evaluation; needs a CUDA build: "
@@ -511,7 +512,8 @@ def settings(argv=None):
                               epochs_final=a.finetune_epochs_final, lr=a.finetune_lr, batch=a.batch,
                               lr_steps=a.finetune_lr_steps, embedding=a.blob, rgb=a.rgb, mirror=a.finetune_mirror,
                               precompute_teacher=True, seed=a.seed,
-                              gpu=None if a.gpu is None else (a.gpu,), progress=not a.quiet, cache_dir=a.cache_dir),
+                              gpu=None if a.gpu is None else (a.gpu,), progress=not a.quiet, cache_dir=a.cache_dir,
+                              similarity=a.distill_similarity, similarity_hard=a.similarity_hard),
         evaluation=spec_from_args(a, None, None),
         gpu=a.gpu, timing_rounds=a.timing_rounds, seed=a.seed, quiet=a.quiet,
         config=command_config(a, leave_out=("quiet", "out", "cache_dir", "latency_cache")))

@@ -1,9 +1,9 @@
 """The pipeline's report: report.json, a readable report.md and the plots.
 
 Everything measured goes in; the accuracy verdict (final vs baseline) is
-stated whatever it is.  Wall times and forward timings are the only numbers
-that differ between two runs of the same command (they live under "timing"
-and "wall_seconds").
+stated whatever it is.  Wall and CPU times and forward timings are the only
+numbers that differ between two runs of the same command (they live under
+"timing" and "wall_seconds").
 """
 import glob
 import json
@@ -51,8 +51,8 @@ def build(out, records):
         baseline=dict(trained=base["trained"], teacher=base.get("teacher"), epochs=base.get("epochs"),
                       iterations=base.get("iterations")),
         finetune=log["finetune"],
-        stages=[{k: e[k] for k in ("stage", "accuracy", "std", "tar_at_far_1e3", "params", "macs", "caffemodel")}
-                for e in evals],
+        stages=[dict({k: e[k] for k in ("stage", "accuracy", "std", "tar_at_far_1e3", "params", "macs", "caffemodel")},
+                     **{k: e[k] for k in ("all_pairs",) if k in e}) for e in evals],
         layers={name: dict(channels_before=before[name][0], channels_after=after.get(name, (0,))[0],
                            params_before=before[name][1], params_after=after.get(name, (0, 0))[1],
                            macs_before=before[name][2], macs_after=after.get(name, (0, 0, 0))[2])
@@ -63,7 +63,7 @@ def build(out, records):
         loss_curves=loss_curves(out, base, log),
         timing=dict(forward_ms=t, speedup=speed, measured_over_macs={k: v / (b["macs"] / f["macs"])
                                                                     for k, v in speed.items()},
-                    runtimes=runtime_times(records["verify"]),
+                    runtimes=runtime_times(records["verify"]), cpu_minutes=cpu_minutes(out),
                     machine="%s, %d CPUs, Python %s" % (platform.platform(), os.cpu_count(),
                                                         platform.python_version()),
                     date=time.strftime("%Y-%m-%d")),
@@ -115,6 +115,19 @@ def wall_seconds(out):
     return {os.path.basename(p)[:-5]: json.load(open(p)).get("seconds") for p in paths}
 
 
+def cpu_minutes(out):
+    """CPU minutes (user + system, all threads and children) of each finished stage, and of all the
+    fine-tuning inside the prune stage (every fine-tune's done.json; the teacher's embeddings included)."""
+    stages = {os.path.basename(p)[:-5]: json.load(open(p)).get("cpu_seconds")
+              for p in sorted(glob.glob(os.path.join(out, "stages", "*.json")), key=os.path.getmtime)}
+    tunes = [json.load(open(p)).get("cpu_seconds") for p in glob.glob(os.path.join(out, "prune", "**", "done.json"),
+                                                                       recursive=True)]
+    minutes = {k: round(v / 60, 1) for k, v in stages.items() if v is not None}
+    minutes["finetune"] = round(sum(v for v in tunes if v is not None) / 60, 1)
+    minutes["total"] = round(sum(v for v in stages.values() if v is not None) / 60, 1)
+    return minutes
+
+
 def write(rep, out):
     plots = os.path.join(out, "plots")
     os.makedirs(plots, exist_ok=True)
@@ -147,11 +160,20 @@ def markdown(rep):
                   "a drop of %.2f points" % v["drop_points"] if v["drop_points"] > 0
                   else "no drop (%+.2f points)" % -v["drop_points"],
                   "within" if v["within_1_5_points"] else "NOT within", v["macs_ratio"], v["params_ratio"]), "",
-              "| stage | LFW accuracy (%) | TAR@FAR=1e-3 (%) | params | MACs |", "|---|---|---|---|---|"]
+              "| stage | LFW accuracy (%) | TAR@FAR=1e-3, pairs (%) | TAR@FAR 1e-3 / 1e-4 / 1e-5, all pairs (%) "
+              "| params | MACs |", "|---|---|---|---|---|---|"]
     for s in rep["stages"]:
-        lines.append("| %s | %.2f +- %.2f | %.2f | %.3fM | %.1fM |" % (
-            s["stage"], 100 * s["accuracy"], 100 * s["std"], 100 * s["tar_at_far_1e3"], s["params"] / 1e6,
-            s["macs"] / 1e6))
+        tars = s.get("all_pairs", {}).get("tar_at_far", {})
+        lines.append("| %s | %.2f +- %.2f | %.2f | %s | %.3fM | %.1fM |" % (
+            s["stage"], 100 * s["accuracy"], 100 * s["std"], 100 * s["tar_at_far_1e3"],
+            " / ".join("%.2f" % (100 * v) for v in tars.values()) or "-", s["params"] / 1e6, s["macs"] / 1e6))
+    a = rep["stages"][0].get("all_pairs")
+    if a and "skipped" in a:
+        lines += ["", "All pairs: skipped, %s." % a["skipped"]]
+    elif a:
+        lines += ["", "All pairs: every pair of the %d images of the %d people of the test folds (at most %s each): "
+                      "%d genuine, %d impostor pairs (eval_lfw.allpairs)." % (
+                          a["n_images"], a["n_people"], a["per_person"] or "all", a["n_genuine"], a["n_impostor"])]
     lines += ["", "## Caffe CPU forward time (median of repeated rounds, both nets in one process)", "",
               "| batch | baseline ms/image | pruned ms/image | speed-up | MACs ratio | measured / theoretical |",
               "|---|---|---|---|---|---|"]

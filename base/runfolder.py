@@ -173,15 +173,24 @@ class RunFolder:
             return self.write(rel, f.read(), protect)
 
     def stage(self, name, fn):
-        """stages/<name>.json: ``fn()``'s record, computed once (its wall time added as 'seconds')."""
+        """stages/<name>.json: ``fn()``'s record, computed once (its wall time added as 'seconds', the CPU time
+        of this process and its children as 'cpu_seconds'; of the last call only, when a kill cut it short)."""
         rel = os.path.join("stages", name + ".json")
         done = self.load(rel)
         if done is not None:
             return done
-        start = time.time()
+        start, cpu = time.time(), cpu_seconds()
         record = dict(fn())
         record["seconds"] = round(time.time() - start, 1)
+        record["cpu_seconds"] = round(cpu_seconds() - cpu, 1)
         return self.save(rel, record)
+
+
+def cpu_seconds():
+    """User + system CPU time of this process (all threads) and of its finished children."""
+    import resource
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def command_config(args, hashed=(), leave_out=("quiet", "out", "cache_dir")):

@@ -53,12 +53,14 @@ ROWS = {
                   "online)", dict(epochs=3, features=True)),
     "augment3": ("allocated", "+ distillation with online augmentation (shift 4 px, zoom 1 +- 0.05, colour +- 0.1; "
                  "teacher run online), 3 epochs", dict(epochs=3, augment=True)),
+    "similarity3": ("allocated", "+ distillation of the embedding and of the cosines between the faces of each "
+                    "batch (finetune.similarity, hard-pair emphasis), 3 epochs", dict(epochs=3, similarity=True)),
     "finetune": ("allocated", "+ distillation fine-tuning, 8 epochs (Caffe SGD)", dict(epochs=8)),
     "full_current": ("thinet", "for comparison: full least squares, targets from the pruned net",
                      dict(reconstruct="full")),
 }
 DEFAULTS = dict(reconstruct="full", targets="original", allocation="uniform", bn=False, epochs=0, features=False,
-                augment=False)
+                augment=False, similarity=False)
 
 
 def settings(row):
@@ -108,10 +110,13 @@ def data(a):
 
 
 def evaluate(a, proto, weights, flip=False):
+    """(accuracy, std) on the pairs of LFW folds 6-10, and the TARs over all pairs of those folds' people
+    (at most 10 images each; eval_lfw.allpairs)."""
     from eval_lfw.evaluator import evaluate as lfw
     r = lfw(proto, a.blob, a.lfw_dir, a.pairs, weights=weights, folds="6-10", crop="none", flip=flip, bgr=False,
-            progress=False)
-    return round(100 * r["accuracy_mean"], 2), round(100 * r["accuracy_std"], 2)
+            progress=False, all_pairs=10)
+    tars = {"tar_at_far_" + k: round(100 * v, 2) for k, v in r["all_pairs"]["tar_at_far"].items()}
+    return round(100 * r["accuracy_mean"], 2), round(100 * r["accuracy_std"], 2), tars
 
 
 def keep_plan(a, s, sample, judge, out):
@@ -162,7 +167,7 @@ def bn_row(a, row, proto, model, sample):
     return path
 
 
-def finetune_row(a, row, proto, model, epochs, train, features=False, augment=False):
+def finetune_row(a, row, proto, model, epochs, train, features=False, augment=False, similarity=False):
     """Distillation from the unpruned net, lr /10 at 60 % and 85 %, mirrored images. The teacher's embeddings
     are computed once, or with ``features`` the teacher runs in the train net and the output of every residual
     block that kept its shape is copied too (--feature-weight each); with ``augment`` every image is also
@@ -177,6 +182,8 @@ def finetune_row(a, row, proto, model, epochs, train, features=False, augment=Fa
                       augment_shift=4 if augment else 0, augment_scale=0.05 if augment else 0.0,
                       augment_colour=0.1 if augment else 0.0,
                       distill_features=("auto",) if features else (), feature_weight=a.feature_weight, epochs=epochs,
+                      similarity_weight=a.similarity_weight if similarity else 0.0,
+                      similarity_hard=a.similarity_hard if similarity else 0.0,
                       batch_size=64, base_lr=a.finetune_lr, lr_policy="multistep", gamma=0.1, stepvalues=steps,
                       mirror=True, rgb=True, seed=a.seed)
     return finetune(job, resume=True, progress=not a.quiet)["final"]
@@ -192,7 +199,7 @@ def build_row(a, row, s, done, sample, judge, train):
     if own.get("bn"):
         return proto, bn_row(a, row, proto, model, sample), done[parent]["sgd"]
     return proto, finetune_row(a, row, proto, model, own["epochs"], train, own.get("features", False),
-                               own.get("augment", False)), True
+                               own.get("augment", False), own.get("similarity", False)), True
 
 
 def run_row(a, row, done, sample, judge, train):
@@ -205,24 +212,57 @@ def run_row(a, row, done, sample, judge, train):
     chained = parent is not None and not {"reconstruct", "targets", "allocation"} & set(ROWS[row][2])
     base = done[parent] if chained else {"cpu_minutes": 0.0, "wall_minutes": 0.0}
     stats, full = net_stats(proto), net_stats(a.model)
-    acc, std = evaluate(a, proto, model)
-    rec = dict(recipe=ROWS[row][1], row=row, settings=s, macs_share=round(stats.macs / full.macs, 4),
-               macs=stats.macs, params=stats.params, lfw_folds_6_10=acc, lfw_std=std, flip=False, sgd=sgd,
-               own_cpu_minutes=round(cpu, 1), cpu_minutes=round(base["cpu_minutes"] + cpu, 1),
-               wall_minutes=round(base["wall_minutes"] + wall, 1), prototxt=proto, caffemodel=model)
+    acc, std, tars = evaluate(a, proto, model)
+    rec = dict(recipe=ROWS[row][1], row=row, command=command(a, row), settings=s,
+               macs_share=round(stats.macs / full.macs, 4), macs=stats.macs, params=stats.params, lfw_folds_6_10=acc,
+               lfw_std=std, **tars, flip=False, sgd=sgd, own_cpu_minutes=round(cpu, 1),
+               finetune_cpu_minutes=round(cpu, 1) if chained and sgd else 0.0,
+               cpu_minutes=round(base["cpu_minutes"] + cpu, 1), wall_minutes=round(base["wall_minutes"] + wall, 1),
+               prototxt=proto, caffemodel=model)
     if row == "finetune":
         rec["lfw_folds_6_10_flip"] = evaluate(a, proto, model, flip=True)[0]
     return rec
 
 
+def command(a, row):
+    """The command line that makes this row (its parents are made on the way, or read back)."""
+    flags = ["--rows", row]
+    for name in ("macs_target", "images", "finetune_lr", "feature_weight", "similarity_weight", "similarity_hard",
+                 "seed"):
+        value = getattr(a, name)
+        if value != PARSER_DEFAULTS[name]:
+            flags += ["--" + name.replace("_", "-"), "%g" % value]
+    return " ".join([".venv/bin/python benchmarks/bench_retention.py"] + flags)
+
+
+def refresh(a, done, rows):
+    """Rows measured before the all-pairs protocol existed: their nets (when still on disk) evaluated again, the
+    TAR fields added, nothing else changed."""
+    for row in rows:
+        r = done.get(row)
+        if r is None or "tar_at_far_1e-4" in r:
+            continue
+        if not (os.path.exists(r["prototxt"]) and os.path.exists(r["caffemodel"])):
+            print("[retention] %s: its net is no longer on disk; run the row again for its TARs" % row,
+                  file=sys.stderr)
+            continue
+        acc, std, tars = evaluate(a, r["prototxt"], r["caffemodel"])
+        if (acc, std) != (r["lfw_folds_6_10"], r["lfw_std"]):
+            print("[retention] %s: accuracy %.2f +- %.2f now, %.2f +- %.2f recorded" % (
+                row, acc, std, r["lfw_folds_6_10"], r["lfw_std"]), file=sys.stderr)
+        r.update(tars)
+
+
 def table(records):
-    lines = ["| recipe | MACs | params | LFW 6-10 | SGD | CPU min | wall min |", "|---|---|---|---|---|---|---|"]
+    lines = ["| recipe | MACs | params | LFW 6-10 | TAR@1e-3 | TAR@1e-4 | SGD | CPU min | wall min |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         acc = "%.2f +- %.2f" % (r["lfw_folds_6_10"], r["lfw_std"])
         if "lfw_folds_6_10_flip" in r:
             acc += " (flip %.2f)" % r["lfw_folds_6_10_flip"]
-        lines.append("| %s | %.1f%% | %.3fM | %s | %s | %.1f | %.1f |" % (
-            r["recipe"], 100 * r["macs_share"], r["params"] / 1e6, acc, "yes" if r["sgd"] else "no",
+        tar = ["%.2f" % r[k] if k in r else "-" for k in ("tar_at_far_1e-3", "tar_at_far_1e-4")]
+        lines.append("| %s | %.1f%% | %.3fM | %s | %s | %s | %s | %.1f | %.1f |" % (
+            r["recipe"], 100 * r["macs_share"], r["params"] / 1e6, acc, tar[0], tar[1], "yes" if r["sgd"] else "no",
             r["cpu_minutes"], r["wall_minutes"]))
     return "\n".join(lines)
 
@@ -240,11 +280,21 @@ def parse_args(argv=None):
     p.add_argument("--feature-weight", type=float, default=0.2,
                    help="weight of each copied block output's mean squared error (the features3 row); 0.2 makes "
                         "the eight maps' terms about as large as the embedding's at the start on the MobileFaceNet")
+    p.add_argument("--similarity-weight", type=float, default=10.0,
+                   help="loss weight of the pairwise-cosine distillation (the similarity3 row)")
+    p.add_argument("--similarity-hard", type=float, default=4.0,
+                   help="its emphasis on the pairs the teacher finds alike (exp(hard * teacher cosine))")
+    p.add_argument("--refresh", action="store_true",
+                   help="add the all-pairs TARs to recorded rows of --rows that lack them (their nets must still be "
+                        "on disk), then exit")
     p.add_argument("--seed", type=int, default=0, help="seed of the image draw")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "bench_retention"), help="work folder")
     p.add_argument("--json", default=os.path.join(ROOT, "docs", "results", "retention.json"), help="result file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
+
+
+PARSER_DEFAULTS = vars(parse_args([]))
 
 
 def main(argv=None):
@@ -253,21 +303,35 @@ def main(argv=None):
     done = {}
     if os.path.exists(a.json):
         done = {r["row"]: r for r in json.load(open(a.json))["rows"]}
-    for row in [r.strip() for r in a.rows.split(",") if r.strip()]:
-        if row not in ROWS:
-            raise SystemExit("unknown row %r; rows: %s" % (row, ", ".join(ROWS)))
+    wanted = [r.strip() for r in a.rows.split(",") if r.strip()]
+    unknown = [r for r in wanted if r not in ROWS]
+    if unknown:
+        raise SystemExit("unknown row(s) %s; rows: %s" % (", ".join(unknown), ", ".join(ROWS)))
+    if a.refresh:
+        refresh(a, done, wanted)
+        save(a, done)
+        print(table([done[r] for r in ROWS if r in done]))
+        return
+    for row in wanted:
         if row not in done:
             print("[retention] %s: %s" % (row, ROWS[row][1]), file=sys.stderr, flush=True)
             done[row] = run_row(a, row, done, sample, judge, train)
-            about = dict(sampling_images=a.images, training_images="LFW folds 1-5 people + people in no pair",
-                         evaluation="LFW folds 6-10, 5-fold CV")
-            if os.path.exists(a.json):   # rows another run of this script finished meanwhile; notes written by hand
-                before = json.load(open(a.json))
-                done = dict({r["row"]: r for r in before["rows"]}, **done)
-                about.update({k: v for k, v in before.get("data", {}).items() if k == "note"})
-            records = [done[r] for r in ROWS if r in done]
-            caffe_io.atomic_write(a.json, json.dumps(dict(machine=machine(), data=about, rows=records), indent=1))
+            done = save(a, done)
     print(table([done[r] for r in ROWS if r in done]))
+
+
+def save(a, done):
+    """Write the rows (with those another run of this script finished meanwhile, and notes written by hand)."""
+    about = dict(sampling_images=a.images, training_images="LFW folds 1-5 people + people in no pair",
+                 evaluation="LFW folds 6-10, 5-fold CV; TAR over all pairs of the images of folds 6-10 people, at "
+                            "most 10 each (eval_lfw.allpairs)")
+    if os.path.exists(a.json):
+        before = json.load(open(a.json))
+        done = dict({r["row"]: r for r in before["rows"]}, **done)
+        about.update({k: v for k, v in before.get("data", {}).items() if k == "note"})
+    records = [done[r] for r in ROWS if r in done]
+    caffe_io.atomic_write(a.json, json.dumps(dict(machine=machine(), data=about, rows=records), indent=1))
+    return done
 
 
 if __name__ == "__main__":

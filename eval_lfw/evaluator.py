@@ -2,6 +2,8 @@
 import json
 import os
 import time
+
+import numpy as np
 from dataclasses import dataclass
 from typing import Optional
 
@@ -10,6 +12,7 @@ from base.figures import pyplot
 from base.images import Preprocess, check_images, preprocess_for, read_landmarks
 from base.netinput import input_layer
 
+from . import allpairs
 from . import features as F
 from .errors import EvalError
 from .pairs import Pairs, parse_folds, read_pairs
@@ -17,13 +20,19 @@ from .protocol import cross_validate
 
 
 def evaluate(model, blob, lfw_dir, pairs, *, weights=None, folds=None, crop="112x96", flip=True, bgr=True,
-             landmarks=None, batch=64, workers=1, cache_dir=F.DEFAULT_CACHE, progress=True):
+             landmarks=None, batch=64, workers=1, cache_dir=F.DEFAULT_CACHE, progress=True, all_pairs=None,
+             require_all_pairs=True):
     """LFW 10-fold (or ``folds``-only) verification of one model.
 
     model: a deploy prototxt path (with ``weights``, a caffemodel path) or an
     instantiated caffe.Net (never cached: its files are unknown). pairs: a
     pairs.txt path or a Pairs. folds: None (all), '6-10', or a list.
     landmarks: a 5-point file to align raw LFW images on the fly.
+    all_pairs: None, or at most that many images per person (0: all of them)
+    for the strict operating points (eval_lfw.allpairs) over every pair of
+    images of the people of those folds, under ``result["all_pairs"]``; a
+    gallery with no genuine or no impostor pair raises before any work, or
+    with ``require_all_pairs=False`` is recorded as {"skipped": why}.
     Returns the dict of protocol.cross_validate plus what was evaluated and how.
     """
     if not isinstance(pairs, Pairs):
@@ -33,6 +42,19 @@ def evaluate(model, blob, lfw_dir, pairs, *, weights=None, folds=None, crop="112
     if len(pairs.folds) < 2:
         raise EvalError("cross-validation needs at least 2 folds; %s selects %s" % (pairs.source, pairs.folds))
     rels, rows = pairs.images()
+    n_pair_images, gallery = len(rels), None
+    if all_pairs is not None:
+        from base.lists import scan_tree
+        people = {p.split("/", 1)[0] for p in pairs.left + pairs.right}
+        gallery = allpairs.gallery(scan_tree(lfw_dir), people, all_pairs or None)
+        why = allpairs.unusable(gallery[1])
+        if why and require_all_pairs:
+            raise EvalError("%s (all-pairs protocol over %s)" % (why, lfw_dir))
+        if why:
+            gallery = dict(skipped=why)
+        else:
+            known = set(rels)
+            rels = rels + [r for r in gallery[0] if r not in known]
     check_images(lfw_dir, rels)
 
     from_files = isinstance(model, (str, os.PathLike))
@@ -61,6 +83,12 @@ def evaluate(model, blob, lfw_dir, pairs, *, weights=None, folds=None, crop="112
         n_todo, seconds = len(rels), time.perf_counter() - start
 
     result = cross_validate(feats[rows[:, 0]], feats[rows[:, 1]], pairs.same, pairs.fold)
+    if isinstance(gallery, dict):
+        result["all_pairs"] = gallery
+    elif gallery is not None:
+        where = {r: i for i, r in enumerate(rels)}
+        result["all_pairs"] = dict(per_person=all_pairs or None, folds=result["folds"],
+                                   **allpairs.verify(feats[[where[r] for r in gallery[0]]], gallery[1]))
     result.update({
         "model": model if from_files else "caffe.Net",
         "weights": weights,
@@ -71,7 +99,8 @@ def evaluate(model, blob, lfw_dir, pairs, *, weights=None, folds=None, crop="112
         "flip": bool(flip),
         "channel_order": "BGR" if bgr else "RGB",
         "landmarks": os.fspath(landmarks) if landmarks else None,
-        "n_images": len(rels),
+        "n_images": n_pair_images,
+        "images_embedded": len(rels),
         "feature_dim": int(feats.shape[1]),
         "from_cache": not n_todo,
         "images_computed": n_todo,
@@ -92,6 +121,7 @@ class EvalSpec:
     rgb: bool = False
     progress: bool = True
     cache_dir: Optional[str] = None      # the feature cache (None: the default, .cache/eval_lfw)
+    all_pairs: Optional[int] = allpairs.PER_PERSON   # strict operating points, at most this many images a person
 
 
 def spec_from_args(a, lfw_dir, pairs):
@@ -109,9 +139,15 @@ def evaluate_net(spec, proto, weights):
     check_images(spec.lfw_dir, rels[:1])
     crop = preprocess_for(shape, spec.lfw_dir, rels[:1], spec.rgb).crop
     r = evaluate(proto, spec.blob, spec.lfw_dir, pairs, weights=weights, folds=spec.folds, crop=crop, flip=spec.flip,
-                 bgr=not spec.rgb, progress=spec.progress, cache_dir=spec.cache_dir or F.DEFAULT_CACHE)
-    return dict(accuracy=r["accuracy_mean"], std=r["accuracy_std"], tar_at_far_1e3=r["tar_at_far_1e-3"],
-                folds=r["folds"], flip=r["flip"])
+                 bgr=not spec.rgb, progress=spec.progress, cache_dir=spec.cache_dir or F.DEFAULT_CACHE,
+                 all_pairs=spec.all_pairs, require_all_pairs=False)
+    record = dict(accuracy=r["accuracy_mean"], std=r["accuracy_std"], tar_at_far_1e3=r["tar_at_far_1e-3"],
+                  folds=r["folds"], flip=r["flip"])
+    if "all_pairs" in r:
+        a = r["all_pairs"]
+        record["all_pairs"] = {k: a[k] for k in ("per_person", "n_people", "n_images", "n_genuine", "n_impostor",
+                                                 "tar_at_far", "skipped") if k in a}
+    return record
 
 
 def summary(result):
@@ -127,8 +163,11 @@ def summary(result):
     else:
         how = "%d computed in %.1f s (%s img/s)" % (result["images_computed"], result["feature_seconds"],
                                                    result["images_per_second"])
-        if result["images_computed"] < result["n_images"]:
-            how += ", %d from cache" % (result["n_images"] - result["images_computed"])
+        if result["images_computed"] < result["images_embedded"]:
+            how += ", %d from cache" % (result["images_embedded"] - result["images_computed"])
+    if "all_pairs" in result:
+        a = result["all_pairs"]
+        lines.append("all pairs: skipped, %s" % a["skipped"] if "skipped" in a else allpairs.summary_line(a))
     lines.append("%d pairs, %d images (features: %s), blob %s (%d-d%s), %s" % (
         result["n_pairs"], result["n_images"], how, result["blob"], result["feature_dim"],
         " with flip" if result["flip"] else "", result["channel_order"]))
@@ -160,10 +199,18 @@ def roc_png(result):
     far, tar = result["roc"]["far"], result["roc"]["tar"]
     fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
     keep = far > 0
-    ax.semilogx(far[keep], tar[keep], drawstyle="steps-post")
-    ax.axvline(1e-3, color="grey", lw=0.8, ls="--")
-    ax.set_xlim(min(1e-4, far[keep].min() if keep.any() else 1e-4), 1)
+    ax.semilogx(far[keep], tar[keep], drawstyle="steps-post", label="%d test pairs" % result["n_pairs"])
+    lowest = far[keep].min() if keep.any() else 1e-4
     low = float(tar[keep].min()) if keep.any() else 0.0
+    if "all_pairs" in result and "skipped" not in result["all_pairs"]:
+        a = result["all_pairs"]
+        afar, atar = np.asarray(a["roc"]["far"]), np.asarray(a["roc"]["tar"])
+        ax.semilogx(afar[afar > 0], atar[afar > 0], drawstyle="steps-post",
+                    label="all %d pairs of %d images" % (a["n_genuine"] + a["n_impostor"], a["n_images"]))
+        lowest, low = min(lowest, afar[afar > 0].min()), min(low, float(atar[afar > 0].min()))
+        ax.legend(fontsize=8, loc="lower right")
+    ax.axvline(1e-3, color="grey", lw=0.8, ls="--")
+    ax.set_xlim(min(1e-4, lowest), 1)
     ax.set_ylim(max(0.0, low - 0.1 * (1 - low) - 0.005), 1.0 + 0.02 * (1 - low) + 0.001)
     ax.set_xlabel("false accept rate")
     ax.set_ylabel("true accept rate")

@@ -3,6 +3,7 @@ import json
 
 from base import cli, netcheck
 from .driver import FineTuneJob, finetune
+from .hooks import add_similarity
 from .solver import POLICIES
 
 PROG = "python -m finetune"
@@ -36,6 +37,7 @@ def parser():
                          "every Eltwise (residual block) that kept its shape. Default: the embedding only")
     ap.add_argument("--feature-weight", type=cli.positive, default=1.0,
                     help="distill: weight of each copied feature map's mean squared error (default 1)")
+    add_similarity(ap)
     ap.add_argument("--augment-shift", type=cli.non_negative, default=0,
                     help="online augmentation: random shift of each training image by up to this many pixels "
                          "each way (default 0: none; with a teacher, it runs in the train net and sees the same "
@@ -45,6 +47,10 @@ def parser():
     ap.add_argument("--augment-colour", type=cli.below_one, default=0.0,
                     help="online augmentation: per colour plane a random gain within 1 +- this and one "
                          "brightness offset within +- this, in input units (pixels map to about [-1, 1])")
+    ap.add_argument("--augment-mixup", type=cli.non_negative, default=0.0, metavar="A",
+                    help="online augmentation: blend each image with another of the batch, weights from "
+                         "Beta(A, A) (e.g. 1: uniform); the teacher runs in the train net and its target is its "
+                         "embedding of the blend (default 0: none)")
     ap.add_argument("--num-classes", type=cli.whole, default=0,
                     help="asoftmax: classes of fc6 (default: 1 + the largest label in the list)")
     ap.add_argument("--margin", type=int, default=4, choices=(1, 2, 3, 4), help="asoftmax: margin m (default 4)")
@@ -84,8 +90,10 @@ def job_of(a):
         deploy=a.model, weights=a.weights, train_list=a.train_list, out=a.out, root_folder=a.train_root,
         head=a.loss, embedding=a.blob, teacher=a.teacher, teacher_weights=a.teacher_weights,
         teacher_embedding=a.teacher_blob, precompute_teacher=a.precompute_teacher,
-        distill_features=a.distill_features, feature_weight=a.feature_weight, augment_shift=a.augment_shift,
-        augment_scale=a.augment_scale, augment_colour=a.augment_colour, num_classes=a.num_classes,
+        distill_features=a.distill_features, feature_weight=a.feature_weight,
+        similarity_weight=a.distill_similarity, similarity_hard=a.similarity_hard, augment_shift=a.augment_shift,
+        augment_scale=a.augment_scale, augment_colour=a.augment_colour, augment_mixup=a.augment_mixup,
+        num_classes=a.num_classes,
         margin=a.margin, native_asoftmax=a.native_asoftmax, epochs=a.epochs, batch_size=a.batch,
         base_lr=a.finetune_lr, lr_policy=a.lr_policy, gamma=a.gamma, stepsize=a.stepsize,
         stepvalues=a.stepvalues, momentum=a.momentum, weight_decay=a.weight_decay, snapshot_every=a.snapshot_every,

@@ -11,7 +11,12 @@ of up to ``shift`` pixels each way, a zoom by a factor within 1 +- ``scale``
 about the centre (nearest pixel, the border repeated), and per colour plane a
 gain within 1 +- ``colour`` plus one brightness offset within +- ``colour``
 (in the net's input units, where the SphereFace transform maps the pixel range
-to about [-1, 1]).  Only in the TRAIN phase; TEST passes the images through.
+to about [-1, 1]).  With ``mixup`` = a, each image is then blended with another
+image of the batch (a random pairing): lam * x_i + (1 - lam) * x_j, lam drawn
+from Beta(a, a) per image; with a teacher in the train net the target is the
+teacher's embedding of that blend, a face between two people that a few
+thousand training images would never show.  Only in the TRAIN phase; TEST
+passes the images through.
 
 The draw of a batch is seeded by ``seed`` and the batch's own bytes, so the
 layer keeps no state: a resumed run (which replays the data layers, not this
@@ -25,7 +30,7 @@ import caffe
 
 from .layerparams import json_params
 
-DEFAULTS = {"shift": 0, "scale": 0.0, "colour": 0.0, "seed": 0}
+DEFAULTS = {"shift": 0, "scale": 0.0, "colour": 0.0, "mixup": 0.0, "seed": 0}
 
 
 class AugmentError(ValueError):
@@ -48,13 +53,22 @@ def jitter(batch, rng, shift=0, scale=0.0, colour=0.0):
     return out
 
 
+def mixup(batch, rng, alpha):
+    """(blended batch, partner index, lam per image): image i blended with image partner[i] of the batch."""
+    n = len(batch)
+    partner = rng.permutation(n)
+    lam = rng.beta(alpha, alpha, size=n).astype(batch.dtype)
+    return lam[:, None, None, None] * batch + (1 - lam)[:, None, None, None] * batch[partner], partner, lam
+
+
 def check(params, layer="Jitter"):
     """The parameters as numbers in range, or AugmentError naming the one at fault."""
     p = json_params(params, DEFAULTS, layer, AugmentError) if isinstance(params, str) else dict(DEFAULTS, **params)
-    for key, ok in (("shift", p["shift"] >= 0), ("scale", 0 <= p["scale"] < 1), ("colour", 0 <= p["colour"] < 1)):
+    for key, ok in (("shift", p["shift"] >= 0), ("scale", 0 <= p["scale"] < 1), ("colour", 0 <= p["colour"] < 1),
+                    ("mixup", 0 <= p["mixup"] <= 100)):
         if not ok:
-            raise AugmentError("%s: %s %r out of range (shift >= 0 pixels, scale and colour in [0, 1))"
-                               % (layer, key, p[key]))
+            raise AugmentError("%s: %s %r out of range (shift >= 0 pixels, scale and colour in [0, 1), mixup in "
+                               "[0, 100])" % (layer, key, p[key]))
     return p
 
 
@@ -73,7 +87,8 @@ class Jitter(caffe.Layer):
             top[0].data[...] = x
             return
         rng = np.random.default_rng([self.p["seed"], zlib.crc32(x.tobytes())])
-        top[0].data[...] = jitter(x, rng, self.p["shift"], self.p["scale"], self.p["colour"])
+        out = jitter(x, rng, self.p["shift"], self.p["scale"], self.p["colour"])
+        top[0].data[...] = mixup(out, rng, self.p["mixup"])[0] if self.p["mixup"] else out
 
     def backward(self, top, propagate_down, bottom):
         pass   # images: nothing below learns

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 from base import caffe_io, cli, netcheck
 from base.lists import check_images_decode, read_list
 from base.netinput import input_layer
-from base.runfolder import RunFolder
+from base.runfolder import RunFolder, cpu_seconds
 from . import heads, loop, snapshots, solver as solver_mod, trainnet
 
 
@@ -55,9 +55,12 @@ class FineTuneJob:
     precompute_teacher: bool = False     # distill: teacher embeddings computed once, looked up by the train net
     distill_features: Sequence[str] = field(default_factory=tuple)   # distill: blobs whose maps are copied too
     feature_weight: float = 1.0          # distill: weight of each copied map's mean squared error
+    similarity_weight: float = 0.0       # distill: weight of the batch's pairwise-cosine loss (finetune.similarity)
+    similarity_hard: float = 0.0         # distill: its emphasis on the pairs the teacher finds alike
     augment_shift: float = 0             # online augmentation (finetune.augment): pixels of random shift,
     augment_scale: float = 0.0           # random zoom within 1 +- this,
-    augment_colour: float = 0.0          # per-plane gain and offset within +- this
+    augment_colour: float = 0.0          # per-plane gain and offset within +- this,
+    augment_mixup: float = 0.0           # each image blended with another of the batch, Beta(a, a) weights
     num_classes: int = 0                 # asoftmax: 0 = 1 + largest label in the list
     margin: int = 4
     native_asoftmax: bool = False
@@ -87,8 +90,9 @@ class FineTuneJob:
 
     def augmentation(self):
         """finetune.augment's parameters, or None when nothing is changed."""
-        p = dict(shift=self.augment_shift, scale=self.augment_scale, colour=self.augment_colour, seed=self.seed)
-        return p if (p["shift"] or p["scale"] or p["colour"]) else None
+        p = dict(shift=self.augment_shift, scale=self.augment_scale, colour=self.augment_colour,
+                 mixup=self.augment_mixup, seed=self.seed)
+        return p if (p["shift"] or p["scale"] or p["colour"] or p["mixup"]) else None
 
     def config(self):
         c = asdict(self)
@@ -102,7 +106,7 @@ class FineTuneJob:
         else:                               # a run folder made before feature maps were copied still resumes
             del c["distill_features"], c["feature_weight"]
         if not self.augmentation():         # nor one made before augmentation
-            del c["augment_shift"], c["augment_scale"], c["augment_colour"]
+            del c["augment_shift"], c["augment_scale"], c["augment_colour"], c["augment_mixup"]
         for key in ("deploy", "weights", "train_list", "teacher", "teacher_weights"):
             if c[key]:
                 c[key + "_sha256"] = caffe_io.file_sha256(c[key])
@@ -122,9 +126,14 @@ def _check_numbers(job):
         ("--weight-decay", job.weight_decay, finite(job.weight_decay) and job.weight_decay >= 0, ">= 0"),
         ("--gamma", job.gamma, finite(job.gamma) and job.gamma > 0, "> 0"),
         ("--feature-weight", job.feature_weight, finite(job.feature_weight) and job.feature_weight > 0, "> 0"),
+        ("--distill-similarity", job.similarity_weight, finite(job.similarity_weight)
+         and job.similarity_weight >= 0, ">= 0"),
+        ("--similarity-hard", job.similarity_hard, finite(job.similarity_hard) and 0 <= job.similarity_hard <= 50,
+         "in [0, 50]"),
         ("--augment-shift", job.augment_shift, finite(job.augment_shift) and job.augment_shift >= 0, ">= 0 pixels"),
         ("--augment-scale", job.augment_scale, 0 <= job.augment_scale < 1, "in [0, 1)"),
         ("--augment-colour", job.augment_colour, 0 <= job.augment_colour < 1, "in [0, 1)"),
+        ("--augment-mixup", job.augment_mixup, 0 <= job.augment_mixup <= 100, "in [0, 100] (Beta(a, a))"),
         ("--stepsize", job.stepsize, job.stepsize >= 0, ">= 0"),
         ("--stepvalues", list(job.stepvalues), all(v > 0 for v in job.stepvalues)
          and list(job.stepvalues) == sorted(set(job.stepvalues)), "positive and increasing"),
@@ -197,10 +206,12 @@ def finetune(job, resume=True, progress=True):
             return done
         if not resume and loop.latest_snapshot(p["snapshots"])[1]:
             raise FineTuneError("%s already has snapshots; pass --resume to continue them" % job.out)
+        cpu = cpu_seconds()   # the teacher's embeddings (build) count as fine-tuning
         p, n_iter, init = build(job, loop.latest_snapshot(p["snapshots"])[0] if resume else 0, progress)
         run.save_config(config)
         try:
-            return run.save("done.json", _train(job, p, n_iter, init, config, progress))
+            record = _train(job, p, n_iter, init, config, progress)
+            return run.save("done.json", dict(record, cpu_seconds=round(cpu_seconds() - cpu, 1)))
         except loop.Diverging as e:
             _discard(run, p)
             raise Diverged("%s (run folder %s cleared: the corrected command can use it)" % (e, job.out)) from None

@@ -108,14 +108,16 @@ def _distill(job, deploy, items, data, progress):
             raise HeadError("--distill-features copies the teacher's feature maps, which a table of embeddings "
                             "does not hold: drop --precompute-teacher")
         if data.augment:
-            raise HeadError("--augment-shift/--augment-scale/--augment-colour change each image, so the target "
+            raise HeadError("--augment-shift/--augment-scale/--augment-colour/--augment-mixup change each image, so "
+                            "the target "
                             "is the teacher's view of the changed image, which a table cannot hold: drop "
                             "--precompute-teacher")
         table, index_list = teacher_table(items, job.root_folder, job.out, teacher_proto, teacher_weights, t_blob,
                                           t_rgb, job.mirror, progress, job.cache_dir)
         data.source, data.size = index_list, read_size(deploy, items)
         head = trainnet.Distill(teacher=None, embedding=job.embedding, teacher_embedding=t_blob,
-                                student_dim=student_dim, teacher_dim=table.shape[1], table_rows=len(table))
+                                student_dim=student_dim, teacher_dim=table.shape[1], table_rows=len(table),
+                                similarity=job.similarity_weight, similarity_hard=job.similarity_hard)
         return head, {trainnet.TEACHER + t_blob: [table]}
     data.size = read_size(deploy, items)   # 112x112 aligned faces: read whole, the student sees the 112x96 crop
     teacher = caffe_io.read_net(teacher_proto)
@@ -123,7 +125,8 @@ def _distill(job, deploy, items, data, progress):
     head = trainnet.Distill(teacher=teacher, embedding=job.embedding, teacher_embedding=t_blob,
                             teacher_blobs={name: len(arrays) for name, arrays in t_weights.items()},
                             student_dim=student_dim, teacher_dim=blob_dim(teacher, t_blob), teacher_rgb=t_rgb,
-                            features=feature_losses(deploy, teacher, features, job.feature_weight) if features else ())
+                            features=feature_losses(deploy, teacher, features, job.feature_weight) if features else (),
+                            similarity=job.similarity_weight, similarity_hard=job.similarity_hard)
     return head, {trainnet.TEACHER + name: arrays for name, arrays in t_weights.items()}
 
 

@@ -33,6 +33,8 @@ class FineTuneSpec:
     gpu: Optional[Tuple[int, ...]] = None
     progress: bool = True
     cache_dir: Optional[str] = None      # feature cache of the teacher's embeddings (None: the default)
+    similarity: float = 0.0              # weight of the batch's pairwise-cosine loss (finetune.similarity)
+    similarity_hard: float = 0.0
 
     def schedule(self, epochs):
         """lr policy and step iterations of a fine-tune of ``epochs`` over the list."""
@@ -52,7 +54,22 @@ class FineTuneSpec:
                                   precompute_teacher=self.precompute_teacher, mirror=self.mirror, rgb=self.rgb,
                                   epochs=epochs, batch_size=self.batch, base_lr=self.lr,
                                   snapshot_every=self.snapshot_every, seed=self.seed,
-                                  gpu=list(self.gpu) if self.gpu is not None else None, cache_dir=self.cache_dir)
+                                  gpu=list(self.gpu) if self.gpu is not None else None, cache_dir=self.cache_dir,
+                                  similarity_weight=self.similarity, similarity_hard=self.similarity_hard)
+
+
+def add_similarity(group):
+    """--distill-similarity and --similarity-hard: the same two flags in every command that distils."""
+    from base import cli
+    group.add_argument("--distill-similarity", type=cli.non_negative, default=0.0, metavar="W",
+                       help="distill: also match the cosine between every two faces of a batch to the teacher's "
+                            "(finetune.similarity; the operating points of face systems live in those cosines), "
+                            "with this loss weight (default 0: off; about 10 makes it as large as the embedding "
+                            "loss at the start)")
+    group.add_argument("--similarity-hard", type=cli.non_negative, default=0.0, metavar="H",
+                       help="with --distill-similarity: weigh pair (i, j) by exp(H * teacher cosine), so the pairs "
+                            "the teacher finds alike (the impostors that decide a low FAR) count most "
+                            "(default 0: all pairs alike)")
 
 
 def distill_hooks(spec, teacher, teacher_weights):

@@ -18,7 +18,9 @@ Input is N x 3 x H x W and returns the NetParameter Caffe's solver trains:
   cheaper when the teacher is big and the device is a CPU, the teacher's
   embeddings are computed once and the train net looks them up: the list's
   label is then the image's row and a frozen native ``Embed`` layer holds
-  the table (``Distill(teacher=None, table_rows=N)``).
+  the table (``Distill(teacher=None, table_rows=N)``).  Either way the
+  cosines between the faces of a batch can be distilled too
+  (``Distill(similarity=W)``, finetune.similarity, a Python loss layer).
 
 Only native Caffe layers are used outside the Python A-Softmax, so a user's
 GPU Caffe trains these nets unchanged.
@@ -92,6 +94,8 @@ class Distill:
     loss_weight: float = 1.0
     table_rows: int = 0                 # teacher None: rows of the embedding table (= images in the list)
     features: tuple = ()                # ((blob, loss weight), ...): feature maps copied from the teacher too
+    similarity: float = 0.0             # loss weight of the pairwise-cosine loss (finetune.similarity); 0: none
+    similarity_hard: float = 0.0        # its emphasis on the pairs the teacher finds alike
 
 
 @functools.lru_cache(maxsize=None)
@@ -348,4 +352,9 @@ def _distill_loss(net, head, emb):
     t = _l2_normalise(net, TEACHER + head.teacher_embedding, "teacher_l2")
     loss = net.layer.add(name="distill_loss", type="EuclideanLoss", bottom=[s, t], top=["distill_loss"])
     loss.loss_weight.append(head.loss_weight)
+    if head.similarity:
+        sim = net.layer.add(name="similarity_loss", type="Python", bottom=[s, t], top=["similarity_loss"])
+        sim.loss_weight.append(head.similarity)
+        sim.python_param.module, sim.python_param.layer = "finetune.similarity", "SimilarityLoss"
+        sim.python_param.param_str = json.dumps(dict(hard=head.similarity_hard), sort_keys=True)
     return net

@@ -39,6 +39,12 @@ def test_pipeline_end_to_end(finished):
     assert [s["kept"] for s in rep["schedule"]] == [32, 64, 128, 256]      # the SphereFace-4 preset: keep 0.5
     assert rep["verdict"]["macs_ratio"] == pytest.approx(rep["stages"][0]["macs"] / rep["stages"][-1]["macs"])
     assert all(0.5 <= s["accuracy"] <= 1 for s in rep["stages"])
+    # every stage also at strict operating points: all pairs of the test folds' people (eval_lfw.allpairs)
+    for s in rep["stages"]:
+        a = s["all_pairs"]
+        assert a["n_genuine"] > 0 and a["n_impostor"] > 0 and set(a["tar_at_far"]) == {"1e-3", "1e-4", "1e-5"}
+    cpu = rep["timing"]["cpu_minutes"]
+    assert cpu["total"] > 0 and 0 < cpu["finetune"] <= cpu["prune"] <= cpu["total"]
     for batch in ("1", "32"):
         assert rep["timing"]["forward_ms"]["pruned"][batch] > 0
     for plot in ("accuracy_vs_macs", "channels", "params_macs", "loss"):
