@@ -27,7 +27,7 @@ from base import caffe_io, cli
 from base.runfolder import RunFolder, command_config
 from base.shared import shared_dir
 from eval_lfw.evaluator import EvalSpec, spec_from_args
-from finetune.hooks import FineTuneSpec, add_similarity
+from finetune.hooks import FineTuneSpec, add_fold_bn, add_similarity
 from prune import options
 from prune.criteria import CRITERIA
 
@@ -291,13 +291,17 @@ TOLERANCE = 1e-4    # prune.verify's default: the largest relative deviation fro
 
 
 def evaluations(s, run, ev, base, log):
-    """The evaluation records of every stage: baseline, each pruned group, the final fine-tune."""
+    """The evaluation records of every stage: baseline, each pruned group, the final fine-tune.  The strict
+    operating points (all pairs of the test folds' people) are measured for the baseline, the last pruned
+    step and the final net; the steps between get the 10-fold protocol only (it takes a third of the images)."""
     evals = [dict(stage="baseline", **run.stage("eval_baseline", lambda: evaluate_stage(
         ev, base["prototxt"], base["caffemodel"])))]
     say("baseline: LFW folds %s %.2f%%" % (ev.folds, 100 * evals[0]["accuracy"]), s.quiet)
+    pairs_only = dataclasses.replace(ev, all_pairs=None)
     for step in log["steps"]:
+        spec = ev if step is log["steps"][-1] else pairs_only
         rec = run.stage("eval_step_%02d" % step["step"],
-                        lambda step=step: evaluate_stage(ev, step["prototxt"], step["caffemodel"]))
+                        lambda step=step, spec=spec: evaluate_stage(spec, step["prototxt"], step["caffemodel"]))
         tuned = " + fine-tuned" if "pruned_caffemodel" in step else ""
         evals.append(dict(stage="%s pruned%s" % (step["group"], tuned), **rec))
         say("after %s: LFW %.2f%%" % (step["group"], 100 * rec["accuracy"]), s.quiet)
@@ -415,6 +419,7 @@ def parser():
                    help="fine-tune on mirrored images too (the target: the mean of the baseline's embeddings of the "
                         "image and its mirror); default off, one embedding per image")
     add_similarity(f)
+    add_fold_bn(f)
     ap.add_argument("--batch", type=cli.count, default=64, help="training batch size (default 64)")
     ap.add_argument("--gpu", type=cli.whole, default=None,
                     help="GPU id for Caffe (training, sampling, evaluation; needs a CUDA build: "
@@ -513,7 +518,8 @@ def settings(argv=None):
                               lr_steps=a.finetune_lr_steps, embedding=a.blob, rgb=a.rgb, mirror=a.finetune_mirror,
                               precompute_teacher=True, seed=a.seed,
                               gpu=None if a.gpu is None else (a.gpu,), progress=not a.quiet, cache_dir=a.cache_dir,
-                              similarity=a.distill_similarity, similarity_hard=a.similarity_hard),
+                              similarity=a.distill_similarity, similarity_hard=a.similarity_hard,
+                              fold_bn=a.fold_bn),
         evaluation=spec_from_args(a, None, None),
         gpu=a.gpu, timing_rounds=a.timing_rounds, seed=a.seed, quiet=a.quiet,
         config=command_config(a, leave_out=("quiet", "out", "cache_dir", "latency_cache")))

@@ -163,14 +163,12 @@ def markdown(rep):
               "| stage | LFW accuracy (%) | TAR@FAR=1e-3, pairs (%) | TAR@FAR 1e-3 / 1e-4 / 1e-5, all pairs (%) "
               "| params | MACs |", "|---|---|---|---|---|---|"]
     for s in rep["stages"]:
-        tars = s.get("all_pairs", {}).get("tar_at_far", {})
+        tars = (s.get("all_pairs") or {}).get("tar_at_far", {})
         lines.append("| %s | %.2f +- %.2f | %.2f | %s | %.3fM | %.1fM |" % (
             s["stage"], 100 * s["accuracy"], 100 * s["std"], 100 * s["tar_at_far_1e3"],
             " / ".join("%.2f" % (100 * v) for v in tars.values()) or "-", s["params"] / 1e6, s["macs"] / 1e6))
     a = rep["stages"][0].get("all_pairs")
-    if a and "skipped" in a:
-        lines += ["", "All pairs: skipped, %s." % a["skipped"]]
-    elif a:
+    if a:
         lines += ["", "All pairs: every pair of the %d images of the %d people of the test folds (at most %s each): "
                       "%d genuine, %d impostor pairs (eval_lfw.allpairs)." % (
                           a["n_images"], a["n_people"], a["per_person"] or "all", a["n_genuine"], a["n_impostor"])]

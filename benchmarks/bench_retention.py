@@ -55,12 +55,14 @@ ROWS = {
                  "teacher run online), 3 epochs", dict(epochs=3, augment=True)),
     "similarity3": ("allocated", "+ distillation of the embedding and of the cosines between the faces of each "
                     "batch (finetune.similarity, hard-pair emphasis), 3 epochs", dict(epochs=3, similarity=True)),
+    "mixup3": ("allocated", "+ distillation on mixup blends of two faces of the batch (Beta(a, a); the teacher run "
+               "online sees the same blend), 3 epochs", dict(epochs=3, mixup=True)),
     "finetune": ("allocated", "+ distillation fine-tuning, 8 epochs (Caffe SGD)", dict(epochs=8)),
     "full_current": ("thinet", "for comparison: full least squares, targets from the pruned net",
                      dict(reconstruct="full")),
 }
 DEFAULTS = dict(reconstruct="full", targets="original", allocation="uniform", bn=False, epochs=0, features=False,
-                augment=False, similarity=False)
+                augment=False, similarity=False, mixup=False)
 
 
 def settings(row):
@@ -167,7 +169,7 @@ def bn_row(a, row, proto, model, sample):
     return path
 
 
-def finetune_row(a, row, proto, model, epochs, train, features=False, augment=False, similarity=False):
+def finetune_row(a, row, proto, model, epochs, train, features=False, augment=False, similarity=False, mixup=False):
     """Distillation from the unpruned net, lr /10 at 60 % and 85 %, mirrored images. The teacher's embeddings
     are computed once, or with ``features`` the teacher runs in the train net and the output of every residual
     block that kept its shape is copied too (--feature-weight each); with ``augment`` every image is also
@@ -178,7 +180,8 @@ def finetune_row(a, row, proto, model, epochs, train, features=False, augment=Fa
     steps = tuple(sorted({max(1, int(n * f)) for f in (0.6, 0.85)}))
     job = FineTuneJob(deploy=proto, weights=model, train_list=train, root_folder=a.lfw_dir,
                       out=os.path.join(a.out, row, "finetune"), head="distill", embedding=a.blob,
-                      teacher=a.model, teacher_weights=a.weights, precompute_teacher=not (features or augment),
+                      teacher=a.model, teacher_weights=a.weights,
+                      precompute_teacher=not (features or augment or mixup), augment_mixup=a.mixup if mixup else 0.0,
                       augment_shift=4 if augment else 0, augment_scale=0.05 if augment else 0.0,
                       augment_colour=0.1 if augment else 0.0,
                       distill_features=("auto",) if features else (), feature_weight=a.feature_weight, epochs=epochs,
@@ -199,7 +202,7 @@ def build_row(a, row, s, done, sample, judge, train):
     if own.get("bn"):
         return proto, bn_row(a, row, proto, model, sample), done[parent]["sgd"]
     return proto, finetune_row(a, row, proto, model, own["epochs"], train, own.get("features", False),
-                               own.get("augment", False), own.get("similarity", False)), True
+                               own.get("augment", False), own.get("similarity", False), own.get("mixup", False)), True
 
 
 def run_row(a, row, done, sample, judge, train):
@@ -228,7 +231,7 @@ def command(a, row):
     """The command line that makes this row (its parents are made on the way, or read back)."""
     flags = ["--rows", row]
     for name in ("macs_target", "images", "finetune_lr", "feature_weight", "similarity_weight", "similarity_hard",
-                 "seed"):
+                 "mixup", "seed"):
         value = getattr(a, name)
         if value != PARSER_DEFAULTS[name]:
             flags += ["--" + name.replace("_", "-"), "%g" % value]
@@ -284,6 +287,10 @@ def parse_args(argv=None):
                    help="loss weight of the pairwise-cosine distillation (the similarity3 row)")
     p.add_argument("--similarity-hard", type=float, default=4.0,
                    help="its emphasis on the pairs the teacher finds alike (exp(hard * teacher cosine))")
+    p.add_argument("--mixup", type=float, default=0.4, help="Beta(a, a) of the mixup3 row's blends")
+    p.add_argument("--rerun", action="store_true",
+                   help="measure the rows of --rows again even where the result file has them (their parents are "
+                        "read back)")
     p.add_argument("--refresh", action="store_true",
                    help="add the all-pairs TARs to recorded rows of --rows that lack them (their nets must still be "
                         "on disk), then exit")
@@ -309,25 +316,28 @@ def main(argv=None):
         raise SystemExit("unknown row(s) %s; rows: %s" % (", ".join(unknown), ", ".join(ROWS)))
     if a.refresh:
         refresh(a, done, wanted)
-        save(a, done)
+        save(a, done, wanted)
         print(table([done[r] for r in ROWS if r in done]))
         return
     for row in wanted:
-        if row not in done:
+        if row not in done or a.rerun:
             print("[retention] %s: %s" % (row, ROWS[row][1]), file=sys.stderr, flush=True)
             done[row] = run_row(a, row, done, sample, judge, train)
-            done = save(a, done)
+            done = save(a, done, [row])
     print(table([done[r] for r in ROWS if r in done]))
 
 
-def save(a, done):
-    """Write the rows (with those another run of this script finished meanwhile, and notes written by hand)."""
+def save(a, done, measured):
+    """Write the rows: those of the result file (another run of this script may have finished some meanwhile;
+    notes written by hand are kept), with the rows this run ``measured`` in place of theirs."""
     about = dict(sampling_images=a.images, training_images="LFW folds 1-5 people + people in no pair",
                  evaluation="LFW folds 6-10, 5-fold CV; TAR over all pairs of the images of folds 6-10 people, at "
                             "most 10 each (eval_lfw.allpairs)")
+    mine = dict(done)
     if os.path.exists(a.json):
         before = json.load(open(a.json))
-        done = dict({r["row"]: r for r in before["rows"]}, **done)
+        done = dict(done, **{r["row"]: r for r in before["rows"]})
+        done.update({r: mine[r] for r in measured})
         about.update({k: v for k, v in before.get("data", {}).items() if k == "note"})
     records = [done[r] for r in ROWS if r in done]
     caffe_io.atomic_write(a.json, json.dumps(dict(machine=machine(), data=about, rows=records), indent=1))

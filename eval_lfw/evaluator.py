@@ -20,8 +20,7 @@ from .protocol import cross_validate
 
 
 def evaluate(model, blob, lfw_dir, pairs, *, weights=None, folds=None, crop="112x96", flip=True, bgr=True,
-             landmarks=None, batch=64, workers=1, cache_dir=F.DEFAULT_CACHE, progress=True, all_pairs=None,
-             require_all_pairs=True):
+             landmarks=None, batch=64, workers=1, cache_dir=F.DEFAULT_CACHE, progress=True, all_pairs=None):
     """LFW 10-fold (or ``folds``-only) verification of one model.
 
     model: a deploy prototxt path (with ``weights``, a caffemodel path) or an
@@ -30,9 +29,7 @@ def evaluate(model, blob, lfw_dir, pairs, *, weights=None, folds=None, crop="112
     landmarks: a 5-point file to align raw LFW images on the fly.
     all_pairs: None, or at most that many images per person (0: all of them)
     for the strict operating points (eval_lfw.allpairs) over every pair of
-    images of the people of those folds, under ``result["all_pairs"]``; a
-    gallery with no genuine or no impostor pair raises before any work, or
-    with ``require_all_pairs=False`` is recorded as {"skipped": why}.
+    images of the people of those folds, under ``result["all_pairs"]``.
     Returns the dict of protocol.cross_validate plus what was evaluated and how.
     """
     if not isinstance(pairs, Pairs):
@@ -42,19 +39,11 @@ def evaluate(model, blob, lfw_dir, pairs, *, weights=None, folds=None, crop="112
     if len(pairs.folds) < 2:
         raise EvalError("cross-validation needs at least 2 folds; %s selects %s" % (pairs.source, pairs.folds))
     rels, rows = pairs.images()
-    n_pair_images, gallery = len(rels), None
-    if all_pairs is not None:
-        from base.lists import scan_tree
-        people = {p.split("/", 1)[0] for p in pairs.left + pairs.right}
-        gallery = allpairs.gallery(scan_tree(lfw_dir), people, all_pairs or None)
-        why = allpairs.unusable(gallery[1])
-        if why and require_all_pairs:
-            raise EvalError("%s (all-pairs protocol over %s)" % (why, lfw_dir))
-        if why:
-            gallery = dict(skipped=why)
-        else:
-            known = set(rels)
-            rels = rels + [r for r in gallery[0] if r not in known]
+    n_pair_images = len(rels)
+    gallery = None if all_pairs is None else gallery_of(pairs, lfw_dir, all_pairs)
+    if gallery is not None:
+        known = set(rels)
+        rels = rels + [r for r in gallery[0] if r not in known]
     check_images(lfw_dir, rels)
 
     from_files = isinstance(model, (str, os.PathLike))
@@ -83,9 +72,7 @@ def evaluate(model, blob, lfw_dir, pairs, *, weights=None, folds=None, crop="112
         n_todo, seconds = len(rels), time.perf_counter() - start
 
     result = cross_validate(feats[rows[:, 0]], feats[rows[:, 1]], pairs.same, pairs.fold)
-    if isinstance(gallery, dict):
-        result["all_pairs"] = gallery
-    elif gallery is not None:
+    if gallery is not None:
         where = {r: i for i, r in enumerate(rels)}
         result["all_pairs"] = dict(per_person=all_pairs or None, folds=result["folds"],
                                    **allpairs.verify(feats[[where[r] for r in gallery[0]]], gallery[1]))
@@ -108,6 +95,18 @@ def evaluate(model, blob, lfw_dir, pairs, *, weights=None, folds=None, crop="112
         "images_per_second": round(n_todo / seconds, 2) if seconds else None,
     })
     return result
+
+
+def gallery_of(pairs, lfw_dir, per_person):
+    """(images, person per image) of the all-pairs protocol over the people of ``pairs``, checked before any
+    work: a same-person pair means someone has two images, a different-person pair two people."""
+    from base.lists import scan_tree
+    people = {p.split("/", 1)[0] for p in pairs.left + pairs.right}
+    gallery = allpairs.gallery(scan_tree(lfw_dir), people, per_person or None)
+    why = allpairs.unusable(gallery[1])
+    if why:
+        raise EvalError("%s (all-pairs protocol over %s)" % (why, lfw_dir))
+    return gallery
 
 
 @dataclass(frozen=True)
@@ -140,13 +139,13 @@ def evaluate_net(spec, proto, weights):
     crop = preprocess_for(shape, spec.lfw_dir, rels[:1], spec.rgb).crop
     r = evaluate(proto, spec.blob, spec.lfw_dir, pairs, weights=weights, folds=spec.folds, crop=crop, flip=spec.flip,
                  bgr=not spec.rgb, progress=spec.progress, cache_dir=spec.cache_dir or F.DEFAULT_CACHE,
-                 all_pairs=spec.all_pairs, require_all_pairs=False)
+                 all_pairs=spec.all_pairs)
     record = dict(accuracy=r["accuracy_mean"], std=r["accuracy_std"], tar_at_far_1e3=r["tar_at_far_1e-3"],
                   folds=r["folds"], flip=r["flip"])
     if "all_pairs" in r:
         a = r["all_pairs"]
         record["all_pairs"] = {k: a[k] for k in ("per_person", "n_people", "n_images", "n_genuine", "n_impostor",
-                                                 "tar_at_far", "skipped") if k in a}
+                                                 "tar_at_far")}
     return record
 
 
@@ -166,8 +165,7 @@ def summary(result):
         if result["images_computed"] < result["images_embedded"]:
             how += ", %d from cache" % (result["images_embedded"] - result["images_computed"])
     if "all_pairs" in result:
-        a = result["all_pairs"]
-        lines.append("all pairs: skipped, %s" % a["skipped"] if "skipped" in a else allpairs.summary_line(a))
+        lines.append(allpairs.summary_line(result["all_pairs"]))
     lines.append("%d pairs, %d images (features: %s), blob %s (%d-d%s), %s" % (
         result["n_pairs"], result["n_images"], how, result["blob"], result["feature_dim"],
         " with flip" if result["flip"] else "", result["channel_order"]))
@@ -202,7 +200,7 @@ def roc_png(result):
     ax.semilogx(far[keep], tar[keep], drawstyle="steps-post", label="%d test pairs" % result["n_pairs"])
     lowest = far[keep].min() if keep.any() else 1e-4
     low = float(tar[keep].min()) if keep.any() else 0.0
-    if "all_pairs" in result and "skipped" not in result["all_pairs"]:
+    if "all_pairs" in result:
         a = result["all_pairs"]
         afar, atar = np.asarray(a["roc"]["far"]), np.asarray(a["roc"]["tar"])
         ax.semilogx(afar[afar > 0], atar[afar > 0], drawstyle="steps-post",

@@ -3,7 +3,7 @@ import json
 
 from base import cli, netcheck
 from .driver import FineTuneJob, finetune
-from .hooks import add_similarity
+from .hooks import add_fold_bn, add_similarity
 from .solver import POLICIES
 
 PROG = "python -m finetune"
@@ -51,6 +51,7 @@ def parser():
                     help="online augmentation: blend each image with another of the batch, weights from "
                          "Beta(A, A) (e.g. 1: uniform); the teacher runs in the train net and its target is its "
                          "embedding of the blend (default 0: none)")
+    add_fold_bn(ap)
     ap.add_argument("--num-classes", type=cli.whole, default=0,
                     help="asoftmax: classes of fc6 (default: 1 + the largest label in the list)")
     ap.add_argument("--margin", type=int, default=4, choices=(1, 2, 3, 4), help="asoftmax: margin m (default 4)")
@@ -93,6 +94,7 @@ def job_of(a):
         distill_features=a.distill_features, feature_weight=a.feature_weight,
         similarity_weight=a.distill_similarity, similarity_hard=a.similarity_hard, augment_shift=a.augment_shift,
         augment_scale=a.augment_scale, augment_colour=a.augment_colour, augment_mixup=a.augment_mixup,
+        fold_bn=a.fold_bn,
         num_classes=a.num_classes,
         margin=a.margin, native_asoftmax=a.native_asoftmax, epochs=a.epochs, batch_size=a.batch,
         base_lr=a.finetune_lr, lr_policy=a.lr_policy, gamma=a.gamma, stepsize=a.stepsize,

@@ -29,7 +29,7 @@ from base import caffe_io, cli, netcheck
 from base.lists import check_images_decode, read_list
 from base.netinput import input_layer
 from base.runfolder import RunFolder, cpu_seconds
-from . import heads, loop, snapshots, solver as solver_mod, trainnet
+from . import fold, heads, loop, snapshots, solver as solver_mod, trainnet
 
 
 class FineTuneError(ValueError):
@@ -61,6 +61,7 @@ class FineTuneJob:
     augment_scale: float = 0.0           # random zoom within 1 +- this,
     augment_colour: float = 0.0          # per-plane gain and offset within +- this,
     augment_mixup: float = 0.0           # each image blended with another of the batch, Beta(a, a) weights
+    fold_bn: bool = False                # train with frozen BatchNorm + Scale folded into the convs (finetune.fold)
     num_classes: int = 0                 # asoftmax: 0 = 1 + largest label in the list
     margin: int = 4
     native_asoftmax: bool = False
@@ -175,9 +176,14 @@ def build(job, start_iter=0, progress=True):
     items = read_list(job.train_list, job.root_folder)
     n_iter = solver_mod.iterations(len(items), job.epochs, job.batch_size)
     init = caffe_io.read_weights(job.weights) if job.weights else {}
-    data, head, extra = heads.data_and_head(job, deploy, items, start_iter, progress)
+    trained = deploy
+    if job.fold_bn and init:
+        trained, init, found = fold.fold(deploy, init)
+        if progress:
+            print("fine-tune: " + fold.describe(found), file=sys.stderr)
+    data, head, extra = heads.data_and_head(job, trained, items, start_iter, progress)
     init.update(extra)
-    net = trainnet.train_net(deploy, data, head)
+    net = trainnet.train_net(trained, data, head)
     os.makedirs(p["snapshots"], exist_ok=True)
     caffe_io.write_net(net, p["train"])
     caffe_io.write_net(deploy, p["deploy"], protect=[job.deploy])
@@ -217,6 +223,16 @@ def finetune(job, resume=True, progress=True):
             raise Diverged("%s (run folder %s cleared: the corrected command can use it)" % (e, job.out)) from None
 
 
+def exporter(job):
+    """trained weights of the deploy's layers -> the deploy net's weights (BatchNorm and Scale put back where
+    the job trained them folded into the convolutions)."""
+    if not (job.fold_bn and job.weights):
+        return lambda weights: weights
+    deploy = caffe_io.read_net(job.deploy)
+    found = fold.chains(deploy)
+    return lambda weights: fold.unfold(weights, found, deploy)
+
+
 def _train(job, p, n_iter, init, config, progress):
     start = time.time()
     title = "fine-tune (%s)" % job.head
@@ -227,7 +243,7 @@ def _train(job, p, n_iter, init, config, progress):
         record = loop.train(job.out, caffe_io.read_net(p["deploy"]), n_iter, init,
                             snapshot_every=job.snapshot_every, title=title,
                             source=job.weights or "initial weights", protect=[job.weights],
-                            gpu=job.gpu[0] if job.gpu else None, progress=progress)
+                            gpu=job.gpu[0] if job.gpu else None, progress=progress, export=exporter(job))
     return dict(record, config=config, seconds=round(time.time() - start, 1))
 
 
@@ -258,5 +274,5 @@ def _train_multi_gpu(job, p, init):
     _, state = loop.latest_snapshot(p["snapshots"])
     deploy = caffe_io.read_net(p["deploy"])
     trained = caffe_io.read_weights(state[:-len(".solverstate")] + ".caffemodel")
-    weights = {layer.name: trained[layer.name] for layer in deploy.layer if layer.name in trained}
+    weights = exporter(job)({layer.name: trained[layer.name] for layer in deploy.layer if layer.name in trained})
     caffe_io.write_weights(deploy, weights, p["final"], protect=[job.weights])

@@ -122,6 +122,9 @@ def _distill(job, deploy, items, data, progress):
     data.size = read_size(deploy, items)   # 112x112 aligned faces: read whole, the student sees the 112x96 crop
     teacher = caffe_io.read_net(teacher_proto)
     t_weights = caffe_io.read_weights(teacher_weights)
+    if job.fold_bn:   # frozen anyway: the same function, computed faster
+        from .fold import fold
+        teacher, t_weights, _ = fold(teacher, t_weights)
     head = trainnet.Distill(teacher=teacher, embedding=job.embedding, teacher_embedding=t_blob,
                             teacher_blobs={name: len(arrays) for name, arrays in t_weights.items()},
                             student_dim=student_dim, teacher_dim=blob_dim(teacher, t_blob), teacher_rgb=t_rgb,

@@ -35,6 +35,7 @@ class FineTuneSpec:
     cache_dir: Optional[str] = None      # feature cache of the teacher's embeddings (None: the default)
     similarity: float = 0.0              # weight of the batch's pairwise-cosine loss (finetune.similarity)
     similarity_hard: float = 0.0
+    fold_bn: bool = False                # frozen BatchNorm + Scale folded into the convs while training
 
     def schedule(self, epochs):
         """lr policy and step iterations of a fine-tune of ``epochs`` over the list."""
@@ -55,7 +56,8 @@ class FineTuneSpec:
                                   epochs=epochs, batch_size=self.batch, base_lr=self.lr,
                                   snapshot_every=self.snapshot_every, seed=self.seed,
                                   gpu=list(self.gpu) if self.gpu is not None else None, cache_dir=self.cache_dir,
-                                  similarity_weight=self.similarity, similarity_hard=self.similarity_hard)
+                                  similarity_weight=self.similarity, similarity_hard=self.similarity_hard,
+                                  fold_bn=self.fold_bn)
 
 
 def add_similarity(group):
@@ -70,6 +72,15 @@ def add_similarity(group):
                        help="with --distill-similarity: weigh pair (i, j) by exp(H * teacher cosine), so the pairs "
                             "the teacher finds alike (the impostors that decide a low FAR) count most "
                             "(default 0: all pairs alike)")
+
+
+def add_fold_bn(group):
+    """--fold-bn, in every command that fine-tunes."""
+    group.add_argument("--fold-bn", action="store_true",
+                       help="train with every frozen BatchNorm (use_global_stats: true) + Scale after a convolution "
+                            "folded into that convolution, the teacher's too (finetune.fold): the same function, "
+                            "fewer single-threaded layers per iteration; the deploy net keeps its layers (BatchNorm "
+                            "the identity, the shift in Scale)")
 
 
 def distill_hooks(spec, teacher, teacher_weights):

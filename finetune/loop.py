@@ -150,11 +150,12 @@ def _fmt(value):
 
 
 def train(folder, deploy, n_iter, init, step=plain_step, columns=(), snapshot_every=500, title="fine-tune",
-          source="initial weights", on_start=None, protect=(), gpu=None, progress=True):
+          source="initial weights", on_start=None, protect=(), gpu=None, progress=True, export=None):
     """Train to ``n_iter`` iterations with folder/solver.prototxt (see the module doc); returns the record.
 
     step: solver -> (loss, *extra columns); on_start: caffe.Net -> None, once before the first iteration
-    of a fresh run (e.g. an initialisation); gpu: None (CPU) or a GPU id."""
+    of a fresh run (e.g. an initialisation); gpu: None (CPU) or a GPU id; export: the trained weights of the
+    deploy's layers -> the deploy's weights (default: as they are)."""
     import caffe
     from tqdm import tqdm
     if gpu is None:
@@ -188,7 +189,8 @@ def train(folder, deploy, n_iter, init, step=plain_step, columns=(), snapshot_ev
     if latest_snapshot(p["snapshots"])[0] != n_iter:
         snapshot(solver, p, title)
     check_finite(solver, title)
-    caffe_io.write_weights(deploy, deploy_weights(solver.net, deploy), p["final"], protect=protect)
+    weights = deploy_weights(solver.net, deploy)
+    caffe_io.write_weights(deploy, export(weights) if export else weights, p["final"], protect=protect)
     caffe_io.open_net(p["deploy"], p["final"])   # the result must load in Caffe
     return finish(p, n_iter, title, columns)
 

@@ -59,7 +59,7 @@ def finetune_hooks(a, net):
                         lr=a.finetune_lr, batch=a.finetune_batch, embedding=a.blob or net.layer[-1].top[0],
                         rgb=a.rgb, precompute_teacher=a.precompute_teacher, seed=a.seed,
                         gpu=tuple(a.gpu) if a.gpu else None, progress=not a.quiet, cache_dir=a.cache_dir,
-                        similarity=a.distill_similarity, similarity_hard=a.similarity_hard)
+                        similarity=a.distill_similarity, similarity_hard=a.similarity_hard, fold_bn=a.fold_bn)
     return distill_hooks(spec, a.model, a.weights)
 
 
@@ -125,8 +125,9 @@ def parser():
     ft.add_argument("--precompute-teacher", action="store_true",
                     help="compute the unpruned net's embeddings of the training images once instead of running "
                          "it inside every fine-tune (as python -m finetune --precompute-teacher; much faster on a CPU)")
-    from finetune.hooks import add_similarity
+    from finetune.hooks import add_fold_bn, add_similarity
     add_similarity(ft)
+    add_fold_bn(ft)
     ft.add_argument("--gpu", type=cli.gpu_ids, default=None,
                     help="fine-tune on these GPU ids (as python -m finetune --gpu)")
     cli.add_cache_dir(ft)

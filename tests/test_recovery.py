@@ -149,3 +149,101 @@ def test_mixup_distillation_shows_the_teacher_the_same_blend(tmp_path, image_lis
                                atol=1e-5)
     with pytest.raises(driver.FineTuneError, match="--augment-mixup"):
         driver.check_job(distill_job(tmp_path / "bad", image_list, student, teacher, tw, augment_mixup=-1.0))
+
+
+def bn_net(path, inplace):
+    """conv1 -> BN -> Scale -> PReLU (foldable); conv2 read twice (not); conv3 -> BN with batch statistics (not)."""
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[2, 3, 12, 10]))
+    n.conv1 = L.Convolution(n.data, num_output=5, kernel_size=3, pad=1, bias_term=False)
+    if inplace:
+        n.bn1 = L.BatchNorm(n.conv1, batch_norm_param=dict(use_global_stats=True, eps=1e-3), in_place=True)
+        n.sc1 = L.Scale(n.bn1, bias_term=True, in_place=True)
+        top = n.sc1
+    else:
+        n.bn1 = L.BatchNorm(n.conv1, batch_norm_param=dict(use_global_stats=True, eps=1e-3))
+        n.sc1 = L.Scale(n.bn1, bias_term=True)
+        top = n.sc1
+    n.relu1 = L.PReLU(top, in_place=True)
+    n.conv2 = L.Convolution(n.relu1, num_output=4, kernel_size=1)
+    n.bn2 = L.BatchNorm(n.conv2, batch_norm_param=dict(use_global_stats=True))
+    n.sc2 = L.Scale(n.bn2, bias_term=True)
+    n.side = L.Eltwise(n.conv2, n.sc2)
+    n.conv3 = L.Convolution(n.side, num_output=4, kernel_size=3, group=4)
+    n.bn3 = L.BatchNorm(n.conv3)
+    n.sc3 = L.Scale(n.bn3, bias_term=True)
+    n.fc = L.InnerProduct(n.sc3, num_output=3)
+    return caffe_io.write_net(n.to_proto(), str(path))
+
+
+def random_bn_weights(proto, seed):
+    rng = np.random.default_rng(seed)
+    net = caffe.Net(proto, caffe.TEST)
+    out = {}
+    for name, blobs in net.params.items():
+        arrays = [rng.normal(0, 0.5, b.data.shape).astype(np.float32) for b in blobs]
+        if net.layers[list(net._layer_names).index(name)].type == "BatchNorm":
+            sf = np.float32(0.7)   # Caffe stores sums: mean = blob0 / factor, var = blob1 / factor
+            arrays = [arrays[0] * sf, np.abs(arrays[1]) * sf + 0.1, np.array([sf], np.float32)]
+        out[name] = arrays
+    return out
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_folded_batchnorm_computes_the_same_and_unfolds_into_the_deploy_layers(tmp_path, inplace):
+    from finetune import fold
+    proto = bn_net(tmp_path / "bn.prototxt", inplace)
+    net, weights = caffe_io.read_net(proto), random_bn_weights(proto, 0)
+    folded, fw, found = fold.fold(net, weights)
+    assert [(c.conv, c.bn, c.scale) for c in found] == [("conv1", "bn1", "sc1")]
+    assert [l.name for l in folded.layer if l.type in ("BatchNorm", "Scale")] == ["bn2", "sc2", "bn3", "sc3"]
+    x = np.random.default_rng(1).normal(size=(2, 3, 12, 10)).astype(np.float32)
+
+    def run(param, w):
+        n = caffe.Net(caffe_io.write_net(param, str(tmp_path / "n.prototxt")), caffe.TEST)
+        for name, arrays in w.items():
+            for blob, a in zip(n.params[name], arrays):
+                blob.data[...] = a
+        n.blobs["data"].data[...] = x
+        return n.forward()["fc"].copy()
+
+    ref = run(net, weights)
+    np.testing.assert_allclose(run(folded, fw), ref, rtol=1e-5, atol=1e-5)
+    back = fold.unfold({k: v for k, v in fw.items()}, found, net)
+    assert set(back) == set(weights) and [a.shape for a in back["conv1"]] == [a.shape for a in weights["conv1"]]
+    np.testing.assert_allclose(run(net, back), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_finetune_with_folded_batchnorm_writes_the_deploy_net(tmp_path, image_list):  # noqa: F811
+    root, listing = image_list
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 3, 28, 24]))
+    n.conv1 = L.Convolution(n.data, num_output=4, kernel_size=3, stride=2, bias_term=False)
+    n.bn1 = L.BatchNorm(n.conv1, batch_norm_param=dict(use_global_stats=True))
+    n.sc1 = L.Scale(n.bn1, bias_term=True, in_place=True)
+    n.relu1 = L.PReLU(n.sc1, in_place=True)
+    n.fc5 = L.InnerProduct(n.relu1, num_output=6)
+    student = caffe_io.write_net(n.to_proto(), str(tmp_path / "student.prototxt"))
+    weights = caffe_io.write_weights(caffe_io.read_net(student), random_bn_weights(student, 2),
+                                     str(tmp_path / "student.caffemodel"))
+    teacher = tiny_deploy(tmp_path / "teacher.prototxt", width=8, emb=6, size=(28, 24))
+    tw = saved_weights(teacher, tmp_path / "teacher.caffemodel")
+    job = driver.FineTuneJob(deploy=student, weights=weights, train_list=listing, root_folder=root,
+                             out=str(tmp_path / "run"), teacher=teacher, teacher_weights=tw, epochs=2, batch_size=8,
+                             base_lr=0.01, snapshot_every=0, mirror=False, fold_bn=True)
+    done = driver.finetune(job, progress=False)
+    train = caffe_io.read_net(os.path.join(job.out, "train.prototxt"))
+    assert not [l.name for l in train.layer if l.name in ("bn1", "sc1")] and "BatchNorm" not in [l.type for l in
+                                                                                                   train.layer]
+    final = caffe_io.read_weights(done["final"])
+    assert set(final) == set(caffe_io.read_weights(weights))
+    np.testing.assert_allclose(final["bn1"][1], 1 - 1e-5)      # BatchNorm became the identity
+    np.testing.assert_array_equal(final["sc1"][0], 1)
+    # the deploy net with the final weights computes what the trained (folded) student computes
+    snap = latest_snapshot(os.path.join(job.out, "snapshots"))[1].replace(".solverstate", ".caffemodel")
+    net = caffe.Net(os.path.join(job.out, "train.prototxt"), snap, caffe.TEST)
+    net.forward()
+    deployed = caffe_io.open_net(student, done["final"])
+    deployed.blobs["data"].reshape(*net.blobs["data"].data.shape)
+    deployed.blobs["data"].data[...] = net.blobs["data"].data
+    np.testing.assert_allclose(deployed.forward()["fc5"], net.blobs["fc5"].data, rtol=1e-4, atol=1e-5)
