@@ -48,6 +48,8 @@ ROWS = {
                 "allocated row's curves)", dict(allocation="latency")),
     "latency_equal": ("full", "+ sensitivity allocation ranked by Caffe time, to the Caffe latency the allocated "
                       "row's plan predicts (it keeps more MACs)", dict(allocation="latency_equal")),
+    "blockfit": ("allocated", "+ block-wise fit: each block fitted to the unpruned block's output on its cached "
+                 "inputs (finetune.blockfit; no SGD through the whole net)", dict(blockfit=True)),
     "finetune3": ("allocated", "+ distillation fine-tuning, 3 epochs (Caffe SGD)", dict(epochs=3)),
     "features3": ("allocated", "+ distillation of the embedding and of the block outputs, 3 epochs (teacher run "
                   "online)", dict(epochs=3, features=True)),
@@ -62,7 +64,7 @@ ROWS = {
                      dict(reconstruct="full")),
 }
 DEFAULTS = dict(reconstruct="full", targets="original", allocation="uniform", bn=False, epochs=0, features=False,
-                augment=False, similarity=False, mixup=False)
+                augment=False, similarity=False, mixup=False, blockfit=False)
 
 
 def settings(row):
@@ -169,6 +171,22 @@ def bn_row(a, row, proto, model, sample):
     return path
 
 
+def blockfit_row(a, row, proto, model, sample, parent):
+    """finetune.blockfit over the parent's pruned net, on the sampling images, towards the unpruned net."""
+    from finetune import blockfit
+    pre = preprocess_for((1, 3, 112, 112), a.lfw_dir, sample, True, "none")
+    images = np.concatenate(list(image_batches(a.lfw_dir, sample, pre)))
+    log = json.load(open(os.path.join(os.path.dirname(parent["prototxt"]), "log.json")))
+    net = caffe_io.read_net(proto)
+    fitted, record = blockfit.fit(net, caffe_io.read_weights(model), caffe_io.read_net(a.model),
+                                  caffe_io.read_weights(a.weights), images, out_map=log["steps"][-1]["out_map"],
+                                  epochs=a.blockfit_epochs, lr=a.blockfit_lr, seed=a.seed, progress=not a.quiet)
+    out = os.path.join(a.out, row)
+    os.makedirs(out, exist_ok=True)
+    caffe_io.atomic_write(os.path.join(out, "blockfit.json"), json.dumps(record, indent=1))
+    return caffe_io.write_weights(net, fitted, os.path.join(out, "blockfit.caffemodel"))
+
+
 def finetune_row(a, row, proto, model, epochs, train, features=False, augment=False, similarity=False, mixup=False):
     """Distillation from the unpruned net, lr /10 at 60 % and 85 %, mirrored images. The teacher's embeddings
     are computed once, or with ``features`` the teacher runs in the train net and the output of every residual
@@ -201,6 +219,8 @@ def build_row(a, row, s, done, sample, judge, train):
     proto, model = done[parent]["prototxt"], done[parent]["caffemodel"]
     if own.get("bn"):
         return proto, bn_row(a, row, proto, model, sample), done[parent]["sgd"]
+    if own.get("blockfit"):
+        return proto, blockfit_row(a, row, proto, model, sample, done[parent]), done[parent]["sgd"]
     return proto, finetune_row(a, row, proto, model, own["epochs"], train, own.get("features", False),
                                own.get("augment", False), own.get("similarity", False), own.get("mixup", False)), True
 
@@ -231,7 +251,7 @@ def command(a, row):
     """The command line that makes this row (its parents are made on the way, or read back)."""
     flags = ["--rows", row]
     for name in ("macs_target", "images", "finetune_lr", "feature_weight", "similarity_weight", "similarity_hard",
-                 "mixup", "seed"):
+                 "mixup", "blockfit_epochs", "blockfit_lr", "seed"):
         value = getattr(a, name)
         if value != PARSER_DEFAULTS[name]:
             flags += ["--" + name.replace("_", "-"), "%g" % value]
@@ -288,6 +308,8 @@ def parse_args(argv=None):
     p.add_argument("--similarity-hard", type=float, default=4.0,
                    help="its emphasis on the pairs the teacher finds alike (exp(hard * teacher cosine))")
     p.add_argument("--mixup", type=float, default=0.4, help="Beta(a, a) of the mixup3 row's blends")
+    p.add_argument("--blockfit-epochs", type=float, default=6, help="passes over the sampling images per block")
+    p.add_argument("--blockfit-lr", type=float, default=3e-4, help="Adam's learning rate of the block-wise fit")
     p.add_argument("--rerun", action="store_true",
                    help="measure the rows of --rows again even where the result file has them (their parents are "
                         "read back)")

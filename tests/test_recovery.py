@@ -247,3 +247,31 @@ def test_finetune_with_folded_batchnorm_writes_the_deploy_net(tmp_path, image_li
     deployed.blobs["data"].reshape(*net.blobs["data"].data.shape)
     deployed.blobs["data"].data[...] = net.blobs["data"].data
     np.testing.assert_allclose(deployed.forward()["fc5"], net.blobs["fc5"].data, rtol=1e-4, atol=1e-5)
+
+
+def test_blockwise_fit_lowers_each_blocks_error_towards_the_unpruned_block(tmp_path):
+    """A small residual net pruned to half by least squares, then every block fitted to the unpruned block's
+    output (finetune.blockfit): no block's held-out error rises, some fall, and so does the net's."""
+    from finetune import blockfit
+    from nets import caffe_forward, random_weights
+    from prune.driver import PruneJob, run
+    from test_retention import _batches, _write, low_dimensional_images, small_residual_net
+    proto = _write(small_residual_net(), tmp_path / "res.prototxt")
+    weights = random_weights(proto, seed=0)
+    model = caffe_io.write_weights(caffe_io.read_net(proto), weights, str(tmp_path / "res.caffemodel"))
+    x, held = low_dimensional_images(256, 1), low_dimensional_images(64, 2)
+    log = run(PruneJob(model=proto, weights=model, out=str(tmp_path / "prune"), keep=0.5), _batches(x, 64),
+              progress=False)
+    student = caffe_io.read_net(log["prototxt"])
+    assert [(s, b) for s, b, _ in blockfit.blocks(student)] == [("data", "s1"), ("s1", "s2"), ("s2", "fc")]
+    fitted, record = blockfit.fit(student, caffe_io.read_weights(log["caffemodel"]), caffe_io.read_net(proto),
+                                  weights, x, out_map=log["steps"][-1]["out_map"], epochs=30, lr=1e-3, batch=16,
+                                  progress=False)
+    assert all(r["error_after"] <= r["error_before"] for r in record if r["kept"])
+    assert any(r["kept"] and r["error_after"] < 0.9 * r["error_before"] for r in record), record
+    out = caffe_io.write_weights(student, fitted, str(tmp_path / "fitted.caffemodel"))
+    want = caffe_forward(proto, weights, held)["fc"]
+
+    def error(w):
+        return float(np.mean((caffe_forward(log["prototxt"], w, held)["fc"] - want) ** 2) / np.mean(want ** 2))
+    assert error(caffe_io.read_weights(out)) < error(caffe_io.read_weights(log["caffemodel"]))
