@@ -82,6 +82,8 @@ class PruneSpec:
     targets: str = "original"
     ridge: object = "auto"
     bn_reestimate: str = "none"
+    blockfit_epochs: float = 0           # after the last cut: each block fitted to the unpruned block's output
+    blockfit_lr: float = 3e-4
     positions_per_image: int = 10
     round_to: Optional[int] = None       # every cut group keeps a multiple of it (prune.policy.keep_count)
     latency_target: Optional[float] = None   # the share of the batch-1 latency on `runtime` to keep
@@ -269,6 +271,7 @@ def prune_stage(s, d, base, plan):
     job = PruneJob(model=base["prototxt"], weights=base["caffemodel"], out=os.path.join(s.out, "prune"),
                    criterion=p.criterion, keep=plan["keep"], layers="all", seed=s.seed,
                    reconstruct=p.reconstruct, targets=p.targets, ridge=p.ridge, bn_reestimate=p.bn_reestimate,
+                   blockfit_epochs=p.blockfit_epochs, blockfit_lr=p.blockfit_lr,
                    positions_per_image=p.positions_per_image, data=dict(list=d["train_list"], images=len(rels)))
     log = run(job, lambda: image_batches(root, rels, pre, 32), finetune=step, final_finetune=final,
               progress=not s.quiet)
@@ -512,7 +515,7 @@ def settings(argv=None):
         prune=PruneSpec(a.criterion, keep, a.images, a.macs_target, a.allocation, a.judge_images, a.reconstruct,
                         a.targets, a.ridge, a.bn_reestimate, a.positions_per_image, round_to=a.round_to,
                         latency_target=a.latency_target, runtime=a.runtime, latency_points=a.latency_points,
-                        latency_cache=a.latency_cache),
+                        latency_cache=a.latency_cache, blockfit_epochs=a.blockfit_epochs, blockfit_lr=a.blockfit_lr),
         finetune=FineTuneSpec(train_list=None, epochs_per_layer=a.finetune_epochs_per_layer,
                               epochs_final=a.finetune_epochs_final, lr=a.finetune_lr, batch=a.batch,
                               lr_steps=a.finetune_lr_steps, embedding=a.blob, rgb=a.rgb, mirror=a.finetune_mirror,

@@ -141,7 +141,8 @@ def check_inputs(a):
     caffemodel Caffe can load, the fine-tune list's images, the output folder; and the GPU); returns the net."""
     fine_tune = bool(a.finetune_epochs_per_layer or a.finetune_epochs_final)
     name = criterion_of(a)
-    if a.data is None and (needs_images(make_criterion(name), a.reconstruct) or a.bn_reestimate != "none"):
+    if a.data is None and (needs_images(make_criterion(name), a.reconstruct) or a.bn_reestimate != "none"
+                           or a.blockfit_epochs):
         how = "" if a.reconstruct == "none" else " with --reconstruct " + a.reconstruct
         raise cli.UsageError("--data is required: --criterion %s%s runs the net on images (only l1, bnscale or "
                              "random with --reconstruct none and no --bn-reestimate read the weights alone)"
@@ -166,6 +167,7 @@ def main(argv=None):
                    layers=layers, samples_per_image=a.samples_per_image, seed=a.seed,
                    reconstruct=a.reconstruct, targets=a.targets, ridge=a.ridge,
                    positions_per_image=a.positions_per_image, bn_reestimate=a.bn_reestimate,
+                   blockfit_epochs=a.blockfit_epochs, blockfit_lr=a.blockfit_lr,
                    data=dict(data=a.data, root=root, images=len(rels), lfw_folds=a.lfw_folds,
                              rgb=a.rgb, crop=pre.crop if pre else None))
     log = run(job, lambda: image_batches(root, rels, pre, a.batch), finetune=step_ft, final_finetune=final_ft,

@@ -59,6 +59,8 @@ class PruneJob:
     ridge: object = "auto"             # float, or "auto": chosen on held-out images per consumer
     positions_per_image: int = 10      # sampled output positions per image for the least squares
     bn_reestimate: str = "none"        # BatchNorm statistics measured again: after each cut, at the end, or never
+    blockfit_epochs: float = 0         # after the last cut: each block fitted to the unpruned block (0: no)
+    blockfit_lr: float = 3e-4
     data: dict = field(default_factory=dict)   # description of the images, for the record
 
     def config(self):
@@ -94,9 +96,9 @@ def _check_runnable(job, graph, plan, criterion, left):
     gone = {name for name, _ in left}
     roots = netcheck.causes(left)
     what = ", ".join("%s (%s)" % (name, why) for name, why in roots[:2]) + (", ..." if len(roots) > 2 else "")
-    if job.bn_reestimate != "none":
-        raise PruneError("%s: --bn-reestimate runs the whole net, and this Caffe build cannot run %s"
-                         % (job.model, what))
+    if job.bn_reestimate != "none" or job.blockfit_epochs:
+        raise PruneError("%s: --%s runs the whole net, and this Caffe build cannot run %s"
+                         % (job.model, "bn-reestimate" if job.bn_reestimate != "none" else "blockfit-epochs", what))
     if not needs_images(criterion, job.reconstruct):
         return
     cannot = [gid for gid, _ in plan if any(c.layer in gone for c in graph[gid].consumers)]
@@ -161,6 +163,25 @@ def _bn_at_end(folder, proto, model, images):
     return path if os.path.exists(path) else model
 
 
+def _blockfit(folder, job, proto, model, images, out_map, progress):
+    """finetune.blockfit of the pruned net towards the unpruned one, once (blockfit/record.json)."""
+    done = folder.load(os.path.join("blockfit", "record.json"))
+    if done is not None:
+        return done["caffemodel"]
+    from finetune import blockfit
+    x = np.concatenate(list(images()))
+    net = caffe_io.read_net(proto)
+    fitted, blocks = blockfit.fit(net, caffe_io.read_weights(model), caffe_io.read_net(job.model),
+                                  caffe_io.read_weights(job.weights), x,
+                                  out_map={k: list(v) for k, v in out_map.items()}, epochs=job.blockfit_epochs,
+                                  lr=job.blockfit_lr, seed=job.seed, progress=progress)
+    path = folder.file(os.path.join("blockfit", "net.caffemodel"))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    caffe_io.write_weights(net, fitted, path, protect=(job.model, job.weights))
+    folder.save(os.path.join("blockfit", "record.json"), dict(caffemodel=path, blocks=blocks))
+    return path
+
+
 def _run(job, folder, images, finetune, final_finetune, progress):
     from tqdm import tqdm
     config = folder.check(job.config())
@@ -208,6 +229,8 @@ def _run(job, folder, images, finetune, final_finetune, progress):
     bar.close()
     if job.bn_reestimate in ("end", "each"):
         model = _bn_at_end(folder, proto, model, images)
+    if job.blockfit_epochs:
+        model = _blockfit(folder, job, proto, model, images, out_map, progress)
     if final_finetune is not None:
         model = final_finetune(os.path.join(job.out, "finetune_final"), proto, model)
     final_proto = os.path.join(job.out, "pruned.prototxt")

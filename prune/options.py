@@ -83,7 +83,7 @@ def parse_ridge(text):
 
 
 def add_reconstruction(ap):
-    """--reconstruct --targets --ridge --bn-reestimate --positions-per-image."""
+    """--reconstruct --targets --ridge --bn-reestimate --positions-per-image --blockfit-epochs --blockfit-lr."""
     rec = ap.add_argument_group("reconstruction of the layers that read a pruned group")
     rec.add_argument("--reconstruct", default="full", choices=("full", "scale", "none"),
                      help="full (default): least squares of every kept weight and the intercept of each "
@@ -101,3 +101,11 @@ def add_reconstruction(ap):
     rec.add_argument("--positions-per-image", type=cli.count, default=10,
                      help="sampled output positions per image for the least squares, every output channel at "
                           "each (default 10)")
+    rec.add_argument("--blockfit-epochs", type=cli.non_negative, default=0,
+                     help="after the last cut, fit each block of the pruned net (the layers between two points "
+                          "one blob passes) to the unpruned block's output on the sampling images, this many "
+                          "passes per block, by Caffe's Adam on cached inputs (finetune.blockfit; no SGD through "
+                          "the whole net; a block that gets no better on held-out images keeps its weights; "
+                          "default 0: off)")
+    rec.add_argument("--blockfit-lr", type=cli.positive, default=3e-4,
+                     help="Adam's learning rate of --blockfit-epochs (default 3e-4)")

@@ -275,3 +275,27 @@ def test_blockwise_fit_lowers_each_blocks_error_towards_the_unpruned_block(tmp_p
     def error(w):
         return float(np.mean((caffe_forward(log["prototxt"], w, held)["fc"] - want) ** 2) / np.mean(want ** 2))
     assert error(caffe_io.read_weights(out)) < error(caffe_io.read_weights(log["caffemodel"]))
+
+
+def test_prune_driver_runs_the_blockwise_fit_after_the_last_cut_and_resumes_it(tmp_path):
+    from nets import caffe_forward, random_weights
+    from prune.driver import PruneJob, run
+    from test_retention import _batches, _write, low_dimensional_images, small_residual_net
+    proto = _write(small_residual_net(), tmp_path / "res.prototxt")
+    weights = random_weights(proto, seed=1)
+    model = caffe_io.write_weights(caffe_io.read_net(proto), weights, str(tmp_path / "res.caffemodel"))
+    x, held = low_dimensional_images(256, 1), low_dimensional_images(64, 2)
+    want = caffe_forward(proto, weights, held)["fc"]
+    errors = {}
+    for epochs in (0, 20):
+        job = PruneJob(model=proto, weights=model, out=str(tmp_path / ("e%d" % epochs)), keep=0.5,
+                       blockfit_epochs=epochs, blockfit_lr=1e-3)
+        log = run(job, _batches(x, 64), progress=False)
+        got = caffe_forward(log["prototxt"], caffe_io.read_weights(log["caffemodel"]), held)["fc"]
+        errors[epochs] = float(np.mean((got - want) ** 2) / np.mean(want ** 2))
+    assert errors[20] < errors[0], errors
+    record = json.load(open(tmp_path / "e20" / "blockfit" / "record.json"))
+    assert len(record["blocks"]) == 3 and os.path.exists(record["caffemodel"])
+    before = os.path.getmtime(record["caffemodel"])
+    assert run(job, _batches(x, 64), progress=False)["caffemodel"] == log["caffemodel"]   # done: not fitted again
+    assert os.path.getmtime(record["caffemodel"]) == before
