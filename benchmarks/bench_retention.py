@@ -49,7 +49,10 @@ ROWS = {
     "latency_equal": ("full", "+ sensitivity allocation ranked by Caffe time, to the Caffe latency the allocated "
                       "row's plan predicts (it keeps more MACs)", dict(allocation="latency_equal")),
     "blockfit": ("allocated", "+ block-wise fit: each block fitted to the unpruned block's output on its cached "
-                 "inputs (finetune.blockfit; no SGD through the whole net)", dict(blockfit=True)),
+                 "inputs (finetune.blockfit; no SGD through the whole net), 6 passes per block", dict(blockfit=6)),
+    "blockfit16": ("allocated", "+ block-wise fit, 16 passes per block", dict(blockfit=16)),
+    "blockfit_finetune3": ("blockfit", "+ block-wise fit, then distillation fine-tuning, 3 epochs (Caffe SGD)",
+                           dict(epochs=3)),
     "finetune3": ("allocated", "+ distillation fine-tuning, 3 epochs (Caffe SGD)", dict(epochs=3)),
     "features3": ("allocated", "+ distillation of the embedding and of the block outputs, 3 epochs (teacher run "
                   "online)", dict(epochs=3, features=True)),
@@ -64,7 +67,7 @@ ROWS = {
                      dict(reconstruct="full")),
 }
 DEFAULTS = dict(reconstruct="full", targets="original", allocation="uniform", bn=False, epochs=0, features=False,
-                augment=False, similarity=False, mixup=False, blockfit=False)
+                augment=False, similarity=False, mixup=False, blockfit=0)
 
 
 def settings(row):
@@ -180,7 +183,7 @@ def blockfit_row(a, row, proto, model, sample, parent):
     net = caffe_io.read_net(proto)
     fitted, record = blockfit.fit(net, caffe_io.read_weights(model), caffe_io.read_net(a.model),
                                   caffe_io.read_weights(a.weights), images, out_map=log["steps"][-1]["out_map"],
-                                  epochs=a.blockfit_epochs, lr=a.blockfit_lr, seed=a.seed, progress=not a.quiet)
+                                  epochs=ROWS[row][2]["blockfit"], lr=a.blockfit_lr, seed=a.seed, progress=not a.quiet)
     out = os.path.join(a.out, row)
     os.makedirs(out, exist_ok=True)
     caffe_io.atomic_write(os.path.join(out, "blockfit.json"), json.dumps(record, indent=1))
@@ -251,7 +254,7 @@ def command(a, row):
     """The command line that makes this row (its parents are made on the way, or read back)."""
     flags = ["--rows", row]
     for name in ("macs_target", "images", "finetune_lr", "feature_weight", "similarity_weight", "similarity_hard",
-                 "mixup", "blockfit_epochs", "blockfit_lr", "seed"):
+                 "mixup", "blockfit_lr", "seed"):
         value = getattr(a, name)
         if value != PARSER_DEFAULTS[name]:
             flags += ["--" + name.replace("_", "-"), "%g" % value]
@@ -308,7 +311,6 @@ def parse_args(argv=None):
     p.add_argument("--similarity-hard", type=float, default=4.0,
                    help="its emphasis on the pairs the teacher finds alike (exp(hard * teacher cosine))")
     p.add_argument("--mixup", type=float, default=0.4, help="Beta(a, a) of the mixup3 row's blends")
-    p.add_argument("--blockfit-epochs", type=float, default=6, help="passes over the sampling images per block")
     p.add_argument("--blockfit-lr", type=float, default=3e-4, help="Adam's learning rate of the block-wise fit")
     p.add_argument("--rerun", action="store_true",
                    help="measure the rows of --rows again even where the result file has them (their parents are "
