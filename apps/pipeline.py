@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from base import caffe_io, cli
+from base.errors import ToolkitError
 from base.runfolder import RunFolder, command_config
 from base.shared import shared_dir
 from eval_lfw.evaluator import EvalSpec, spec_from_args
@@ -42,7 +43,7 @@ PRESETS = {
 }
 
 
-class PipelineError(ValueError):
+class PipelineError(ToolkitError):
     pass
 
 

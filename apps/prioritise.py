@@ -32,6 +32,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from base import caffe_io, cli
+from base.errors import ToolkitError
 from base.lists import read_list
 from base.runfolder import RunFolder, command_config
 from eval_lfw.evaluator import EvalSpec, spec_from_args
@@ -41,7 +42,7 @@ from finetune.driver import FineTuneJob
 PROG = "python -m apps.prioritise"
 
 
-class PrioritiseError(ValueError):
+class PrioritiseError(ToolkitError):
     pass
 
 

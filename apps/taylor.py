@@ -33,6 +33,7 @@ from typing import Optional
 import numpy as np
 
 from base import caffe_io, cli
+from base.errors import ToolkitError
 from base.figures import pyplot, save_figure
 from base.runfolder import RunFolder, command_config
 from eval_lfw.evaluator import EvalSpec, spec_from_args
@@ -41,7 +42,7 @@ from finetune import driver
 PROG = "python -m apps.taylor"
 
 
-class TaylorPruneError(ValueError):
+class TaylorPruneError(ToolkitError):
     pass
 
 

@@ -1,9 +1,14 @@
 """The command-line layer every ``python -m`` entry point goes through.
 
-* ``entry(prog)`` wraps ``main(argv)``: a user's mistake (ValueError or
-  OSError, the message naming the file, layer or flag) becomes ONE line
-  ``PROG: error: ...`` on stderr and exit status 2, never a traceback;
-  Ctrl-C one line and 130; a closed pipe (``| head``) ends quietly.
+* ``entry(prog)`` wraps ``main(argv)``: a user's mistake (a
+  base.errors.ToolkitError, the message naming the file, layer or flag, or a
+  missing or unreadable file) becomes ONE line ``PROG: error: ...`` on stderr
+  and exit status 2, never a traceback.  Any other exception is a bug: one
+  line ``PROG: internal error ...`` and exit status 1, its traceback written
+  to the run folder when the run has one (``internal-error.txt``), else to a
+  temporary file, both named in the line; ``--debug`` (every parser has it)
+  prints it instead.  Ctrl-C one line and 130; a closed pipe (``| head``)
+  ends quietly.
 * ``parser(prog, ...)`` is argparse whose own errors (a missing or malformed
   flag) take the same one-line road instead of printing the usage block.
 * The shared argument groups give a flag one name and one help text in
@@ -18,14 +23,25 @@ import argparse
 import functools
 import os
 import sys
+import tempfile
+import traceback
 
+from .errors import ToolkitError, UsageError
 
-class UsageError(ValueError):
-    """A flag that is missing, malformed or contradicts another."""
+# What ``entry`` reports as the user's mistake; any other exception is a bug of the toolkit.
+USER_ERRORS = (ToolkitError, FileNotFoundError, PermissionError, IsADirectoryError)
+DEBUG = "--debug"
+TRACEBACK = "internal-error.txt"   # in the run folder (base.runfolder tags an error with it)
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (see ``entry``)."""
+    """argparse with one-line errors and the global --debug flag (see ``entry``)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.add_argument(DEBUG, action="store_true",
+                          help="on an internal error (a bug, exit status 1) print its traceback instead of writing "
+                               "it to a file")
 
     def error(self, message):
         raise UsageError(message)
@@ -58,28 +74,46 @@ def entry(prog):
             except BrokenPipeError:   # the reader went away: no message, no flush error at exit
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
                 return 1
-            except (ValueError, OSError) as e:
+            except USER_ERRORS as e:
                 print("%s: error: %s" % (prog, one_line(e)), file=sys.stderr)
                 return 2
+            except Exception as e:
+                args = sys.argv[1:] if argv is None else list(argv)
+                return internal_error(prog, e, DEBUG in args[:args.index("--")] if "--" in args else DEBUG in args)
         return guarded
     return wrap
+
+
+def internal_error(prog, error, debug):
+    """Report a bug: one line naming it and where its traceback is (printed above it with ``debug``); exit 1."""
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    where = "above"
+    if debug:
+        sys.stderr.write(text)
+    else:
+        try:
+            where = "in " + save_traceback(prog, text, getattr(error, "run_folder", None))
+        except (OSError, ToolkitError):   # nowhere to write it: then it is shown
+            sys.stderr.write(text)
+    print("%s: internal error (a bug of the toolkit, not a mistake of yours; please report it): %s: %s; "
+          "the traceback is %s" % (prog, type(error).__name__, one_line(error), where), file=sys.stderr)
+    return 1
+
+
+def save_traceback(prog, text, folder):
+    """The traceback's file: TRACEBACK in the run ``folder`` when there is one, else a new temporary file."""
+    if folder and os.path.isdir(folder):
+        from .caffe_io import atomic_write
+        return atomic_write(os.path.join(folder, TRACEBACK), text)
+    fd, path = tempfile.mkstemp(prefix="%s-internal-error-" % prog.replace(" ", "-"), suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
 
 
 def run(main):
     """``python -m`` tail: exit with what ``main`` returns."""
     sys.exit(main())
-
-
-def write_generated(make, output):
-    """A net generator's last step: the NetParameter ``make()`` builds (a ValueError of it is a usage
-    error) written to ``output``, or printed without one.  Returns the exit status."""
-    from .caffe_io import write_or_print_net
-    try:
-        net = make()
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    write_or_print_net(net, output)
-    return 0
 
 
 def say(tag, text, quiet=False):
@@ -170,7 +204,7 @@ def check_run_inputs(a, inputs, nets=(), train_list=True, runnable_part=False):
         for n, net, _ in given:
             netcheck.check_net(net, _flag(n) + " " + inputs[n], types=False)
         given = [(n, netcheck.runnable_view(net)[0], w) for n, net, w in given]
-    netcheck.probe_nets([(_flag(n) + " " + inputs[n], net, "test") for n, net, _ in given])
+    caffe_io.probe_nets([(_flag(n) + " " + inputs[n], net, "test") for n, net, _ in given])
     for _, net, weight in given:
         if weight:
             caffe_io.check_weights(caffe_io.net_from_param(net), caffe_io.read_weights(weight), weight, complete=True)

@@ -26,13 +26,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
 from base import caffe_io, cli, netcheck
+from base.errors import ToolkitError
 from base.lists import check_images_decode, read_list
 from base.netinput import input_layer
 from base.runfolder import RunFolder
 from . import heads, loop, snapshots, solver as solver_mod, trainnet
 
 
-class FineTuneError(ValueError):
+class FineTuneError(ToolkitError):
     pass
 
 

@@ -11,13 +11,14 @@ import sys
 import numpy as np
 
 from base import caffe_io
+from base.errors import ToolkitError
 from base.images import preprocess_for
 from base.lists import list_text
 from base.netinput import ALIGNED_SIZE, input_layer
 from . import trainnet
 
 
-class HeadError(ValueError):
+class HeadError(ToolkitError):
     pass
 
 

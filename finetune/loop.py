@@ -20,11 +20,12 @@ import sys
 import numpy as np
 
 from base import caffe_io, faults
+from base.errors import ToolkitError
 from base.figures import pyplot, save_figure
 from . import snapshots
 
 
-class TrainError(ValueError):
+class TrainError(ToolkitError):
     pass
 
 

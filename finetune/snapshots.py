@@ -24,6 +24,7 @@ import re
 import shutil
 
 from base import caffe_io
+from base.errors import ToolkitError
 from caffe.proto import caffe_pb2
 
 STATE, MODEL = ".solverstate", ".caffemodel"
@@ -32,7 +33,7 @@ DATA_TYPES = ("ImageData", "Data", "HDF5Data", "WindowData", "MemoryData")
 TWO_HISTORIES = ("Adam", "AdaDelta")
 
 
-class SnapshotError(ValueError):
+class SnapshotError(ToolkitError):
     pass
 
 

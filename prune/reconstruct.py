@@ -39,10 +39,6 @@ from prune.surgery import prune_net
 MAX_DIM = 8192
 
 
-class ReconstructError(ValueError):
-    pass
-
-
 class Normal:
     """Running normal equations of one layer, per convolution group (one for a plain layer), kept in
     two halves (alternate images) so that the ridge can be chosen on held-out samples:

@@ -28,6 +28,7 @@ import sys
 import numpy as np
 
 from base import caffe_io
+from base.errors import ToolkitError
 
 KINDS = ("caffe", "opencv-nofusion", "opencv", "mnn-nowinograd", "mnn")
 EXACT = ("caffe", "opencv-nofusion", "mnn-nowinograd")   # compute what Caffe computes, to float precision
@@ -37,7 +38,7 @@ LABELS = {"caffe": "Caffe", "opencv-nofusion": "OpenCV DNN (fusion off)", "openc
 WINOGRAD_MEMORY_LEVEL = 3       # MNN's Interpreter::HintMode number of that hint
 
 
-class RuntimeFailure(ValueError):
+class RuntimeFailure(ToolkitError):
     """A net a runtime cannot load or convert (named runtime and file)."""
 
 

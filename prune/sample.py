@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from base import caffe_io
+from base.errors import ToolkitError
 from prune import contrib, reconstruct
 from prune.gram import GramAccumulator
 
 
-class SampleError(ValueError):
+class SampleError(ToolkitError):
     pass
 
 

@@ -19,6 +19,7 @@ import os
 import numpy as np
 
 from base import caffe_io, cli
+from base.errors import ToolkitError
 from prune.criteria import CRITERIA, make as make_criterion
 from prune.policy import keep_count
 from prune.reconstruct import cut
@@ -27,7 +28,7 @@ from prune.sample import Targets, collect
 from prune.taylor import gradient_terms
 
 
-class SensitivityError(ValueError):
+class SensitivityError(ToolkitError):
     pass
 
 

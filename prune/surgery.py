@@ -19,12 +19,13 @@ from collections import OrderedDict, defaultdict
 import numpy as np
 
 from base import caffe_io, faults, netcheck
+from base.errors import ToolkitError
 from base.forks import DEPTHWISE_TYPES
 from base.proto import superset
 from prune.graph import build_graph, data_shapes, phase_view
 
 
-class PlanError(ValueError):
+class PlanError(ToolkitError):
     """A keep-list or a replacement weight that does not fit the net."""
 
 

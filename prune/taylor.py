@@ -46,8 +46,10 @@ from collections import OrderedDict, defaultdict
 
 import numpy as np
 
+from base.errors import ToolkitError
 
-class TaylorError(ValueError):
+
+class TaylorError(ToolkitError):
     """A group whose consumers the given net does not have, or that gets no gradient."""
 
 

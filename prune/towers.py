@@ -39,6 +39,7 @@ import copy
 import numpy as np
 
 from base import caffe_io, cli
+from base.errors import ToolkitError
 from prune.graph import build_graph
 from prune.widths import add_levels, level_keep
 from base.proto import caffe_pb2, superset
@@ -54,7 +55,7 @@ DESCRIPTION = ("Write the multi-width net of a deploy prototxt: one tower per ut
                "(blobs suffixed @75, @50 ...).")
 
 
-class TowerError(ValueError):
+class TowerError(ToolkitError):
     pass
 
 

@@ -21,7 +21,8 @@ import os
 
 import numpy as np
 
-from base import caffe_io, cli, netcheck
+from base import caffe_io, cli
+from base.errors import ToolkitError
 from prune.graph import build_graph
 from prune.surgery import prune_net, save_pruned
 
@@ -33,7 +34,7 @@ DESCRIPTION = ("Export the utilisation levels of a channel-prioritised net: for 
                "params/MACs table (OUT/widths.json).")
 
 
-class WidthError(ValueError):
+class WidthError(ToolkitError):
     pass
 
 
@@ -119,7 +120,7 @@ def main(argv=None):
     cli.check_outputs(dict(model=a.model, weights=a.weights), [os.path.join(a.out, "widths.json")] +
                       [s + ext for s in stems for ext in (".prototxt", ".caffemodel")])
     cli.check_out(a.out)
-    netcheck.probe_nets([("--model " + a.model, a.model, "test")])
+    caffe_io.probe_nets([("--model " + a.model, a.model, "test")])
     caffe_io.check_weights(caffe_io.net_from_param(caffe_io.read_net(a.model)), caffe_io.read_weights(a.weights),
                            a.weights, complete=True)
     rows = export_levels(a.model, a.weights, a.levels, a.out)

@@ -18,11 +18,11 @@ from google.protobuf import text_format
 from finetune import bnscale
 from finetune.centerloss import CenterLossError, center_loss, center_update, parse_params
 from base import caffe_io
-from prune.criteria import make
+from prune.criteria import CriterionError, make
 from prune.criteria.bnscale import global_threshold_keep, scale_gammas
 from prune.graph import build_graph
 from prune.sample import Evidence
-from prune.widths import export_width, level_keep, main as widths_main, masked_weights
+from prune.widths import WidthError, export_width, level_keep, main as widths_main, masked_weights
 from prototxt.sphereface import sphereface
 from conftest import shared_path
 import nets
@@ -231,7 +231,7 @@ def test_bnscale_criterion_and_global_threshold(tmp_path, capsys):
     n.r = L.PReLU(n.a, in_place=True)
     n.b = L.Convolution(n.a, num_output=2, kernel_size=3)
     g = build_graph(n.to_proto())
-    with pytest.raises(ValueError, match=r"group 'a' has no Scale layer among its passengers \(r\)"):
+    with pytest.raises(CriterionError, match=r"group 'a' has no Scale layer among its passengers \(r\)"):
         make("bnscale").select(Evidence(g["a"], {}), 2)
 
     # Through python -m prune --threshold: the global threshold as the driver's per-group table.
@@ -282,7 +282,7 @@ def test_exported_half_width_equals_masked_full_net(tmp_path):
     assert [layers[c].convolution_param.num_output for c in ("c1", "c2", "c3")] == [4, 4, 4]
     assert level_keep(graph, 0.75) == {"c1": list(range(6)), "c2": list(range(6))}
     assert {len(v) for v in level_keep(graph, 0.01).values()} == {1}
-    with pytest.raises(ValueError, match="utilisation level"):
+    with pytest.raises(WidthError, match="utilisation level"):
         level_keep(graph, 0)
 
 

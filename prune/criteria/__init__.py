@@ -25,7 +25,7 @@ a distillation train net, and both rank with the same criterion.
 A new criterion: one module here with a ``Criterion`` subclass, one line in
 ``CRITERIA``.
 """
-from .base import Criterion, Scored  # noqa: F401
+from .base import Criterion, CriterionError, Scored  # noqa: F401
 from .actsum import ActSum
 from .bnscale import BNScale
 from .l1 import L1
@@ -48,5 +48,5 @@ CRITERIA = {
 
 def make(name, **params):
     if name not in CRITERIA:
-        raise ValueError("unknown criterion %r; choose one of %s" % (name, ", ".join(CRITERIA)))
+        raise CriterionError("unknown criterion %r; choose one of %s" % (name, ", ".join(CRITERIA)))
     return CRITERIA[name](**params)

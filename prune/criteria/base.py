@@ -1,6 +1,12 @@
 """What every criterion is, and the criterion that scores channels one by one."""
 import numpy as np
 
+from base.errors import ToolkitError
+
+
+class CriterionError(ToolkitError):
+    """A criterion that cannot rank this net's channels (the bnscale criterion on a net without BN scales)."""
+
 
 class Criterion:
     """select(evidence, n_keep) -> sorted kept channels of ``evidence.group``.
