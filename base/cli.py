@@ -15,8 +15,8 @@
   every tool: the net (``--model --weights --blob --rgb``), the training
   list (``--train-list --train-root``), the teacher, the LFW evaluation
   (``--lfw-dir --pairs --eval-folds --no-flip``), fine-tuning
-  (``--finetune-lr``) and the run (``--out --seed --quiet``).  Old spellings
-  (``--root``, ``--lr``, ``--folds``) stay as hidden aliases.
+  (``--finetune-lr``) and the run (``--out --seed --quiet``).  A flag has
+  one name: no hidden aliases of old spellings.
 * ``check_files`` refuses missing inputs before anything is created.
 """
 import argparse
@@ -105,7 +105,7 @@ def save_traceback(prog, text, folder):
     if folder and os.path.isdir(folder):
         from .caffe_io import atomic_write
         return atomic_write(os.path.join(folder, TRACEBACK), text)
-    fd, path = tempfile.mkstemp(prefix="%s-internal-error-" % prog.replace(" ", "-"), suffix=".txt")
+    fd, path = tempfile.mkstemp(prefix="%s-internal-error-" % prog.split()[-1], suffix=".txt")
     with os.fdopen(fd, "w") as f:
         f.write(text)
     return path
@@ -222,11 +222,6 @@ def check_dirs(**paths):
             raise UsageError("--%s %s: no such folder" % (flag.replace("_", "-"), path))
 
 
-def hidden_alias(group, flag, dest, **kw):
-    """An old spelling of a flag: accepted, not shown in --help."""
-    group.add_argument(flag, dest=dest, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **kw)
-
-
 def yes_no(text):
     """'yes'/'no' (also true/false, 1/0) -> bool."""
     value = text.strip().lower()
@@ -322,13 +317,11 @@ def add_net(ap, weights_required=False, weights_help="its caffemodel (never modi
                          "Caffe's ImageData and the SphereFace release use")
 
 
-def add_train_list(group, required=False, list_help=None, old_root=True):
-    """--train-list --train-root (old name --root, unless the tool's --root meant another list)."""
+def add_train_list(group, required=False, list_help=None):
+    """--train-list --train-root."""
     group.add_argument("--train-list", required=required,
                        help=list_help or "training images, 'path label' lines (python -m finetune.lists makes one)")
     group.add_argument("--train-root", default="", help="folder the training list's paths are relative to")
-    if old_root:
-        hidden_alias(group, "--root", "train_root")
 
 
 def add_teacher(group, blob_default=None, rgb_default=None, teacher_help=None):
@@ -343,22 +336,20 @@ def add_teacher(group, blob_default=None, rgb_default=None, teacher_help=None):
 
 
 def add_lfw(group, required=False, folds_default="6-10"):
-    """--lfw-dir --pairs --eval-folds (old name --folds) --no-flip."""
+    """--lfw-dir --pairs --eval-folds --no-flip."""
     group.add_argument("--lfw-dir", required=required,
                        help="LFW images as NAME/NAME_0001.jpg (e.g. ../shared/data/lfw/images-112x112)")
     group.add_argument("--pairs", required=required, help="LFW View 2 pairs.txt (header '10 300')")
     group.add_argument("--eval-folds", default=folds_default,
                        help="LFW folds to cross-validate over (default %s; 6-10 for a net trained on the people of "
                             "folds 1-5)" % (folds_default or "all folds of --pairs"))
-    hidden_alias(group, "--folds", "eval_folds")
     group.add_argument("--no-flip", action="store_true",
                        help="embedding of the image alone (default: image and its mirror image, concatenated)")
 
 
 def add_finetune_lr(group, default, help):
-    """--finetune-lr (old name --lr)."""
+    """--finetune-lr."""
     group.add_argument("--finetune-lr", type=positive, default=default, help=help)
-    hidden_alias(group, "--lr", "finetune_lr", type=positive)
 
 
 def add_cache_dir(ap):
@@ -378,7 +369,7 @@ def check_gpu(ids):
     run = subprocess.run([sys.executable, "-c", code] + [str(i) for i in ids], capture_output=True, text=True,
                          timeout=300)
     if run.returncode != 0:
-        from .netcheck import glog_failure
+        from .caffe_io import glog_failure
         reason = glog_failure(run.stderr)
         if "CPU-only" in reason or "CPU_ONLY" in reason:
             reason = "this Caffe is built CPU-only (scripts/setup.sh --gpu builds a CUDA one)"

@@ -95,15 +95,8 @@ class FineTuneJob:
         c = asdict(self)
         c["stepvalues"] = list(self.stepvalues)
         c["gpu"] = list(self.gpu) if self.gpu is not None else None
-        if self.head != "softmax-center":   # settings of that head only (a run folder of another head
-            del c["lambda_c"], c["center_alpha"]   # made before they existed still resumes)
+        c["distill_features"] = list(self.distill_features)
         del c["cache_dir"]                  # where features are cached changes no result
-        if self.distill_features:
-            c["distill_features"] = list(self.distill_features)
-        else:                               # a run folder made before feature maps were copied still resumes
-            del c["distill_features"], c["feature_weight"]
-        if not self.augmentation():         # nor one made before augmentation
-            del c["augment_shift"], c["augment_scale"], c["augment_colour"]
         for key in ("deploy", "weights", "train_list", "teacher", "teacher_weights"):
             if c[key]:
                 c[key + "_sha256"] = caffe_io.file_sha256(c[key])
@@ -196,9 +189,9 @@ def finetune(job, resume=True, progress=True):
         done = run.load("done.json")
         if done is not None and done.get("config") == config:
             return done
-        if not resume and loop.latest_snapshot(p["snapshots"])[1]:
+        if not resume and snapshots.latest(p["snapshots"])[1]:
             raise FineTuneError("%s already has snapshots; pass --resume to continue them" % job.out)
-        p, n_iter, init = build(job, loop.latest_snapshot(p["snapshots"])[0] if resume else 0, progress)
+        p, n_iter, init = build(job, snapshots.latest(p["snapshots"])[0] if resume else 0, progress)
         run.save_config(config)
         try:
             return run.save("done.json", _train(job, p, n_iter, init, config, progress))
@@ -235,7 +228,7 @@ def _train_multi_gpu(job, p, init):
     tool = caffe_io.caffe_tool("caffe")
     train = caffe_io.read_net(p["train"])
     caffe_io.write_weights(train, init, p["init"])
-    _, state = loop.latest_snapshot(p["snapshots"])
+    _, state = snapshots.latest(p["snapshots"])
     cmd = [tool, "train", "-solver", p["solver"], "-gpu", ",".join(str(g) for g in job.gpu)]
     cmd += ["-snapshot", state] if state else ["-weights", p["init"]]
     print("running:", " ".join(cmd), file=sys.stderr)
@@ -245,7 +238,7 @@ def _train_multi_gpu(job, p, init):
             log.write("%s,%s\n" % m.groups())
     if run.returncode != 0:
         raise FineTuneError("caffe train failed:\n" + run.stderr[-2000:])
-    _, state = loop.latest_snapshot(p["snapshots"])
+    _, state = snapshots.latest(p["snapshots"])
     deploy = caffe_io.read_net(p["deploy"])
     trained = caffe_io.read_weights(state[:-len(".solverstate")] + ".caffemodel")
     weights = {layer.name: trained[layer.name] for layer in deploy.layer if layer.name in trained}

@@ -193,9 +193,5 @@ def check_space(folder, model_bytes, per=1):
                             "run the same command again to resume" % (folder, need / 1e6, free / 1e6))
 
 
-def folder_bytes(paths):
-    return sum(os.path.getsize(p) for p in paths if os.path.exists(p))
-
-
 def clear(folder):
     shutil.rmtree(folder, ignore_errors=True)

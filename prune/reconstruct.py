@@ -112,19 +112,6 @@ def design(layer, A, positions):
     return win.reshape(win.shape[0], -1).astype(np.float64)
 
 
-def sample_positions(layer, bottom_shape, per_image, n, rng):
-    """(images, rows, cols) of ``per_image`` random output positions per image (one per image for an
-    InnerProduct, whose output has no positions)."""
-    if layer.type == "InnerProduct":
-        return (np.arange(n),)
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = contrib.conv_geometry(layer.convolution_param)
-    H, W = bottom_shape[2:]
-    out_h = (H + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
-    out_w = (W + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
-    images = np.repeat(np.arange(n), per_image)
-    return images, rng.integers(0, out_h, len(images)), rng.integers(0, out_w, len(images))
-
-
 def layer_output(X, weights):
     """The layer's own output on design rows: X W' + b."""
     W = np.asarray(weights[0], dtype=np.float64)

@@ -139,7 +139,7 @@ class _NormalBuilder:
 
     def __call__(self, net, rng, first_image):
         A = net.blobs[self.bottom].data
-        positions = reconstruct.sample_positions(self.layer, A.shape, self.targets.positions, A.shape[0], rng)
+        positions = contrib.layer_positions(self.layer, A.shape, self.targets.positions, A.shape[0], rng)
         X = reconstruct.design(self.layer, A, positions)
         if self.targets.net is None:
             Y = reconstruct.layer_output(X, self.weights)
@@ -173,10 +173,7 @@ def _contributions(layer, consumer, W, A, C, rng, per_image):
         raise SampleError("consumer %r is a %s; ThiNet sampling handles Convolution and InnerProduct"
                           % (layer.name, layer.type))
     geometry = contrib.conv_geometry(layer.convolution_param)
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry
-    H, Wd = A.shape[2:]
-    out_h = (H + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
-    out_w = (Wd + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
+    out_h, out_w = contrib.output_hw(geometry, *A.shape[2:])
     chans = slice(consumer.start, consumer.start + C)
     images, filters, rows, cols = contrib.sample_positions(rng, n, per_image, W.shape[0], out_h, out_w)
     return contrib.conv_contributions(A[:, chans], W[:, chans], geometry, 1, filters, images, rows, cols)

@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from base import caffe_io, cli
+from base.errors import ToolkitError
 from prune import runtimes
 
 PROG = "python -m prune.verify"
@@ -62,7 +63,7 @@ def open_all(kinds, nets, work, threads):
     for kind in kinds:
         try:
             sessions.update(runtimes.open_sessions([kind], nets, work, threads))
-        except (runtimes.RuntimeFailure, ValueError, OSError) as e:
+        except (ToolkitError, ValueError, OSError) as e:   # ValueError: a runtime's library refusing the net
             if kind == "caffe":
                 raise
             errors[kind] = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -189,15 +189,18 @@ def test_a_closed_pipe_ends_quietly():
     assert "Traceback" not in err and "Broken pipe" not in err and err == ""
 
 
-def test_old_flag_names_are_hidden_aliases(capsys):
+def test_a_flag_has_one_name(capsys):
     from finetune.__main__ import parser as finetune_parser
     from eval_lfw.__main__ import parser as eval_parser
-    a = finetune_parser().parse_args(["--model", "m", "--train-list", "l", "--out", "o", "--root", "r",
-                                      "--lr", "0.5"])
+    a = finetune_parser().parse_args(["--model", "m", "--train-list", "l", "--out", "o", "--train-root", "r",
+                                      "--finetune-lr", "0.5"])
     assert (a.train_root, a.finetune_lr) == ("r", 0.5)
-    b = eval_parser().parse_args(["--model", "m", "--weights", "w", "--blob", "b", "--lfw-dir", "d",
-                                  "--pairs", "p", "--folds", "6-10"])
-    assert b.eval_folds == "6-10"
+    eval_args = ["--model", "m", "--weights", "w", "--blob", "b", "--lfw-dir", "d", "--pairs", "p"]
+    assert eval_parser().parse_args(eval_args + ["--eval-folds", "6-10"]).eval_folds == "6-10"
+    with pytest.raises(cli.UsageError, match="--folds"):      # the old spellings are gone
+        eval_parser().parse_args(eval_args + ["--folds", "6-10"])
+    with pytest.raises(cli.UsageError, match="--root"):
+        finetune_parser().parse_args(["--model", "m", "--train-list", "l", "--out", "o", "--root", "r"])
     with pytest.raises(SystemExit):
         finetune_parser().parse_args(["--help"])
     shown = capsys.readouterr().out

@@ -57,7 +57,7 @@ def setup(tmp_path_factory):
     s = lists.build(lfw, str(tmp / "list"), folds=[1, 2, 3, 4, 5], pairs=pairs, progress=False)
     args = ["--model", model, "--weights", weights, "--train-list", str(tmp / "list" / "train.txt"),
             "--train-root", s["root"], "--remove-per-step", "4", "--target-share", "0.3", "--finetune-iters", "6",
-            "--score-batches", "3", "--batch", "8", "--lr", "0.01", "--lfw-dir", lfw, "--pairs", pairs,
+            "--score-batches", "3", "--batch", "8", "--finetune-lr", "0.01", "--lfw-dir", lfw, "--pairs", pairs,
             "--seed", "1", "--quiet"]
     out = str(tmp / "run")
     log = tp.run(tp.settings(args + ["--out", out]))
