@@ -332,7 +332,7 @@ def training_stage(run, name, fn, settings):
 def run_pipeline(s):
     """Every stage of settings ``s`` in its run folder; returns the report."""
     from apps import report
-    from prune.speed import forward_ms
+    from prune.runtimes import forward_ms
     start = time.time()
     if s.gpu is not None:
         import caffe
