@@ -9,7 +9,7 @@ already pruned) net over the images once and returns an ``Evidence``:
 * ``actsum``: the sum over images and positions of each channel of the
   group's first blob (what the original Sphereface-prune scripts rank by);
 * ``weights`` and the ``group`` itself, for weight-based criteria;
-* ``taylor``: left empty here; the driver adds prune.taylor.gradient_terms
+* ``taylor``: left empty here; the driver adds prune.gradient.gradient_terms
   for criteria that need a loss gradient (a backward pass of its own);
 * ``normals[consumer]``: with ``targets``, the normal equations of every
   consumer's least-squares reconstruction (prune.reconstruct): its input
@@ -44,7 +44,7 @@ class Evidence:
     normals: dict = field(default_factory=dict)   # consumer layer -> prune.reconstruct.Normal
     images: int = 0
     samples: int = 0
-    taylor: np.ndarray = None    # first-order loss change per channel (prune.taylor), for needs_gradient criteria
+    taylor: np.ndarray = None    # first-order loss change per channel (prune.gradient), for needs_gradient criteria
 
 
 @dataclass

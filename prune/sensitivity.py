@@ -25,7 +25,7 @@ from prune.policy import keep_count
 from prune.reconstruct import cut
 from prune.graph import build_graph
 from prune.sample import Targets, collect
-from prune.taylor import gradient_terms
+from prune.gradient import gradient_terms
 
 
 class SensitivityError(ToolkitError):

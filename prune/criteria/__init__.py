@@ -19,7 +19,7 @@ each consumer's Gram matrix of sampled contributions and the activation sums,
 so weight-based, data-based and reconstruction-based criteria share one call.
 A criterion with ``needs_gradient`` (Taylor) also gets ``evidence.taylor``,
 the first-order change of a loss per channel from Caffe's backward pass
-(prune.taylor): the layer-by-layer driver uses a label-free loss, apps.taylor
+(prune.gradient): the layer-by-layer driver uses a label-free loss, apps.taylor
 a distillation train net, and both rank with the same criterion.
 
 A new criterion: one module here with a ``Criterion`` subclass, one line in
