@@ -8,7 +8,7 @@ snapshots/ (Caffe's own, the newest two kept), loss.csv (iteration, loss[,
 extra columns]), loss.png and final.caffemodel (the weights of ``deploy``'s
 layers, checked by loading them in Caffe).  A per-iteration ``step(solver)
 -> (loss, *extra)`` replaces ``solver.step(1)``: the BN-scale penalties of
-channel prioritisation (finetune.bnscale.step) are one.  Killed at any
+channel prioritisation (apps.prioritise.penalty.step) are one.  Killed at any
 point, the same call restores the newest intact snapshot (finetune.snapshots:
 a torn one is removed) and goes on exactly where the uninterrupted run would
 be, images included.

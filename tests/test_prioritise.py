@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from finetune import lists
-from apps import prioritise
+from apps.prioritise import __main__ as prioritise
 from base import caffe_io
 from prune.criteria.bnscale import scale_gammas
 from prune.graph import build_graph

@@ -1,12 +1,12 @@
 """Standalone sub-networks of a channel-prioritised net, one per utilisation level.
 
-A net trained with channel prioritisation (finetune.bnscale) holds its
+A net trained with channel prioritisation (apps.prioritise.penalty) holds its
 channels in order of importance, so the p % sub-network is the FIRST
 ceil(p * C) channels of every prunable channel group (prune.graph).  Each
 level is written as a plain deploy prototxt + caffemodel (prune.surgery,
 checked by loading it in real Caffe), with its params and MACs.
 
-    python -m prune.widths --model NET.prototxt --weights NET.caffemodel \\
+    python -m apps.prioritise.widths --model NET.prototxt --weights NET.caffemodel \\
         --levels 1.0,0.75,0.5 --out DIR
 
 For a BatchNorm net the p % sub-network computes exactly what the full net
@@ -27,7 +27,7 @@ from prune.graph import build_graph
 from prune.surgery import prune_net, save_pruned
 
 
-PROG = "python -m prune.widths"
+PROG = "python -m apps.prioritise.widths"
 DESCRIPTION = ("Export the utilisation levels of a channel-prioritised net: for each level p, the first "
                "ceil(p * C) channels of every prunable channel group are kept and a standalone deploy "
                "prototxt + caffemodel is written (each loaded in real Caffe before it is kept), with a "
