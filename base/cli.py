@@ -29,7 +29,7 @@ import traceback
 from .errors import ToolkitError, UsageError
 
 # What ``entry`` reports as the user's mistake; any other exception is a bug of the toolkit.
-USER_ERRORS = (ToolkitError, FileNotFoundError, PermissionError, IsADirectoryError)
+USER_ERRORS = (ToolkitError, FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError)
 DEBUG = "--debug"
 TRACEBACK = "internal-error.txt"   # in the run folder (base.runfolder tags an error with it)
 

@@ -133,7 +133,7 @@ def _check_numbers(job):
 def check_job(job):
     """Everything a job needs, checked before anything is written: numbers, files, that no output overwrites an
     input, nets Caffe can build (base.netcheck), caffemodels holding every layer of their net, a list of images
-    Caffe can decode, the GPU.  Raises a named error (a ValueError)."""
+    Caffe can decode, the GPU.  Raises a named error (a base.errors.ToolkitError)."""
     _check_numbers(job)
     cli.check_files(**job.inputs())
     cli.check_outputs(job.inputs(), [os.path.join(job.out, "")])

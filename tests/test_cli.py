@@ -178,6 +178,10 @@ def test_every_parser_has_the_debug_flag(capsys):
         cli.parser("python -m x", "x").parse_args(["--help"])
     assert "--debug" in capsys.readouterr().out
     assert cli.parser("python -m x", "x").parse_args(["--debug"]).debug
+    # every entry point's parser is base.cli's: none is built with argparse directly
+    direct = [os.path.relpath(p, ROOT) for p in python_files(*PACKAGES) if p != cli.__file__
+              and "ArgumentParser(" in open(p).read()]
+    assert direct == []
 
 
 def test_a_closed_pipe_ends_quietly():
