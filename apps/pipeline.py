@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from base import caffe_io, cli
+from base.errors import ToolkitError
 from base.runfolder import RunFolder, command_config
 from base.shared import shared_dir
 from eval_lfw.evaluator import EvalSpec, spec_from_args
@@ -42,7 +43,7 @@ PRESETS = {
 }
 
 
-class PipelineError(ValueError):
+class PipelineError(ToolkitError):
     pass
 
 
@@ -338,7 +339,7 @@ def training_stage(run, name, fn, settings):
 def run_pipeline(s):
     """Every stage of settings ``s`` in its run folder; returns the report."""
     from apps import report
-    from prune.speed import forward_ms
+    from prune.runtimes import forward_ms
     start = time.time()
     if s.gpu is not None:
         import caffe

@@ -1,6 +1,6 @@
 """python -m apps.taylor: iterative first-order Taylor filter pruning (Molchanov et al.).
 
-Each step scores every channel of the CURRENT net with prune.taylor (Caffe's
+Each step scores every channel of the CURRENT net with prune.gradient (Caffe's
 own backward through a distillation train net whose teacher embeddings are
 computed once and looked up), removes the K globally lowest (group, channel)
 pairs (a group always keeps one channel), writes the smaller net with
@@ -33,6 +33,7 @@ from typing import Optional
 import numpy as np
 
 from base import caffe_io, cli
+from base.errors import ToolkitError
 from base.figures import pyplot, save_figure
 from base.runfolder import RunFolder, command_config
 from eval_lfw.evaluator import EvalSpec, spec_from_args
@@ -41,7 +42,7 @@ from finetune import driver
 PROG = "python -m apps.taylor"
 
 
-class TaylorPruneError(ValueError):
+class TaylorPruneError(ToolkitError):
     pass
 
 
@@ -157,7 +158,7 @@ def _job(st, d, out, proto, weights, iters):
 
 def score_net(st, d, out, proto, weights):
     """The distillation train net of the current net (TRAIN phase, current weights, teacher table
-    loaded), its own ImageData seeded with --seed, ready for prune.taylor."""
+    loaded), its own ImageData seeded with --seed, ready for prune.gradient."""
     import caffe
     paths, _, init = driver.build(_job(st, d, out, proto, weights, 1), progress=not st.quiet)
     caffe.set_random_seed(st.seed)
@@ -168,7 +169,7 @@ def score_net(st, d, out, proto, weights):
 
 def score(st, d, folder, proto, weights, graph):
     """{group id: Taylor score per current channel} (scores.json is the record)."""
-    from prune.taylor import taylor_scores
+    from prune.gradient import taylor_scores
     net = score_net(st, d, os.path.join(folder, "score"), proto, weights)
     return taylor_scores(net, graph.prunable(), st.score_batches)
 

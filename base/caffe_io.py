@@ -14,6 +14,10 @@ through here:
   shapes Caffe will ask for, named errors otherwise
 * ``open_net(prototxt, weights)``, ``net_from_param(net)``  a caffe.Net, the
   net checked first for what Caffe would abort on (base.netcheck)
+* ``probe_nets(nets)``  build nets in a forked child process, the one way to
+  learn what else Caffe would abort on without this process dying (a kernel
+  larger than its input, Concat of unequal shapes): the child's last glog
+  line becomes the error
 
 Writes go to a temporary file in the destination folder and are renamed over
 the target only when complete, so a crash never leaves half a model behind,
@@ -32,10 +36,7 @@ from google.protobuf import text_format
 from .proto import caffe_pb2
 
 from . import faults, netcheck
-
-
-class CaffeFileError(ValueError):
-    """A Caffe file that cannot be read, or does not fit its net."""
+from .errors import CaffeFileError
 
 
 # ------------------------------------------------------------------ writing
@@ -491,3 +492,54 @@ def runnable_net(net, weights=None, source="weights", phase="test"):
     if weights is not None:
         load_into(cnet, weights, source, complete=True)
     return cnet
+
+
+# ------------------------------------------------------------------ building in a child process
+
+def glog_failure(stderr):
+    """The reason in a Caffe process's last words: its 'Check failed' / fatal glog line, else the last line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line[:1] == "F" and "] " in line:
+            return line.split("] ", 1)[1]
+    return lines[-1] if lines else "no message"
+
+
+def _build_in_child(path, phase):
+    """Build one net in a forked child (the parent's Caffe, nothing re-imported); (ok, its stderr)."""
+    import caffe
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child: its stderr into the pipe, then the net, then out without any clean-up
+        try:
+            os.close(read)
+            os.dup2(write, 2)
+            caffe.set_mode_cpu()   # no CUDA in a forked child
+            caffe.Net(path, caffe.TEST if phase == "test" else caffe.TRAIN)
+            code = 0
+        except BaseException:
+            code = 3
+        os._exit(code)
+    os.close(write)
+    chunks = []
+    while True:
+        chunk = os.read(read, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(read)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, b"".join(chunks).decode(errors="replace")
+
+
+def probe_nets(nets):
+    """Build every (label, path or NetParameter, phase) once where a failure cannot hurt: in a forked child
+    process.  A net Caffe cannot build raises CaffeFileError naming its label and Caffe's reason."""
+    for label, net, phase in nets:   # what can be named precisely is, in this process
+        netcheck.check_net(read_net(net) if isinstance(net, (str, os.PathLike)) else net, label, _phase(phase))
+    with tempfile.TemporaryDirectory(prefix="probe-") as tmp:
+        for i, (label, net, phase) in enumerate(nets):
+            path = net if isinstance(net, (str, os.PathLike)) else write_net(net, os.path.join(tmp, "%d.prototxt" % i))
+            ok, stderr = _build_in_child(os.fspath(path), phase)
+            if not ok:
+                raise CaffeFileError("%s: Caffe cannot build this net: %s" % (label, glog_failure(stderr)))

@@ -1,31 +1,47 @@
 """The command-line layer every ``python -m`` entry point goes through.
 
-* ``entry(prog)`` wraps ``main(argv)``: a user's mistake (ValueError or
-  OSError, the message naming the file, layer or flag) becomes ONE line
-  ``PROG: error: ...`` on stderr and exit status 2, never a traceback;
-  Ctrl-C one line and 130; a closed pipe (``| head``) ends quietly.
+* ``entry(prog)`` wraps ``main(argv)``: a user's mistake (a
+  base.errors.ToolkitError, the message naming the file, layer or flag, or a
+  missing or unreadable file) becomes ONE line ``PROG: error: ...`` on stderr
+  and exit status 2, never a traceback.  Any other exception is a bug: one
+  line ``PROG: internal error ...`` and exit status 1, its traceback written
+  to the run folder when the run has one (``internal-error.txt``), else to a
+  temporary file, both named in the line; ``--debug`` (every parser has it)
+  prints it instead.  Ctrl-C one line and 130; a closed pipe (``| head``)
+  ends quietly.
 * ``parser(prog, ...)`` is argparse whose own errors (a missing or malformed
   flag) take the same one-line road instead of printing the usage block.
 * The shared argument groups give a flag one name and one help text in
   every tool: the net (``--model --weights --blob --rgb``), the training
   list (``--train-list --train-root``), the teacher, the LFW evaluation
   (``--lfw-dir --pairs --eval-folds --no-flip``), fine-tuning
-  (``--finetune-lr``) and the run (``--out --seed --quiet``).  Old spellings
-  (``--root``, ``--lr``, ``--folds``) stay as hidden aliases.
+  (``--finetune-lr``) and the run (``--out --seed --quiet``).  A flag has
+  one name: no hidden aliases of old spellings.
 * ``check_files`` refuses missing inputs before anything is created.
 """
 import argparse
 import functools
 import os
 import sys
+import tempfile
+import traceback
 
+from .errors import ToolkitError, UsageError
 
-class UsageError(ValueError):
-    """A flag that is missing, malformed or contradicts another."""
+# What ``entry`` reports as the user's mistake; any other exception is a bug of the toolkit.
+USER_ERRORS = (ToolkitError, FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError)
+DEBUG = "--debug"
+TRACEBACK = "internal-error.txt"   # in the run folder (base.runfolder tags an error with it)
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (see ``entry``)."""
+    """argparse with one-line errors and the global --debug flag (see ``entry``)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.add_argument(DEBUG, action="store_true",
+                          help="on an internal error (a bug, exit status 1) print its traceback instead of writing "
+                               "it to a file")
 
     def error(self, message):
         raise UsageError(message)
@@ -58,28 +74,46 @@ def entry(prog):
             except BrokenPipeError:   # the reader went away: no message, no flush error at exit
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
                 return 1
-            except (ValueError, OSError) as e:
+            except USER_ERRORS as e:
                 print("%s: error: %s" % (prog, one_line(e)), file=sys.stderr)
                 return 2
+            except Exception as e:
+                args = sys.argv[1:] if argv is None else list(argv)
+                return internal_error(prog, e, DEBUG in args[:args.index("--")] if "--" in args else DEBUG in args)
         return guarded
     return wrap
+
+
+def internal_error(prog, error, debug):
+    """Report a bug: one line naming it and where its traceback is (printed above it with ``debug``); exit 1."""
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    where = "above"
+    if debug:
+        sys.stderr.write(text)
+    else:
+        try:
+            where = "in " + save_traceback(prog, text, getattr(error, "run_folder", None))
+        except (OSError, ToolkitError):   # nowhere to write it: then it is shown
+            sys.stderr.write(text)
+    print("%s: internal error (a bug of the toolkit, not a mistake of yours; please report it): %s: %s; "
+          "the traceback is %s" % (prog, type(error).__name__, one_line(error), where), file=sys.stderr)
+    return 1
+
+
+def save_traceback(prog, text, folder):
+    """The traceback's file: TRACEBACK in the run ``folder`` when there is one, else a new temporary file."""
+    if folder and os.path.isdir(folder):
+        from .caffe_io import atomic_write
+        return atomic_write(os.path.join(folder, TRACEBACK), text)
+    fd, path = tempfile.mkstemp(prefix="%s-internal-error-" % prog.split()[-1], suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
 
 
 def run(main):
     """``python -m`` tail: exit with what ``main`` returns."""
     sys.exit(main())
-
-
-def write_generated(make, output):
-    """A net generator's last step: the NetParameter ``make()`` builds (a ValueError of it is a usage
-    error) written to ``output``, or printed without one.  Returns the exit status."""
-    from .caffe_io import write_or_print_net
-    try:
-        net = make()
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    write_or_print_net(net, output)
-    return 0
 
 
 def say(tag, text, quiet=False):
@@ -170,7 +204,7 @@ def check_run_inputs(a, inputs, nets=(), train_list=True, runnable_part=False):
         for n, net, _ in given:
             netcheck.check_net(net, _flag(n) + " " + inputs[n], types=False)
         given = [(n, netcheck.runnable_view(net)[0], w) for n, net, w in given]
-    netcheck.probe_nets([(_flag(n) + " " + inputs[n], net, "test") for n, net, _ in given])
+    caffe_io.probe_nets([(_flag(n) + " " + inputs[n], net, "test") for n, net, _ in given])
     for _, net, weight in given:
         if weight:
             caffe_io.check_weights(caffe_io.net_from_param(net), caffe_io.read_weights(weight), weight, complete=True)
@@ -186,11 +220,6 @@ def check_dirs(**paths):
     for flag, path in paths.items():
         if path and not os.path.isdir(path):
             raise UsageError("--%s %s: no such folder" % (flag.replace("_", "-"), path))
-
-
-def hidden_alias(group, flag, dest, **kw):
-    """An old spelling of a flag: accepted, not shown in --help."""
-    group.add_argument(flag, dest=dest, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **kw)
 
 
 def yes_no(text):
@@ -288,13 +317,11 @@ def add_net(ap, weights_required=False, weights_help="its caffemodel (never modi
                          "Caffe's ImageData and the SphereFace release use")
 
 
-def add_train_list(group, required=False, list_help=None, old_root=True):
-    """--train-list --train-root (old name --root, unless the tool's --root meant another list)."""
+def add_train_list(group, required=False, list_help=None):
+    """--train-list --train-root."""
     group.add_argument("--train-list", required=required,
                        help=list_help or "training images, 'path label' lines (python -m finetune.lists makes one)")
     group.add_argument("--train-root", default="", help="folder the training list's paths are relative to")
-    if old_root:
-        hidden_alias(group, "--root", "train_root")
 
 
 def add_teacher(group, blob_default=None, rgb_default=None, teacher_help=None):
@@ -309,22 +336,20 @@ def add_teacher(group, blob_default=None, rgb_default=None, teacher_help=None):
 
 
 def add_lfw(group, required=False, folds_default="6-10"):
-    """--lfw-dir --pairs --eval-folds (old name --folds) --no-flip."""
+    """--lfw-dir --pairs --eval-folds --no-flip."""
     group.add_argument("--lfw-dir", required=required,
                        help="LFW images as NAME/NAME_0001.jpg (e.g. ../shared/data/lfw/images-112x112)")
     group.add_argument("--pairs", required=required, help="LFW View 2 pairs.txt (header '10 300')")
     group.add_argument("--eval-folds", default=folds_default,
                        help="LFW folds to cross-validate over (default %s; 6-10 for a net trained on the people of "
                             "folds 1-5)" % (folds_default or "all folds of --pairs"))
-    hidden_alias(group, "--folds", "eval_folds")
     group.add_argument("--no-flip", action="store_true",
                        help="embedding of the image alone (default: image and its mirror image, concatenated)")
 
 
 def add_finetune_lr(group, default, help):
-    """--finetune-lr (old name --lr)."""
+    """--finetune-lr."""
     group.add_argument("--finetune-lr", type=positive, default=default, help=help)
-    hidden_alias(group, "--lr", "finetune_lr", type=positive)
 
 
 def add_cache_dir(ap):
@@ -344,7 +369,7 @@ def check_gpu(ids):
     run = subprocess.run([sys.executable, "-c", code] + [str(i) for i in ids], capture_output=True, text=True,
                          timeout=300)
     if run.returncode != 0:
-        from .netcheck import glog_failure
+        from .caffe_io import glog_failure
         reason = glog_failure(run.stderr)
         if "CPU-only" in reason or "CPU_ONLY" in reason:
             reason = "this Caffe is built CPU-only (scripts/setup.sh --gpu builds a CUDA one)"

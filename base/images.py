@@ -24,12 +24,13 @@ from PIL import Image
 
 
 from .netinput import ALIGNED_SIZE, CROP_COLUMNS, CROPS, crop_rule
+from .errors import ToolkitError
 
 MEAN = 127.5
 SCALE = 0.0078125
 
 
-class ImageError(ValueError):
+class ImageError(ToolkitError):
     """An image, landmark file or preprocessing the net cannot use (the message names it)."""
 
 

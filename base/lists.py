@@ -12,10 +12,12 @@ import os
 
 import numpy as np
 
+from .errors import ToolkitError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".webp")
 
 
-class ListError(ValueError):
+class ListError(ToolkitError):
     """An image list or image tree that cannot be used; names file and line."""
 
 

@@ -18,18 +18,17 @@ looks at a NetParameter in the phase Caffe will build and raises a
 * an Input without a shape; a data layer whose source file is missing or
   whose image list is empty or names a missing first image.
 
-``probe_nets`` builds nets in a forked child process, the one way to learn
-about everything else (a kernel larger than its input, Concat of unequal
-shapes) without this process dying: the child's last glog line becomes the
-error.
+What no look at the NetParameter finds (a kernel larger than its input, Concat
+of unequal shapes), ``base.caffe_io.probe_nets`` learns by building the net
+in a child process.
 ``phase_view`` is Caffe's own layer filter (phase, level, stage rules);
 ``runnable_view`` the part of a fork's net this Caffe build can run (what
 the toolkit checks in Caffe when the whole net cannot be).
 """
 import os
-import tempfile
 
 from . import forks
+from .errors import CaffeFileError
 from .proto import caffe_pb2, superset
 
 # Types whose output may overwrite their input (element-wise layers and what BVLC runs in place).
@@ -37,11 +36,6 @@ IN_PLACE = frozenset(("ReLU", "PReLU", "ELU", "Sigmoid", "TanH", "AbsVal", "BNLL
                       "Dropout", "BatchNorm", "Scale", "Bias", "Clip", "Swish", "Softmax"))
 DATA_SOURCES = {"ImageData": "image_data_param", "Data": "data_param", "HDF5Data": "hdf5_data_param",
                 "WindowData": "window_data_param"}
-
-
-def _error(text):
-    from .caffe_io import CaffeFileError
-    return CaffeFileError(text)
 
 
 def _meets(rule, state):
@@ -76,7 +70,7 @@ def known_types():
 
 def _check_type(layer, known, source):
     if layer.type not in known:
-        raise _error("%s: layer %r has type %r, which this Caffe build does not have (%s)"
+        raise CaffeFileError("%s: layer %r has type %r, which this Caffe build does not have (%s)"
                      % (source, layer.name, layer.type, forks.describe_type(layer.type) or "a layer of a Caffe fork?"))
     if layer.type == "Python":
         import importlib.util
@@ -86,7 +80,7 @@ def _check_type(layer, known, source):
         except (ImportError, ValueError):
             found = False
         if not found or not layer.python_param.layer:
-            raise _error("%s: Python layer %r: module %r (layer %r) cannot be found on the Python path"
+            raise CaffeFileError("%s: Python layer %r: module %r (layer %r) cannot be found on the Python path"
                          % (source, layer.name, module, layer.python_param.layer))
 
 
@@ -94,16 +88,17 @@ def _check_blobs(layer, blobs, producer, source):
     """Bottoms defined before use; tops new, or in place (top i == bottom i) where the type allows it."""
     for bottom in layer.bottom:
         if bottom not in blobs:
-            raise _error("%s: layer %r reads blob %r, which no earlier layer produces (a misspelt name, or a loop "
-                         "through a later layer)" % (source, layer.name, bottom))
+            raise CaffeFileError("%s: layer %r reads blob %r, which no earlier layer produces (a misspelt name, "
+                                 "or a loop through a later layer)" % (source, layer.name, bottom))
     for i, top in enumerate(layer.top):
         in_place = i < len(layer.bottom) and layer.bottom[i] == top
         if in_place and layer.type not in IN_PLACE and layer.type in known_types() and layer.type != "Python":
-            raise _error("%s: layer %r (%s) writes its output over its input blob %r (in place); only element-wise "
-                         "layers (ReLU, PReLU, BatchNorm, Scale, ...) may run in place" % (source, layer.name,
-                                                                                         layer.type, top))
+            raise CaffeFileError("%s: layer %r (%s) writes its output over its input blob %r (in place); only "
+                                 "element-wise layers (ReLU, PReLU, BatchNorm, Scale, ...) may run in place"
+                                 % (source, layer.name, layer.type, top))
         if top in blobs and not in_place:
-            raise _error("%s: blob %r is produced by two layers, %r and %r" % (source, top, producer[top], layer.name))
+            raise CaffeFileError("%s: blob %r is produced by two layers, %r and %r"
+                                 % (source, top, producer[top], layer.name))
         blobs.add(top)
         producer.setdefault(top, layer.name)
 
@@ -117,7 +112,7 @@ def _check_source(layer, source):
     if layer.type == "ImageData":
         _check_image_list(layer, path, param.root_folder, source)
     elif not path or not os.path.exists(path):
-        raise _error("%s: data layer %r reads %r, which does not exist" % (source, layer.name, path))
+        raise CaffeFileError("%s: data layer %r reads %r, which does not exist" % (source, layer.name, path))
 
 
 def _check_image_list(layer, path, root, source):
@@ -126,13 +121,14 @@ def _check_image_list(layer, path, root, source):
         with open(path, encoding="utf-8") as f:
             first = next((line for line in f if line.strip()), None)
     except (OSError, UnicodeDecodeError) as e:
-        raise _error("%s: data layer %r reads image list %r: %s" % (source, layer.name, path,
+        raise CaffeFileError("%s: data layer %r reads image list %r: %s" % (source, layer.name, path,
                                                                     getattr(e, "strerror", None) or e)) from None
     if first is None:
-        raise _error("%s: data layer %r: image list %s is empty" % (source, layer.name, path))
+        raise CaffeFileError("%s: data layer %r: image list %s is empty" % (source, layer.name, path))
     image = root + first.rstrip().rpartition(" ")[0]
     if not os.path.isfile(image):
-        raise _error("%s: data layer %r: the first image of %s, %s, does not exist" % (source, layer.name, path, image))
+        raise CaffeFileError("%s: data layer %r: the first image of %s, %s, does not exist"
+                             % (source, layer.name, path, image))
 
 
 # What BVLC Caffe offers instead of a fork field, where it has the same thing.
@@ -149,7 +145,7 @@ def fork_field_error(layer, source):
         return None
     field, fork = found[0]
     hint = FORK_FIELD_HINTS.get(field)
-    return _error("%s: layer %r (%s) sets %s, a field of %s that this Caffe build does not read: its parser "
+    return CaffeFileError("%s: layer %r (%s) sets %s, a field of %s that this Caffe build does not read: its parser "
                   "refuses the prototxt%s" % (source, layer.name, layer.type, field, forks.fork_name(fork),
                                               "; " + hint if hint else ""))
 
@@ -166,16 +162,17 @@ def check_net(net, source="net", phase=caffe_pb2.TEST, types=True):
     blobs, producer, names = set(), {}, {}
     for layer in layers:
         if layer.name in names:
-            raise _error("%s: two layers are named %r (weights are stored by layer name)" % (source, layer.name))
+            raise CaffeFileError("%s: two layers are named %r (weights are stored by layer name)"
+                                 % (source, layer.name))
         names[layer.name] = layer
         if types:
             _check_type(layer, known, source)
         if layer.type == "Input" and len(layer.input_param.shape) == 0:
-            raise _error("%s: Input layer %r has no shape" % (source, layer.name))
+            raise CaffeFileError("%s: Input layer %r has no shape" % (source, layer.name))
         _check_source(layer, source)
         _check_blobs(layer, blobs, producer, source)
     if not layers:
-        raise _error("%s: the net has no layers in the %s phase" % (source, "TEST" if phase == caffe_pb2.TEST
+        raise CaffeFileError("%s: the net has no layers in the %s phase" % (source, "TEST" if phase == caffe_pb2.TEST
                                                                      else "TRAIN"))
     return net
 
@@ -229,56 +226,3 @@ def causes(left):
 
 
 _TAINTED = "reads "
-
-
-# ------------------------------------------------------------------ building in a child process
-
-def glog_failure(stderr):
-    """The reason in a Caffe process's last words: its 'Check failed' / fatal glog line, else the last line."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if line[:1] == "F" and "] " in line:
-            return line.split("] ", 1)[1]
-    return lines[-1] if lines else "no message"
-
-
-def _build_in_child(path, phase):
-    """Build one net in a forked child (the parent's Caffe, nothing re-imported); (ok, its stderr)."""
-    import caffe
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:   # the child: its stderr into the pipe, then the net, then out without any clean-up
-        try:
-            os.close(read)
-            os.dup2(write, 2)
-            caffe.set_mode_cpu()   # no CUDA in a forked child
-            caffe.Net(path, caffe.TEST if phase == "test" else caffe.TRAIN)
-            code = 0
-        except BaseException:
-            code = 3
-        os._exit(code)
-    os.close(write)
-    chunks = []
-    while True:
-        chunk = os.read(read, 65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(read)
-    _, status = os.waitpid(pid, 0)
-    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, b"".join(chunks).decode(errors="replace")
-
-
-def probe_nets(nets):
-    """Build every (label, path or NetParameter, phase) once where a failure cannot hurt: in a forked child
-    process.  A net Caffe cannot build raises CaffeFileError naming its label and Caffe's reason."""
-    from .caffe_io import read_net, write_net
-    for label, net, phase in nets:   # what can be named precisely is, in this process
-        check_net(read_net(net) if isinstance(net, (str, os.PathLike)) else net, label,
-                  caffe_pb2.TEST if phase == "test" else caffe_pb2.TRAIN)
-    with tempfile.TemporaryDirectory(prefix="probe-") as tmp:
-        for i, (label, net, phase) in enumerate(nets):
-            path = net if isinstance(net, (str, os.PathLike)) else write_net(net, os.path.join(tmp, "%d.prototxt" % i))
-            ok, stderr = _build_in_child(os.fspath(path), phase)
-            if not ok:
-                raise _error("%s: Caffe cannot build this net: %s" % (label, glog_failure(stderr)))

@@ -25,13 +25,14 @@ import shutil
 import time
 
 from .caffe_io import atomic_write, sweep_litter
+from .errors import ToolkitError
 
 LOCK = ".lock"
 CONFIG = "config.json"
 OPEN = "settings_open_after_a_failure"   # config.json key: settings a discarded stage used (see reopen)
 
 
-class RunFolderError(ValueError):
+class RunFolderError(ToolkitError):
     """A run folder in use, or holding a run of other settings."""
 
 
@@ -53,7 +54,7 @@ class RunFolder:
 
     def __init__(self, path, error=RunFolderError):
         self.path = os.fspath(path)
-        self.error = error           # the driver's own error type (a ValueError): its users catch that one
+        self.error = error           # the driver's own error type (a ToolkitError): its users catch that one
         self._fd = None
         self._created = False
 
@@ -66,6 +67,8 @@ class RunFolder:
             # refused before its settings were recorded (an input found wrong): leave nothing behind, and
             # remove it while still holding the lock, so a run that starts meanwhile finds no half-gone folder
             shutil.rmtree(self.path, ignore_errors=True)
+        elif isinstance(value, Exception) and not isinstance(value, ToolkitError):
+            value.run_folder = self.path   # a bug: base.cli.entry writes its traceback here
         self.close()
 
     def open(self):

@@ -1,7 +1,7 @@
 """python -m eval_lfw: LFW verification accuracy (10-fold protocol) of a Caffe face model."""
 import os
 
-from base import cli, netcheck
+from base import caffe_io, cli
 from base.netinput import CROPS
 
 from .features import DEFAULT_CACHE
@@ -69,7 +69,7 @@ def main(argv=None):
     if args.out:
         cli.check_outputs(inputs, [os.path.join(args.out, name) for name in ("results.json", "roc.png")])
         cli.check_out(args.out)
-    netcheck.probe_nets([("--model " + args.model, args.model, "test")])
+    caffe_io.probe_nets([("--model " + args.model, args.model, "test")])
     from . import evaluator
     result = evaluator.evaluate(
         args.model, args.blob, args.lfw_dir, args.pairs, weights=args.weights, folds=args.eval_folds,

@@ -1,7 +1,7 @@
 """python -m finetune: fine-tune (or train) a Caffe deploy net with Caffe's solver."""
 import json
 
-from base import cli, netcheck
+from base import caffe_io, cli
 from .driver import FineTuneJob, finetune
 from .hooks import add_fold_bn, add_similarity
 from .solver import POLICIES
@@ -108,7 +108,7 @@ def main(argv=None):
     job = job_of(a)
     cli.check_files(**job.inputs())
     cli.check_out(a.out)
-    netcheck.probe_nets([(flag + " " + path, path, "test") for flag, path in
+    caffe_io.probe_nets([(flag + " " + path, path, "test") for flag, path in
                          (("--model", job.deploy), ("--teacher", job.teacher)) if path])
     done = finetune(job, resume=a.resume, progress=not a.quiet)
     print(json.dumps({k: v for k, v in done.items() if k != "config"}, indent=1))

@@ -53,6 +53,8 @@ import numpy as np
 
 import caffe
 
+from base.errors import ToolkitError
+
 from .layerparams import class_labels, json_params
 
 DEFAULTS = {"num_output": None, "m": 4, "base": 1000.0, "gamma": 0.12, "power": 1.0,
@@ -61,7 +63,7 @@ GRADIENTS = ("sphereface", "exact")
 _TINY = 1e-12
 
 
-class AsoftmaxError(ValueError):
+class AsoftmaxError(ToolkitError):
     """A param_str, bottom or label the A-Softmax layer cannot use."""
 
 

@@ -28,12 +28,14 @@ import numpy as np
 
 import caffe
 
+from base.errors import ToolkitError
+
 from .layerparams import json_params
 
 DEFAULTS = {"shift": 0, "scale": 0.0, "colour": 0.0, "mixup": 0.0, "seed": 0}
 
 
-class AugmentError(ValueError):
+class AugmentError(ToolkitError):
     pass
 
 

@@ -27,11 +27,12 @@ import tempfile
 import numpy as np
 
 from base import caffe_io
+from base.errors import ToolkitError
 from base.netinput import input_layer
 from base.proto import caffe_pb2
 
 
-class BlockFitError(ValueError):
+class BlockFitError(ToolkitError):
     pass
 
 

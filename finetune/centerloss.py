@@ -35,12 +35,14 @@ import numpy as np
 
 import caffe
 
+from base.errors import ToolkitError
+
 from .layerparams import class_labels, json_params
 
 DEFAULTS = {"num_output": None, "alpha": 0.5}
 
 
-class CenterLossError(ValueError):
+class CenterLossError(ToolkitError):
     """A param_str, bottom or label the center-loss layer cannot use."""
 
 

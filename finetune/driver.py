@@ -26,13 +26,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
 from base import caffe_io, cli, netcheck
+from base.errors import ToolkitError
 from base.lists import check_images_decode, read_list
 from base.netinput import input_layer
 from base.runfolder import RunFolder, cpu_seconds
 from . import fold, heads, loop, snapshots, solver as solver_mod, trainnet
 
 
-class FineTuneError(ValueError):
+class FineTuneError(ToolkitError):
     pass
 
 
@@ -99,15 +100,8 @@ class FineTuneJob:
         c = asdict(self)
         c["stepvalues"] = list(self.stepvalues)
         c["gpu"] = list(self.gpu) if self.gpu is not None else None
-        if self.head != "softmax-center":   # settings of that head only (a run folder of another head
-            del c["lambda_c"], c["center_alpha"]   # made before they existed still resumes)
+        c["distill_features"] = list(self.distill_features)
         del c["cache_dir"]                  # where features are cached changes no result
-        if self.distill_features:
-            c["distill_features"] = list(self.distill_features)
-        else:                               # a run folder made before feature maps were copied still resumes
-            del c["distill_features"], c["feature_weight"]
-        if not self.augmentation():         # nor one made before augmentation
-            del c["augment_shift"], c["augment_scale"], c["augment_colour"], c["augment_mixup"]
         for key in ("deploy", "weights", "train_list", "teacher", "teacher_weights"):
             if c[key]:
                 c[key + "_sha256"] = caffe_io.file_sha256(c[key])
@@ -149,7 +143,7 @@ def _check_numbers(job):
 def check_job(job):
     """Everything a job needs, checked before anything is written: numbers, files, that no output overwrites an
     input, nets Caffe can build (base.netcheck), caffemodels holding every layer of their net, a list of images
-    Caffe can decode, the GPU.  Raises a named error (a ValueError)."""
+    Caffe can decode, the GPU.  Raises a named error (a base.errors.ToolkitError)."""
     _check_numbers(job)
     cli.check_files(**job.inputs())
     cli.check_outputs(job.inputs(), [os.path.join(job.out, "")])
@@ -210,10 +204,10 @@ def finetune(job, resume=True, progress=True):
         done = run.load("done.json")
         if done is not None and done.get("config") == config:
             return done
-        if not resume and loop.latest_snapshot(p["snapshots"])[1]:
+        if not resume and snapshots.latest(p["snapshots"])[1]:
             raise FineTuneError("%s already has snapshots; pass --resume to continue them" % job.out)
         cpu = cpu_seconds()   # the teacher's embeddings (build) count as fine-tuning
-        p, n_iter, init = build(job, loop.latest_snapshot(p["snapshots"])[0] if resume else 0, progress)
+        p, n_iter, init = build(job, snapshots.latest(p["snapshots"])[0] if resume else 0, progress)
         run.save_config(config)
         try:
             record = _train(job, p, n_iter, init, config, progress)
@@ -261,7 +255,7 @@ def _train_multi_gpu(job, p, init):
     tool = caffe_io.caffe_tool("caffe")
     train = caffe_io.read_net(p["train"])
     caffe_io.write_weights(train, init, p["init"])
-    _, state = loop.latest_snapshot(p["snapshots"])
+    _, state = snapshots.latest(p["snapshots"])
     cmd = [tool, "train", "-solver", p["solver"], "-gpu", ",".join(str(g) for g in job.gpu)]
     cmd += ["-snapshot", state] if state else ["-weights", p["init"]]
     print("running:", " ".join(cmd), file=sys.stderr)
@@ -271,7 +265,7 @@ def _train_multi_gpu(job, p, init):
             log.write("%s,%s\n" % m.groups())
     if run.returncode != 0:
         raise FineTuneError("caffe train failed:\n" + run.stderr[-2000:])
-    _, state = loop.latest_snapshot(p["snapshots"])
+    _, state = snapshots.latest(p["snapshots"])
     deploy = caffe_io.read_net(p["deploy"])
     trained = caffe_io.read_weights(state[:-len(".solverstate")] + ".caffemodel")
     weights = exporter(job)({layer.name: trained[layer.name] for layer in deploy.layer if layer.name in trained})

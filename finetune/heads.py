@@ -1,7 +1,7 @@
 """The one data + head builder of every train net: the image list as ImageData reads it, and the loss.
 
 ``data_and_head(job, deploy, items, ...)`` turns a FineTuneJob's settings into
-what ``trainnet.train_net`` (or ``prune.towers``) takes: an ``ImageList``, a
+what ``trainnet.train_net`` (or ``apps.prioritise.towers``) takes: an ``ImageList``, a
 head (A-Softmax, softmax + centre loss, or distillation) and the extra
 initial weights the head brings (the teacher's, or its embedding table).
 """
@@ -11,13 +11,14 @@ import sys
 import numpy as np
 
 from base import caffe_io
+from base.errors import ToolkitError
 from base.images import preprocess_for
 from base.lists import list_text
 from base.netinput import ALIGNED_SIZE, input_layer
 from . import trainnet
 
 
-class HeadError(ValueError):
+class HeadError(ToolkitError):
     pass
 
 

@@ -4,7 +4,7 @@ import json
 
 def json_params(param_str, defaults, layer, error):
     """param_str -> dict with ``defaults`` filled in; not JSON, not an object or an unknown key raises
-    ``error`` (a ValueError subclass) naming the ``layer`` type."""
+    ``error`` (a base.errors.ToolkitError subclass) naming the ``layer`` type."""
     try:
         given = json.loads(param_str) if param_str and param_str.strip() else {}
     except json.JSONDecodeError as e:

@@ -8,7 +8,7 @@ snapshots/ (Caffe's own, the newest two kept), loss.csv (iteration, loss[,
 extra columns]), loss.png and final.caffemodel (the weights of ``deploy``'s
 layers, checked by loading them in Caffe).  A per-iteration ``step(solver)
 -> (loss, *extra)`` replaces ``solver.step(1)``: the BN-scale penalties of
-channel prioritisation (finetune.bnscale.step) are one.  Killed at any
+channel prioritisation (apps.prioritise.penalty.step) are one.  Killed at any
 point, the same call restores the newest intact snapshot (finetune.snapshots:
 a torn one is removed) and goes on exactly where the uninterrupted run would
 be, images included.
@@ -20,11 +20,12 @@ import sys
 import numpy as np
 
 from base import caffe_io, faults
+from base.errors import ToolkitError
 from base.figures import pyplot, save_figure
 from . import snapshots
 
 
-class TrainError(ValueError):
+class TrainError(ToolkitError):
     pass
 
 
@@ -39,15 +40,6 @@ def paths(folder):
                 csv=os.path.join(folder, "loss.csv"), png=os.path.join(folder, "loss.png"),
                 final=os.path.join(folder, "final.caffemodel"), done=os.path.join(folder, "done.json"),
                 init=os.path.join(folder, "init.caffemodel"))
-
-
-def latest_snapshot(folder):
-    """(iteration, .solverstate path) of the newest intact snapshot, or (0, None) (finetune.snapshots)."""
-    return snapshots.latest(folder)
-
-
-def drop_old_snapshots(folder, keep=2):
-    snapshots.drop_old(folder, keep)
 
 
 def read_loss_csv(path, upto=None):
@@ -103,7 +95,7 @@ def deploy_weights(net, deploy):
 def _restore(solver, p, init, source, title, on_start):
     for path, why in snapshots.drop_torn(p["snapshots"]):
         print("%s: removed a snapshot that cannot be restored: %s" % (title, why), file=sys.stderr)
-    _, state = latest_snapshot(p["snapshots"])
+    _, state = snapshots.latest(p["snapshots"])
     if state:
         snapshots.restore(solver, state)
         snapshots.fast_forward(solver, solver.iter, _iter_size(p["solver"]))
@@ -142,7 +134,7 @@ def snapshot(solver, p, title="fine-tune"):
     solver.snapshot()
     state = os.path.join(p["snapshots"], "snap_iter_%d%s" % (solver.iter, snapshots.STATE))
     faults.point("snapshot", state, files=(snapshots.model_of(state), state))
-    drop_old_snapshots(p["snapshots"])
+    snapshots.drop_old(p["snapshots"])
 
 
 def _fmt(value):
@@ -186,7 +178,7 @@ def train(folder, deploy, n_iter, init, step=plain_step, columns=(), snapshot_ev
             bar.set_postfix(dict(zip(("loss",) + tuple(columns), ("%.4f" % v for v in values))))
             bar.update(1)
     bar.close()
-    if latest_snapshot(p["snapshots"])[0] != n_iter:
+    if snapshots.latest(p["snapshots"])[0] != n_iter:
         snapshot(solver, p, title)
     check_finite(solver, title)
     weights = deploy_weights(solver.net, deploy)
@@ -203,7 +195,7 @@ def finish(p, n_iter, title, columns=()):
     tail = rows[-20:]
     record = dict(iterations=n_iter, final=p["final"], deploy=p["deploy"], loss_csv=p["csv"], loss_png=p["png"],
                   final_loss=float(np.mean([r[1] for r in tail])) if tail else None,
-                  snapshot=(latest_snapshot(p["snapshots"])[1] or "").replace(".solverstate", ".caffemodel"))
+                  snapshot=(snapshots.latest(p["snapshots"])[1] or "").replace(".solverstate", ".caffemodel"))
     for i, name in enumerate(columns, 2):
         record["final_" + name] = float(np.mean([r[i] for r in tail])) if tail else None
     return record

@@ -23,12 +23,14 @@ import numpy as np
 
 import caffe
 
+from base.errors import ToolkitError
+
 from .layerparams import json_params
 
 DEFAULTS = {"hard": 0.0}
 
 
-class SimilarityError(ValueError):
+class SimilarityError(ToolkitError):
     pass
 
 

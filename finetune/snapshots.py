@@ -24,6 +24,7 @@ import re
 import shutil
 
 from base import caffe_io
+from base.errors import ToolkitError
 from caffe.proto import caffe_pb2
 
 STATE, MODEL = ".solverstate", ".caffemodel"
@@ -32,7 +33,7 @@ DATA_TYPES = ("ImageData", "Data", "HDF5Data", "WindowData", "MemoryData")
 TWO_HISTORIES = ("Adam", "AdaDelta")
 
 
-class SnapshotError(ValueError):
+class SnapshotError(ToolkitError):
     pass
 
 
@@ -190,10 +191,6 @@ def check_space(folder, model_bytes, per=1):
     if free < need:
         raise SnapshotError("no room for a snapshot in %s: about %.1f MB needed, %.1f MB free; free some space and "
                             "run the same command again to resume" % (folder, need / 1e6, free / 1e6))
-
-
-def folder_bytes(paths):
-    return sum(os.path.getsize(p) for p in paths if os.path.exists(p))
 
 
 def clear(folder):

@@ -3,11 +3,13 @@ import math
 
 from caffe.proto import caffe_pb2
 
+from base.errors import ToolkitError
+
 POLICIES = ("fixed", "step", "multistep")
 TYPES = ("SGD", "Adam")
 
 
-class SolverError(ValueError):
+class SolverError(ToolkitError):
     pass
 
 

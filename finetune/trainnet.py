@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 import base  # noqa: F401  (first: quiets glog before caffe loads)
+from base.errors import ToolkitError
 from base.images import MEAN, SCALE
 from base.netinput import input_layer
 from base.proto import caffe_pb2, stock, superset
@@ -42,7 +43,7 @@ TEACHER = "teacher/"
 MARGIN_TYPES = ("SINGLE", "DOUBLE", "TRIPLE", "QUADRUPLE")
 
 
-class TrainNetError(ValueError):
+class TrainNetError(ToolkitError):
     pass
 
 

@@ -34,8 +34,9 @@ replaces the 1000-way classifier is said per net:
     python -m prune.stats mobilenetv2_face.prototxt
 """
 
-from base import cli  # first: it quiets glog before caffe loads
+from base import caffe_io, cli  # first: it quiets glog before caffe loads
 from base.proto import caffe_pb2
+from prototxt import NetSpecError
 
 INPUT = (3, 112, 112)
 P = caffe_pb2.PoolingParameter
@@ -203,9 +204,9 @@ NETS = {"vgg": vgg, "squeezenet": squeezenet, "mobilenetv2": mobilenetv2, "resne
 def facenet(name, embedding=512):
     """One of NETS by name; returns a NetParameter (deploy, Input 1x3x112x112 -> fc5)."""
     if name not in NETS:
-        raise ValueError("unknown face net %r; choose one of %s" % (name, ", ".join(NETS)))
+        raise NetSpecError("unknown face net %r; choose one of %s" % (name, ", ".join(NETS)))
     if embedding < 1:
-        raise ValueError("the embedding size must be positive, not %r" % (embedding,))
+        raise NetSpecError("the embedding size must be positive, not %r" % (embedding,))
     return NETS[name](embedding)
 
 
@@ -216,7 +217,8 @@ def main(argv=None):
     ap.add_argument("--embedding", type=int, default=512, help="fc5 outputs, the face embedding size (default 512)")
     ap.add_argument("-o", "--output", help="prototxt to write (default: print to stdout)")
     args = ap.parse_args(argv)
-    return cli.write_generated(lambda: facenet(args.net, args.embedding), args.output)
+    caffe_io.write_or_print_net(facenet(args.net, args.embedding), args.output)
+    return 0
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import os
 
 from base import caffe_io, cli  # first: it quiets glog before caffe loads
 from base.proto import caffe_pb2
+from prototxt import NetSpecError
 
 UNITS = {4: (0, 0, 0, 0), 10: (0, 1, 2, 0), 20: (1, 2, 4, 1), 36: (2, 4, 8, 2), 64: (3, 8, 16, 3)}
 WIDTHS = (64, 128, 256, 512)
@@ -93,23 +94,23 @@ def sphereface(depth=20, variant="deploy", widths=WIDTHS, embedding=512, inner=N
     finetune.trainnet.fork_net_class()), m the A-Softmax margin (1..4).
     """
     if depth not in UNITS:
-        raise ValueError("SphereFace depth must be one of %s, not %r" % (sorted(UNITS), depth))
+        raise NetSpecError("SphereFace depth must be one of %s, not %r" % (sorted(UNITS), depth))
     if variant not in ("deploy", "train"):
-        raise ValueError("variant must be 'deploy' or 'train', not %r" % (variant,))
+        raise NetSpecError("variant must be 'deploy' or 'train', not %r" % (variant,))
     if asoftmax not in ("python", "native"):
-        raise ValueError("asoftmax must be 'python' or 'native', not %r" % (asoftmax,))
+        raise NetSpecError("asoftmax must be 'python' or 'native', not %r" % (asoftmax,))
     if not 1 <= m <= 4:
-        raise ValueError("A-Softmax margin m must be 1..4, not %r" % (m,))
+        raise NetSpecError("A-Softmax margin m must be 1..4, not %r" % (m,))
     widths = tuple(int(w) for w in widths)
     if len(widths) != 4 or min(widths) < 1 or embedding < 1:
-        raise ValueError("need four positive stage widths and a positive embedding size, got %s and %s"
+        raise NetSpecError("need four positive stage widths and a positive embedding size, got %s and %s"
                          % (widths, embedding))
     inner = dict(inner or {})
     units = UNITS[depth]
     valid = {"conv%d_%d" % (s, 2 * k) for s, n in enumerate(units, 1) for k in range(1, n + 1)}
     wrong = sorted(set(inner) - valid) + sorted(k for k, v in inner.items() if k in valid and v < 1)
     if wrong:
-        raise ValueError("inner widths: %s are not positive widths of unit-inner convs of SphereFace-%d (those are %s)"
+        raise NetSpecError("inner widths: %s are not positive widths of unit-inner convs of SphereFace-%d (those are %s)"
                          % (", ".join(wrong), depth, ", ".join(sorted(valid)) or "none"))
 
     net = caffe_pb2.NetParameter(name="SpherefaceNet-%d" % depth)
@@ -159,10 +160,11 @@ def main(argv=None):
                     help="train: fc6 outputs, identities in the list (default 10572, CASIA-WebFace)")
     ap.add_argument("-o", "--output", help="prototxt to write (default: print to stdout)")
     args = ap.parse_args(argv)
-    return cli.write_generated(lambda: sphereface(
+    caffe_io.write_or_print_net(sphereface(
         args.depth, args.variant, widths=args.widths, embedding=args.embedding, bn=args.bn, source=args.source,
         root_folder=args.root_folder, batch_size=args.batch_size, num_classes=args.num_classes,
         asoftmax=args.asoftmax), args.output)
+    return 0
 
 
 if __name__ == "__main__":

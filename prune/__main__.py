@@ -119,7 +119,7 @@ def parser():
                     help="epochs of fine-tuning after each pruned group (the original recipe: 1; default 0 = none)")
     ft.add_argument("--finetune-epochs-final", type=cli.non_negative, default=0,
                     help="epochs after the last group (the original recipe: 8-9; default 0 = none)")
-    cli.add_train_list(ft, old_root=False)
+    cli.add_train_list(ft)
     ft.add_argument("--finetune-batch", type=cli.count, default=64, help="fine-tune batch size (default 64)")
     cli.add_finetune_lr(ft, 1e-3, "fine-tune base lr (default 1e-3, the recipe's)")
     ft.add_argument("--precompute-teacher", action="store_true",

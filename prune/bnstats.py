@@ -17,9 +17,10 @@ import copy
 import numpy as np
 
 from base import caffe_io
+from base.errors import ToolkitError
 
 
-class BNStatsError(ValueError):
+class BNStatsError(ToolkitError):
     pass
 
 

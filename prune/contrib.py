@@ -22,6 +22,12 @@ def conv_geometry(p):
     return tuple(tuple(v) for v in geometry(p, 2))
 
 
+def output_hw(geometry, H, W):
+    """(rows, cols) of a 2-D convolution of ``geometry`` (conv_geometry) on an H x W input."""
+    from prune.graph import conv_output
+    return tuple(conv_output(size, *axis) for size, axis in zip((H, W), zip(*geometry)))
+
+
 def conv_windows(A, geometry, images, rows, cols):
     """The input windows of the sampled output positions: S x C x kh x kw, gathered
     without forming the im2col matrix of the whole layer (zero padding as Caffe)."""
@@ -68,7 +74,19 @@ def ip_contributions(A, W, filters, images, block):
 
 
 def sample_positions(rng, n_images, n_per_image, n_filters, out_h=1, out_w=1):
-    """Random (image, filter, row, col) with n_per_image samples per image."""
+    """Random (image, filter, row, col) with n_per_image samples per image (filter None without ``n_filters``:
+    every output of the position is used)."""
     images = np.repeat(np.arange(n_images), n_per_image)
     S = len(images)
-    return (images, rng.integers(0, n_filters, S), rng.integers(0, out_h, S), rng.integers(0, out_w, S))
+    filters = rng.integers(0, n_filters, S) if n_filters else None
+    return images, filters, rng.integers(0, out_h, S), rng.integers(0, out_w, S)
+
+
+def layer_positions(layer, bottom_shape, per_image, n, rng):
+    """(images, rows, cols) of ``per_image`` random output positions per image of a consumer (one per image
+    for an InnerProduct, whose output has no positions)."""
+    if layer.type == "InnerProduct":
+        return (np.arange(n),)
+    out_h, out_w = output_hw(conv_geometry(layer.convolution_param), *bottom_shape[2:])
+    images, _, rows, cols = sample_positions(rng, n, per_image, None, out_h, out_w)
+    return images, rows, cols

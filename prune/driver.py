@@ -7,7 +7,7 @@ For each selected group, in network order (as ThiNet does):
    (prune.sample);
 2. the criterion picks the channels to keep (its number comes from the
    plan, prune.policy); a criterion that needs a loss gradient (Taylor)
-   first gets one backward pass of the current net in Caffe (prune.taylor);
+   first gets one backward pass of the current net in Caffe (prune.gradient);
 3. every consumer of the group is reconstructed (prune.reconstruct): by
    default all its kept weights and its intercept by least squares towards
    the unpruned net's outputs; or ThiNet's per-channel scale; or not at all;
@@ -41,7 +41,7 @@ from prune.policy import PruneError, keep_count, names, plan_groups, ratio_for_m
 from prune.reconstruct import cut
 from prune.sample import Evidence, Targets, collect
 from prune.surgery import checked_weights, save_pruned
-from prune.taylor import gradient_terms
+from prune.gradient import gradient_terms
 
 
 @dataclass

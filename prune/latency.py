@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from base import caffe_io
+from base.errors import ToolkitError
 from base.proto import caffe_pb2
 from prune.graph import build_graph, phase_view
 from prune.policy import keep_count
@@ -43,7 +44,7 @@ COSTED = ("Convolution", "Deconvolution", "InnerProduct")
 PER_CHANNEL = ("BatchNorm", "Scale", "PReLU", "ReLU", "ReLU6", "Bias", "TanH", "Sigmoid", "ELU")
 
 
-class LatencyError(ValueError):
+class LatencyError(ToolkitError):
     pass
 
 

@@ -21,7 +21,6 @@ def add_images(ap, images_help=None, required=True):
                          + ("" if required else "; not needed by a criterion that reads only weights (l1, bnscale, "
                                                 "random) with --reconstruct none"))
     ap.add_argument("--data-root", default="", help="folder the --data list's paths are relative to")
-    cli.hidden_alias(ap, "--root", "data_root")
     ap.add_argument("--lfw-folds", default=None,
                     help="with a folder --data: only people of these LFW View 2 folds, e.g. 1-5 (needs --pairs); "
                          "keeps folds 6-10 an honest test set")

@@ -17,10 +17,11 @@ and a user can read and edit as a plan file.  The policies:
 """
 import json
 
+from base.errors import ToolkitError
 from prune.graph import build_graph
 
 
-class PruneError(ValueError):
+class PruneError(ToolkitError):
     pass
 
 

@@ -39,10 +39,6 @@ from prune.surgery import prune_net
 MAX_DIM = 8192
 
 
-class ReconstructError(ValueError):
-    pass
-
-
 class Normal:
     """Running normal equations of one layer, per convolution group (one for a plain layer), kept in
     two halves (alternate images) so that the ridge can be chosen on held-out samples:
@@ -114,19 +110,6 @@ def design(layer, A, positions):
     geometry = contrib.conv_geometry(layer.convolution_param)
     win = contrib.conv_windows(A, geometry, *positions)
     return win.reshape(win.shape[0], -1).astype(np.float64)
-
-
-def sample_positions(layer, bottom_shape, per_image, n, rng):
-    """(images, rows, cols) of ``per_image`` random output positions per image (one per image for an
-    InnerProduct, whose output has no positions)."""
-    if layer.type == "InnerProduct":
-        return (np.arange(n),)
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = contrib.conv_geometry(layer.convolution_param)
-    H, W = bottom_shape[2:]
-    out_h = (H + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
-    out_w = (W + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
-    images = np.repeat(np.arange(n), per_image)
-    return images, rng.integers(0, out_h, len(images)), rng.integers(0, out_w, len(images))
 
 
 def layer_output(X, weights):

@@ -18,16 +18,20 @@ or None; ``open_session(kind, prototxt, caffemodel, workdir)`` gives a
 ``Session`` whose ``run(x)`` returns the net's output for one input batch and
 whose ``forward()`` repeats the last run (what the timings call).  Every
 runtime runs on ``threads`` threads (``pinned``), so their latencies compare.
+``median_ms`` times sessions side by side, ``forward_ms`` Caffe's ms per
+image of several nets at several batch sizes.
 """
 import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 
 from base import caffe_io
+from base.errors import ToolkitError
 
 KINDS = ("caffe", "opencv-nofusion", "opencv", "mnn-nowinograd", "mnn")
 EXACT = ("caffe", "opencv-nofusion", "mnn-nowinograd")   # compute what Caffe computes, to float precision
@@ -37,7 +41,7 @@ LABELS = {"caffe": "Caffe", "opencv-nofusion": "OpenCV DNN (fusion off)", "openc
 WINOGRAD_MEMORY_LEVEL = 3       # MNN's Interpreter::HintMode number of that hint
 
 
-class RuntimeFailure(ValueError):
+class RuntimeFailure(ToolkitError):
     """A net a runtime cannot load or convert (named runtime and file)."""
 
 
@@ -263,8 +267,38 @@ def open_sessions(kinds, nets, workdir, threads=1):
 
 def median_ms(sessions, rounds=7, min_seconds=0.05):
     """{key: median ms per forward} of ``sessions`` ({key: Session}, each already run once on its input),
-    timed side by side after a warm-up (prune.speed.interleaved_ms)."""
-    from prune.speed import interleaved_ms
+    timed side by side after a warm-up: every round runs each in turn, whole forwards, for at least
+    ``min_seconds``, so a noisy shared machine slows all of them alike and their ratio stays meaningful."""
     for s in sessions.values():
         s.forward()                             # warm-up
-    return interleaved_ms({key: s.forward for key, s in sessions.items()}, rounds, min_seconds)
+    times = {key: [] for key in sessions}
+    for _ in range(rounds):
+        for key, s in sessions.items():
+            n, start = 0, time.perf_counter()
+            while True:
+                s.forward()
+                n += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= min_seconds:
+                    break
+            times[key].append(1000.0 * elapsed / n)
+    return {key: float(np.median(t)) for key, t in times.items()}
+
+
+def forward_ms(nets, batches=(1, 32), rounds=7, min_seconds=0.2, seed=0):
+    """{name: {batch: median ms per image}} of Caffe (CPU) for ``nets`` = {name: (prototxt, caffemodel)},
+    timed side by side (median_ms) on the same random input at each batch size."""
+    import caffe
+    caffe.set_mode_cpu()
+    sessions = {name: CaffeSession(proto, weights) for name, (proto, weights) in nets.items()}
+    rng = np.random.default_rng(seed)
+    out = {name: {} for name in nets}
+    for batch in batches:
+        inputs = {}
+        for s in sessions.values():
+            shape = (batch,) + s.input_shape()[1:]
+            s.run(inputs.setdefault(shape, rng.uniform(-1, 1, shape).astype(np.float32)))
+        ms = median_ms(sessions, rounds, min_seconds)
+        for name in sessions:
+            out[name][batch] = ms[name] / batch
+    return out

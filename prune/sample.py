@@ -9,7 +9,7 @@ already pruned) net over the images once and returns an ``Evidence``:
 * ``actsum``: the sum over images and positions of each channel of the
   group's first blob (what the original Sphereface-prune scripts rank by);
 * ``weights`` and the ``group`` itself, for weight-based criteria;
-* ``taylor``: left empty here; the driver adds prune.taylor.gradient_terms
+* ``taylor``: left empty here; the driver adds prune.gradient.gradient_terms
   for criteria that need a loss gradient (a backward pass of its own);
 * ``normals[consumer]``: with ``targets``, the normal equations of every
   consumer's least-squares reconstruction (prune.reconstruct): its input
@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from base import caffe_io
+from base.errors import ToolkitError
 from prune import contrib, reconstruct
 from prune.gram import GramAccumulator
 
 
-class SampleError(ValueError):
+class SampleError(ToolkitError):
     pass
 
 
@@ -43,7 +44,7 @@ class Evidence:
     normals: dict = field(default_factory=dict)   # consumer layer -> prune.reconstruct.Normal
     images: int = 0
     samples: int = 0
-    taylor: np.ndarray = None    # first-order loss change per channel (prune.taylor), for needs_gradient criteria
+    taylor: np.ndarray = None    # first-order loss change per channel (prune.gradient), for needs_gradient criteria
 
 
 @dataclass
@@ -138,7 +139,7 @@ class _NormalBuilder:
 
     def __call__(self, net, rng, first_image):
         A = net.blobs[self.bottom].data
-        positions = reconstruct.sample_positions(self.layer, A.shape, self.targets.positions, A.shape[0], rng)
+        positions = contrib.layer_positions(self.layer, A.shape, self.targets.positions, A.shape[0], rng)
         X = reconstruct.design(self.layer, A, positions)
         if self.targets.net is None:
             Y = reconstruct.layer_output(X, self.weights)
@@ -172,10 +173,7 @@ def _contributions(layer, consumer, W, A, C, rng, per_image):
         raise SampleError("consumer %r is a %s; ThiNet sampling handles Convolution and InnerProduct"
                           % (layer.name, layer.type))
     geometry = contrib.conv_geometry(layer.convolution_param)
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry
-    H, Wd = A.shape[2:]
-    out_h = (H + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
-    out_w = (Wd + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
+    out_h, out_w = contrib.output_hw(geometry, *A.shape[2:])
     chans = slice(consumer.start, consumer.start + C)
     images, filters, rows, cols = contrib.sample_positions(rng, n, per_image, W.shape[0], out_h, out_w)
     return contrib.conv_contributions(A[:, chans], W[:, chans], geometry, 1, filters, images, rows, cols)

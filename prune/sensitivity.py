@@ -19,15 +19,16 @@ import os
 import numpy as np
 
 from base import caffe_io, cli
+from base.errors import ToolkitError
 from prune.criteria import CRITERIA, make as make_criterion
 from prune.policy import keep_count
 from prune.reconstruct import cut
 from prune.graph import build_graph
 from prune.sample import Targets, collect
-from prune.taylor import gradient_terms
+from prune.gradient import gradient_terms
 
 
-class SensitivityError(ValueError):
+class SensitivityError(ToolkitError):
     pass
 
 

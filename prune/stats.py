@@ -186,7 +186,7 @@ def net_stats(net, exclude=(), weights=None, probe=False):
     _inputs_at_batch_one(net, source)
     _check_types(net, source)
     if probe:
-        netcheck.probe_nets([(source, net, "test")])
+        caffe_io.probe_nets([(source, net, "test")])
     caffe_net = caffe_io.net_from_param(net)
 
     declared = {layer.name for layer in net.layer}

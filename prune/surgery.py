@@ -19,12 +19,13 @@ from collections import OrderedDict, defaultdict
 import numpy as np
 
 from base import caffe_io, faults, netcheck
+from base.errors import ToolkitError
 from base.forks import DEPTHWISE_TYPES
 from base.proto import superset
 from prune.graph import build_graph, data_shapes, phase_view
 
 
-class PlanError(ValueError):
+class PlanError(ToolkitError):
     """A keep-list or a replacement weight that does not fit the net."""
 
 
@@ -189,7 +190,7 @@ def _loadable_view(net, graph):
     return view
 
 
-def verify(net, weights, proto_path, model_path, graph=None, names=None):
+def check_saved(net, weights, proto_path, model_path, graph=None, names=None):
     """Load the written files in real Caffe (TEST phase); return the caffe.Net.
 
     Shapes are checked first (named errors), then Caffe copies the weights
@@ -244,7 +245,7 @@ def save_pruned(net, weights, proto_path, model_path, inputs=()):
             staged.append(name)
         caffe_io.write_net(net, staged[0], protect)
         caffe_io.write_weights(net, weights, staged[1], protect)
-        verify(net, weights, staged[0], staged[1], names=(proto_path, model_path))
+        check_saved(net, weights, staged[0], staged[1], names=(proto_path, model_path))
         os.replace(staged[0], proto_path)
         faults.point("renamed", proto_path)
         os.replace(staged[1], model_path)

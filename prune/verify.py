@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from base import caffe_io, cli
+from base.errors import ToolkitError
 from prune import runtimes
 
 PROG = "python -m prune.verify"
@@ -62,7 +63,7 @@ def open_all(kinds, nets, work, threads):
     for kind in kinds:
         try:
             sessions.update(runtimes.open_sessions([kind], nets, work, threads))
-        except (runtimes.RuntimeFailure, ValueError, OSError) as e:
+        except (ToolkitError, ValueError, OSError) as e:   # ValueError: a runtime's library refusing the net
             if kind == "caffe":
                 raise
             errors[kind] = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -179,7 +180,6 @@ def parser():
 def check_inputs(a):
     """Every input checked before any work: the files, a net Caffe builds (in a child process: Caffe aborts
     on what it cannot build) with one output, a caffemodel holding every layer; --json not over an input."""
-    from base import netcheck
     pairs = [("", a.prototxt, a.caffemodel)] + ([("--reference ",) + tuple(a.reference)] if a.reference else [])
     for flag, proto, model in pairs:
         cli.check_file(proto, flag + "prototxt" if flag else "prototxt")
@@ -189,7 +189,7 @@ def check_inputs(a):
                            "--reference": a.reference[0] if a.reference else None,
                            "--reference ": a.reference[1] if a.reference else None}, [a.json])
         cli.check_out(os.path.dirname(os.path.abspath(a.json)), flag="--json")
-    netcheck.probe_nets([(p, p, "test") for _, p, _ in pairs])
+    caffe_io.probe_nets([(p, p, "test") for _, p, _ in pairs])
     for _, proto, model in pairs:
         net = caffe_io.read_net(proto)
         cnet = caffe_io.net_from_param(net)

@@ -77,6 +77,44 @@ def cycles(edges):
     return found
 
 
+def module_edges():
+    """{module: set of toolkit modules it imports} over every file of the packages, function-level imports
+    included; ``from pkg import sub`` is an edge to the module ``pkg.sub`` when there is one."""
+    paths = {module_name(p): p for p in python_files(*PACKAGES)}
+    edges = {}
+    for name, path in paths.items():
+        targets = set()
+        for module, names, _ in imports(path):
+            subs = {module + "." + n for n, _ in names if module + "." + n in paths}
+            targets |= subs if subs else {module} & set(paths)
+        edges[name] = targets - {name}
+    return edges
+
+
+def circles(edges):
+    """The strongly connected parts of more than one node (Tarjan): every import circle, each sorted."""
+    index, low, stack, found = {}, {}, [], []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in edges.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            part = stack[stack.index(node):]
+            del stack[stack.index(node):]
+            if len(part) > 1:
+                found.append(sorted(part))
+    for node in edges:
+        if node not in index:
+            visit(node)
+    return found
+
+
 def readme_layout():
     """{package: (layer, set of packages it imports)} from the README's Layout table."""
     text = open(os.path.join(ROOT, "README.md")).read()
@@ -96,6 +134,19 @@ def test_packages_form_layers_without_cycles():
     assert edges["base"] == {}, "base imports a package of the toolkit: %s" % edges["base"]
     for lib in LIBRARIES:
         assert "apps" not in edges[lib], "library %s imports an app: %s" % (lib, edges[lib]["apps"])
+
+
+def test_no_file_level_import_circle():
+    """Not even inside a package (base included), not even through an import inside a function."""
+    edges = module_edges()
+    assert "base.caffe_io" in edges["base.runfolder"] and "base.errors" in edges["base.cli"]   # the graph is read
+    assert circles(edges) == []
+
+
+@pytest.mark.parametrize("graph, found", [({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}, [["a", "b", "c"]]),
+                                          ({"a": {"b"}, "b": set(), "c": {"b"}}, [])])
+def test_the_circle_finder_finds_circles(graph, found):
+    assert circles(graph) == found
 
 
 def test_the_readme_layout_table_is_the_import_graph():

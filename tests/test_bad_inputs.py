@@ -198,8 +198,8 @@ CASES = [
     ("prune.stats", ["{net}", "--weights", "{no_fc5}"], "layer fc5"),
     ("prune.stats", ["{unknown_type}"], "ChannelShuffle"),
     ("prune.stats", ["{big_kernel}"], "Caffe cannot build this net"),
-    ("prune.widths", ["--model", "{net}", "--weights", "{no_fc5}", "--out", "{out}"], "'fc5'"),
-    ("prune.towers", ["--model", "{loop}", "--out", "{out}/towers.prototxt"], "reads blob 'fc5'"),
+    ("apps.prioritise.widths", ["--model", "{net}", "--weights", "{no_fc5}", "--out", "{out}"], "'fc5'"),
+    ("apps.prioritise.towers", ["--model", "{loop}", "--out", "{out}/towers.prototxt"], "reads blob 'fc5'"),
     ("apps.taylor", with_(TAYLOR, weights="{no_fc5}"), "'fc5'"),
     ("apps.taylor", with_(TAYLOR, remove_per_step="0"), "--remove-per-step"),
     ("apps.prioritise", with_(PRIORITISE, batch="0"), "--batch"),
@@ -228,7 +228,7 @@ def assert_refused(done, module, text):
 def test_the_catalogue_is_big_and_covers_every_driver():
     assert len(CASES) >= 40
     assert {m for m, _, _ in CASES} >= {"eval_lfw", "finetune", "prune", "apps.pipeline", "prune.stats",
-                                        "prune.widths", "prune.towers", "apps.taylor", "apps.prioritise"}
+                                        "apps.prioritise.widths", "apps.prioritise.towers", "apps.taylor", "apps.prioritise"}
 
 
 @pytest.mark.parametrize("module, args, text", CASES, ids=["%s-%d" % (m, i) for i, (m, _, _) in enumerate(CASES)])

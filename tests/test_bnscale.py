@@ -15,14 +15,14 @@ from caffe import layers as L, params as P
 from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
-from finetune import bnscale
+from apps.prioritise import penalty
 from finetune.centerloss import CenterLossError, center_loss, center_update, parse_params
 from base import caffe_io
-from prune.criteria import make
+from prune.criteria import CriterionError, make
 from prune.criteria.bnscale import global_threshold_keep, scale_gammas
 from prune.graph import build_graph
 from prune.sample import Evidence
-from prune.widths import export_width, level_keep, main as widths_main, masked_weights
+from apps.prioritise.widths import WidthError, export_width, level_keep, main as widths_main, masked_weights
 from prototxt.sphereface import sphereface
 from conftest import shared_path
 import nets
@@ -123,13 +123,13 @@ def test_penalty_gradient_by_finite_differences():
     rng = np.random.default_rng(0)
     gamma = rng.permutation(np.linspace(-1, 1, 16)) + rng.uniform(-0.01, 0.01, 16)  # no ties, no zeros
     for ls, lm in ((1e-3, 0.0), (0.0, 4e-5), (0.3, 0.7)):
-        g = bnscale.penalty_grad(gamma, ls, lm)
+        g = penalty.penalty_grad(gamma, ls, lm)
         eps = 1e-6
-        numeric = [(bnscale.penalty(gamma + eps * e, ls, lm) - bnscale.penalty(gamma - eps * e, ls, lm)) / (2 * eps)
+        numeric = [(penalty.penalty(gamma + eps * e, ls, lm) - penalty.penalty(gamma - eps * e, ls, lm)) / (2 * eps)
                    for e in np.eye(gamma.size)]
         np.testing.assert_allclose(g, numeric, atol=1e-7)
-    assert bnscale.penalty([1.0, 0.5, 0.8], 0.0, 1.0) == pytest.approx(0.3)
-    assert bnscale.penalty([1.0, -0.5], 2.0, 0.0) == pytest.approx(3.0)
+    assert penalty.penalty([1.0, 0.5, 0.8], 0.0, 1.0) == pytest.approx(0.3)
+    assert penalty.penalty([1.0, -0.5], 2.0, 0.0) == pytest.approx(3.0)
 
 
 def train_solver(tmp_path, lr=0.1):
@@ -157,7 +157,7 @@ def train_solver(tmp_path, lr=0.1):
 def run_steps(tmp_path, gamma, lambda_s, lambda_m, steps=20):
     solver = train_solver(tmp_path)
     solver.net.params["scale"][0].data[...] = gamma
-    losses = [bnscale.step(solver, lambda_s, lambda_m) for _ in range(steps)]
+    losses = [penalty.step(solver, lambda_s, lambda_m) for _ in range(steps)]
     assert solver.iter == steps
     assert all(np.isfinite(l) and l > 0 for l, _ in losses)
     return solver.net.params["scale"][0].data.copy(), losses
@@ -165,10 +165,10 @@ def run_steps(tmp_path, gamma, lambda_s, lambda_m, steps=20):
 
 def test_monotone_init_and_solver_loop_moves_gammas_as_expected(tmp_path):
     solver = train_solver(tmp_path)
-    assert bnscale.monotone_init(solver.net) == ["scale"]
+    assert penalty.monotone_init(solver.net) == ["scale"]
     np.testing.assert_allclose(solver.net.params["scale"][0].data, [1, 0.75, 0.5, 0.25])
-    with pytest.raises(bnscale.PenaltyError, match="'conv' is a Convolution"):
-        bnscale.scale_layers(solver.net, ["conv"])
+    with pytest.raises(penalty.PenaltyError, match="'conv' is a Convolution"):
+        penalty.scale_layers(solver.net, ["conv"])
 
     start = np.array([1.0, 0.5, 0.8, 0.2], dtype=np.float32)   # channels 1, 2 inverted
     plain, _ = run_steps(tmp_path / "plain", start, 0.0, 0.0)
@@ -231,7 +231,7 @@ def test_bnscale_criterion_and_global_threshold(tmp_path, capsys):
     n.r = L.PReLU(n.a, in_place=True)
     n.b = L.Convolution(n.a, num_output=2, kernel_size=3)
     g = build_graph(n.to_proto())
-    with pytest.raises(ValueError, match=r"group 'a' has no Scale layer among its passengers \(r\)"):
+    with pytest.raises(CriterionError, match=r"group 'a' has no Scale layer among its passengers \(r\)"):
         make("bnscale").select(Evidence(g["a"], {}), 2)
 
     # Through python -m prune --threshold: the global threshold as the driver's per-group table.
@@ -282,7 +282,7 @@ def test_exported_half_width_equals_masked_full_net(tmp_path):
     assert [layers[c].convolution_param.num_output for c in ("c1", "c2", "c3")] == [4, 4, 4]
     assert level_keep(graph, 0.75) == {"c1": list(range(6)), "c2": list(range(6))}
     assert {len(v) for v in level_keep(graph, 0.01).values()} == {1}
-    with pytest.raises(ValueError, match="utilisation level"):
+    with pytest.raises(WidthError, match="utilisation level"):
         level_keep(graph, 0)
 
 

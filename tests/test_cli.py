@@ -1,14 +1,17 @@
 """The command-line layer on real processes: every `python -m` entry point answers a bad input with one
-line `python -m X: error: ...` and exit status 2, creates nothing first; a run folder in use is refused."""
+line `python -m X: error: ...` and exit status 2, creates nothing first; a bug is one line `internal error`,
+exit status 1, its traceback kept (run folder, temporary file or --debug); a run folder in use is refused."""
 import argparse
 import ast
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 from base import cli
+from base.errors import ToolkitError
 from base.runfolder import RunFolder, RunFolderError
 from conftest import ROOT
 from test_architecture import PACKAGES, module_name, python_files
@@ -46,9 +49,9 @@ CASES = [
     ("prune.stats", [MISSING + ".prototxt"]),
     ("prune.verify", [MISSING + ".prototxt", MISSING + ".caffemodel", "--json", "OUT/verify.json"]),
     ("prune.verify", [sphereface4(), MISSING + ".caffemodel", "--json", "OUT/verify.json"]),
-    ("prune.widths", ["--model", MISSING + ".prototxt", "--weights", MISSING + ".caffemodel", "--out", "OUT"]),
-    ("prune.towers", ["--model", MISSING + ".prototxt", "--out", "OUT/towers.prototxt"]),
-    ("prune.towers", ["--model", sphereface4(), "--out", UNWRITABLE + "/towers.prototxt"]),
+    ("apps.prioritise.widths", ["--model", MISSING + ".prototxt", "--weights", MISSING + ".caffemodel", "--out", "OUT"]),
+    ("apps.prioritise.towers", ["--model", MISSING + ".prototxt", "--out", "OUT/towers.prototxt"]),
+    ("apps.prioritise.towers", ["--model", sphereface4(), "--out", UNWRITABLE + "/towers.prototxt"]),
     ("finetune", ["--model", MISSING + ".prototxt", "--train-list", MISSING + ".txt", "--out", "OUT"]),
     ("finetune.lists", [MISSING, "OUT"]),
     ("eval_lfw", ["--model", MISSING + ".prototxt", "--weights", MISSING + ".caffemodel", "--blob", "fc5",
@@ -115,9 +118,70 @@ def test_entry_wrapper_interrupt_and_broken_pipe(capsys):
     assert capsys.readouterr().err == "python -m x: interrupted\n"
 
     def bad(argv):
-        raise ValueError("first line\nsecond line")
+        raise ToolkitError("first line\nsecond line")
     assert cli.entry("python -m x")(bad)([]) == 2
     assert capsys.readouterr().err == "python -m x: error: first line | second line\n"
+
+
+# A bug inside a toolkit function, in a real process: read_net raises a plain ValueError.
+BUG = ("import sys\nfrom base import caffe_io\n"
+       "def broken(path):\n    raise ValueError('a bug inside the toolkit')\n"
+       "caffe_io.read_net = broken\nfrom prune.groups import main\nsys.exit(main(sys.argv[1:]))\n")
+
+
+def test_a_bug_is_an_internal_error_exit_1_with_its_traceback_kept(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-c", BUG] + list(args), cwd=ROOT, capture_output=True, text=True,
+                              timeout=300, env=dict(os.environ, TMPDIR=str(tmp_path)))
+    done = run(sphereface4())
+    lines = done.stderr.splitlines()
+    assert done.returncode == 1, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("python -m prune.groups: internal error (a bug"), done.stderr
+    assert "ValueError: a bug inside the toolkit" in lines[0] and "error: " not in lines[0]
+    saved = lines[0].split("; the traceback is in ", 1)[1]
+    assert os.path.dirname(saved) == str(tmp_path)
+    text = open(saved).read()
+    assert text.startswith("Traceback (most recent call last)") and "in broken" in text
+    shown = run(sphereface4(), "--debug")
+    assert shown.returncode == 1 and "Traceback (most recent call last)" in shown.stderr and "in broken" in shown.stderr
+    assert shown.stderr.splitlines()[-1].endswith("the traceback is above")
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(saved)]     # --debug wrote no file
+    missing = run(MISSING + ".prototxt")          # a user's mistake is still one, exit 2
+    assert missing.returncode == 2 and missing.stderr.startswith("python -m prune.groups: error: "), missing.stderr
+
+
+def test_a_bug_in_a_run_leaves_its_traceback_in_the_run_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def run(argv):
+        with RunFolder(argv[0]) as folder:
+            folder.guard(dict(seed=0))
+            return {}["missing"]      # a bug
+    out = tmp_path / "run"
+    assert cli.entry("python -m x")(run)([str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("python -m x: internal error") and "KeyError: 'missing'" in err
+    assert err.endswith("; the traceback is in %s\n" % (out / cli.TRACEBACK))
+    assert "in run" in (out / cli.TRACEBACK).read_text()
+
+    def early(argv):                  # a bug before the run's settings were recorded: its folder goes away
+        with RunFolder(argv[0]):
+            raise ValueError("early")
+    assert cli.entry("python -m x")(early)([str(tmp_path / "early")]) == 1
+    saved = capsys.readouterr().err.strip().split("; the traceback is in ", 1)[1]
+    assert not (tmp_path / "early").exists() and os.path.dirname(saved) == str(tmp_path)
+    assert "ValueError: early" in open(saved).read()
+
+
+def test_every_parser_has_the_debug_flag(capsys):
+    with pytest.raises(SystemExit):
+        cli.parser("python -m x", "x").parse_args(["--help"])
+    assert "--debug" in capsys.readouterr().out
+    assert cli.parser("python -m x", "x").parse_args(["--debug"]).debug
+    # every entry point's parser is base.cli's: none is built with argparse directly
+    direct = [os.path.relpath(p, ROOT) for p in python_files(*PACKAGES) if p != cli.__file__
+              and "ArgumentParser(" in open(p).read()]
+    assert direct == []
 
 
 def test_a_closed_pipe_ends_quietly():
@@ -129,15 +193,18 @@ def test_a_closed_pipe_ends_quietly():
     assert "Traceback" not in err and "Broken pipe" not in err and err == ""
 
 
-def test_old_flag_names_are_hidden_aliases(capsys):
+def test_a_flag_has_one_name(capsys):
     from finetune.__main__ import parser as finetune_parser
     from eval_lfw.__main__ import parser as eval_parser
-    a = finetune_parser().parse_args(["--model", "m", "--train-list", "l", "--out", "o", "--root", "r",
-                                      "--lr", "0.5"])
+    a = finetune_parser().parse_args(["--model", "m", "--train-list", "l", "--out", "o", "--train-root", "r",
+                                      "--finetune-lr", "0.5"])
     assert (a.train_root, a.finetune_lr) == ("r", 0.5)
-    b = eval_parser().parse_args(["--model", "m", "--weights", "w", "--blob", "b", "--lfw-dir", "d",
-                                  "--pairs", "p", "--folds", "6-10"])
-    assert b.eval_folds == "6-10"
+    eval_args = ["--model", "m", "--weights", "w", "--blob", "b", "--lfw-dir", "d", "--pairs", "p"]
+    assert eval_parser().parse_args(eval_args + ["--eval-folds", "6-10"]).eval_folds == "6-10"
+    with pytest.raises(cli.UsageError, match="--folds"):      # the old spellings are gone
+        eval_parser().parse_args(eval_args + ["--folds", "6-10"])
+    with pytest.raises(cli.UsageError, match="--root"):
+        finetune_parser().parse_args(["--model", "m", "--train-list", "l", "--out", "o", "--root", "r"])
     with pytest.raises(SystemExit):
         finetune_parser().parse_args(["--help"])
     shown = capsys.readouterr().out

@@ -9,7 +9,7 @@ from base import caffe_io
 from prune.graph import build_graph
 from prune.stats import net_stats
 from prune.surgery import prune_net, save_pruned
-from prune.taylor import taylor_scores
+from prune.gradient import taylor_scores
 from prototxt.facenets import NETS, VGG, facenet, main
 from test_surgery import check_exact, zero_removed_inputs
 import nets

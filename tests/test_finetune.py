@@ -17,7 +17,7 @@ from caffe import layers as L
 from base import caffe_io
 from base import lists
 from finetune import driver, heads, solver, trainnet
-from finetune.loop import latest_snapshot
+from finetune.snapshots import latest as latest_snapshot
 from conftest import ROOT
 
 
@@ -254,8 +254,8 @@ def test_killed_run_resumes_from_its_snapshot(tmp_path, image_list):
     root, listing = image_list
     model = tiny_deploy(tmp_path / "net.prototxt")
     out = tmp_path / "run"
-    args = ["--model", model, "--train-list", listing, "--root", root, "--out", str(out), "--loss", "asoftmax",
-            "--margin", "2", "--epochs", "400", "--batch", "8", "--lr", "0.01", "--snapshot-every", "50", "--quiet"]
+    args = ["--model", model, "--train-list", listing, "--train-root", root, "--out", str(out), "--loss", "asoftmax",
+            "--margin", "2", "--epochs", "400", "--batch", "8", "--finetune-lr", "0.01", "--snapshot-every", "50", "--quiet"]
     first = _run_cli(args)
     deadline = time.time() + 120
     while not latest_snapshot(str(out / "snapshots"))[1] and time.time() < deadline and first.poll() is None:

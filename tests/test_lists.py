@@ -10,6 +10,7 @@ import caffe
 from caffe import layers as L
 
 from finetune import lists
+from base.errors import ToolkitError
 from base.lists import ListError, read_list
 from eval_lfw.pairs import lfw_people
 from finetune.lists import build
@@ -48,7 +49,7 @@ def test_read_list_validates_and_names_the_line(tmp_path):
             read_list(str(tmp_path / "bad.txt"), str(tmp_path / "img"), num_classes=2)
     with pytest.raises(ListError, match="cannot read image list"):
         read_list(str(tmp_path / "nope.txt"))
-    assert issubclass(ListError, ValueError)
+    assert issubclass(ListError, ToolkitError)
 
 
 # ------------------------------------------------------------------ build

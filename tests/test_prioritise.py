@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from finetune import lists
-from apps import prioritise
+from apps.prioritise import __main__ as prioritise
 from base import caffe_io
 from prune.criteria.bnscale import scale_gammas
 from prune.graph import build_graph
@@ -29,7 +29,7 @@ def setup(tmp_path_factory):
 
 def argv(s, out, *extra):
     return ["--model", s["model"], "--train-list", s["list"], "--train-root", s["root"], "--out", str(out),
-            "--batch", "8", "--pretrain-epochs", "0.5", "--finetune-epochs", "0.3", "--lr", "1e-2",
+            "--batch", "8", "--pretrain-epochs", "0.5", "--finetune-epochs", "0.3", "--finetune-lr", "1e-2",
             "--threshold", "0.3", "--quiet", *extra]
 
 

@@ -14,7 +14,7 @@ from base import caffe_io
 from finetune import driver
 from finetune.similarity import loss_and_gradient
 from finetune import trainnet
-from finetune.loop import latest_snapshot
+from finetune.snapshots import latest as latest_snapshot
 from test_finetune import distill_job, image_list, jitter_net, saved_weights, tiny_deploy  # noqa: F401  (fixture)
 
 

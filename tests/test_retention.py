@@ -16,7 +16,7 @@ from prune.reconstruct import cut
 from prune.graph import build_graph
 from prune.macs import MacsModel
 from prune.sample import Targets, collect
-from prune.sensitivity import allocate, plan
+from prune.sensitivity import SensitivityError, allocate, plan
 from prune.stats import net_stats
 from prune.surgery import prune_net
 from nets import caffe_forward, random_weights, rel_err, sphereface_path, concat_net
@@ -159,7 +159,7 @@ def test_allocator_meets_the_macs_target_within_one_percent_and_keeps_every_grou
     steep = max(record["curves"], key=lambda g: record["curves"][g]["damage"]["0.5"])
     flat = min(record["curves"], key=lambda g: record["curves"][g]["damage"]["0.5"])
     assert kept[steep] / model.channels()[steep] >= kept[flat] / model.channels()[flat]
-    with pytest.raises(ValueError, match="out of reach"):
+    with pytest.raises(SensitivityError, match="out of reach"):
         allocate(record, model, 0.001)
 
 

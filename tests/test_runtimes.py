@@ -19,7 +19,7 @@ from prune import latency, runtimes
 from prune.graph import build_graph
 from prune.macs import MacsModel
 from prune.policy import keep_count, ratio_for_macs, rounded, plan_groups
-from prune.sensitivity import allocate, plan
+from prune.sensitivity import SensitivityError, allocate, plan
 from prune.surgery import prune_net, save_pruned
 from prune.verify import failures, main as verify_main, verify
 
@@ -231,7 +231,7 @@ def test_the_latency_allocation_spends_its_cuts_where_they_buy_time():
     content = plan(record, macs, None, latency=model, latency_target=0.4, round_to=8)      # a latency target
     assert content["latency"]["share"] <= 0.4 and content["latency"]["runtime"] == "made-up"
     assert all(k % 8 == 0 or k == c for k, c in content["channels"].values())
-    with pytest.raises(ValueError, match="--latency-target 0.001 is out of reach"):
+    with pytest.raises(SensitivityError, match="--latency-target 0.001 is out of reach"):
         plan(record, macs, None, latency=model, latency_target=0.001)
 
 

@@ -15,6 +15,7 @@ from conftest import ROOT
 from base import caffe_io, netcheck
 from base.proto import caffe_pb2
 from finetune.trainnet import fork_net_class
+from prototxt import NetSpecError
 from prototxt.sphereface import UNITS, committed_path, sphereface
 
 
@@ -218,15 +219,15 @@ def test_widths_inner_widths_and_embedding(tmp_path):
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match="depth must be one of"):
+    with pytest.raises(NetSpecError, match="depth must be one of"):
         sphereface(18)
-    with pytest.raises(ValueError, match="conv3_1"):
+    with pytest.raises(NetSpecError, match="conv3_1"):
         sphereface(20, inner={"conv3_1": 10})  # a stream conv, not a unit-inner one
-    with pytest.raises(ValueError, match="conv2_2"):
+    with pytest.raises(NetSpecError, match="conv2_2"):
         sphereface(4, inner={"conv2_2": 10})  # SphereFace-4 has no residual units
-    with pytest.raises(ValueError, match="four positive stage widths"):
+    with pytest.raises(NetSpecError, match="four positive stage widths"):
         sphereface(20, widths=(64, 128, 256))
-    with pytest.raises(ValueError, match="margin"):
+    with pytest.raises(NetSpecError, match="margin"):
         sphereface(20, "train", m=5)
 
 

@@ -16,7 +16,7 @@ from prune.graph import build_graph
 from prune.policy import global_ranking
 from prune.criteria.taylor import Taylor
 from prune.sample import Evidence
-from prune.taylor import TaylorError, gradient_terms, taylor_scores, taylor_terms
+from prune.gradient import GradientError, gradient_terms, taylor_scores, taylor_terms
 import nets
 
 BATCH = 4
@@ -154,11 +154,11 @@ def test_bad_groups_are_named(setup, tmp_path):
     net, weights, feed, groups = setup
     other = caffe_io.write_net(nets.concat_net(), str(tmp_path / "other.prototxt"))
     foreign = build_graph(other).groups["up"]
-    with pytest.raises(TaylorError, match="group 'up': consumer layer 'e' is not in the net"):
+    with pytest.raises(GradientError, match="group 'up': consumer layer 'e' is not in the net"):
         taylor_terms(net, [foreign], [feed])
-    with pytest.raises(TaylorError, match="no batches"):
+    with pytest.raises(GradientError, match="no batches"):
         taylor_terms(net, [groups["c1"]], [])
-    with pytest.raises(TaylorError, match="blob 'images'"):
+    with pytest.raises(GradientError, match="blob 'images'"):
         taylor_terms(net, [groups["c1"]], [{"images": feed["data"]}])
 
 

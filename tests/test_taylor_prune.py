@@ -1,6 +1,6 @@
 """Iterative Taylor pruning end to end on real Caffe: a tiny residual net, a generated LFW-like set.
 
-The step-1 removal is checked against prune.taylor run independently on a
+The step-1 removal is checked against prune.gradient run independently on a
 train net built here; resuming (after a crash inside a step, or after a
 finished step is deleted) must end with the same log, since Caffe's CPU
 training is deterministic with the solver's seed.
@@ -19,7 +19,7 @@ from base.cli import UsageError
 from apps import taylor as tp
 from prune.graph import build_graph
 from prune.policy import global_ranking
-from prune.taylor import taylor_scores
+from prune.gradient import taylor_scores
 from apps.synthetic import make_dataset
 from finetune import driver, lists
 
@@ -57,7 +57,7 @@ def setup(tmp_path_factory):
     s = lists.build(lfw, str(tmp / "list"), folds=[1, 2, 3, 4, 5], pairs=pairs, progress=False)
     args = ["--model", model, "--weights", weights, "--train-list", str(tmp / "list" / "train.txt"),
             "--train-root", s["root"], "--remove-per-step", "4", "--target-share", "0.3", "--finetune-iters", "6",
-            "--score-batches", "3", "--batch", "8", "--lr", "0.01", "--lfw-dir", lfw, "--pairs", pairs,
+            "--score-batches", "3", "--batch", "8", "--finetune-lr", "0.01", "--lfw-dir", lfw, "--pairs", pairs,
             "--seed", "1", "--quiet"]
     out = str(tmp / "run")
     log = tp.run(tp.settings(args + ["--out", out]))
@@ -101,7 +101,7 @@ def test_schedule_end_to_end(setup):
 
 
 def test_step_one_removes_the_lowest_of_an_independent_ranking(setup):
-    """A train net built here with the fine-tune driver, scored by prune.taylor directly."""
+    """A train net built here with the fine-tune driver, scored by prune.gradient directly."""
     job = driver.FineTuneJob(deploy=setup["model"], weights=setup["weights"], train_list=setup["listing"],
                              root_folder=setup["root"], out=str(setup["tmp"] / "independent"), teacher=setup["model"],
                              teacher_weights=setup["weights"], precompute_teacher=True, mirror=True, batch_size=8,

@@ -10,12 +10,12 @@ import caffe
 from caffe import layers as L
 from caffe.proto import caffe_pb2
 
-from prune.towers import TowerError, add_heads, main as towers_main, multiwidth_net, multiwidth_train_net, \
+from apps.prioritise.towers import TowerError, add_heads, main as towers_main, multiwidth_net, multiwidth_train_net, \
     tower_masks
 from finetune.trainnet import Distill, ImageList
 from base import caffe_io
 from prune.graph import build_graph
-from prune.widths import export_width, masked_weights
+from apps.prioritise.widths import export_width, masked_weights
 from prototxt.sphereface import sphereface
 import nets
 from test_bnscale import bn_net

@@ -19,13 +19,13 @@ each consumer's Gram matrix of sampled contributions and the activation sums,
 so weight-based, data-based and reconstruction-based criteria share one call.
 A criterion with ``needs_gradient`` (Taylor) also gets ``evidence.taylor``,
 the first-order change of a loss per channel from Caffe's backward pass
-(prune.taylor): the layer-by-layer driver uses a label-free loss, apps.taylor
+(prune.gradient): the layer-by-layer driver uses a label-free loss, apps.taylor
 a distillation train net, and both rank with the same criterion.
 
 A new criterion: one module here with a ``Criterion`` subclass, one line in
 ``CRITERIA``.
 """
-from .base import Criterion, Scored  # noqa: F401
+from .base import Criterion, CriterionError, Scored  # noqa: F401
 from .actsum import ActSum
 from .bnscale import BNScale
 from .l1 import L1
@@ -48,5 +48,5 @@ CRITERIA = {
 
 def make(name, **params):
     if name not in CRITERIA:
-        raise ValueError("unknown criterion %r; choose one of %s" % (name, ", ".join(CRITERIA)))
+        raise CriterionError("unknown criterion %r; choose one of %s" % (name, ", ".join(CRITERIA)))
     return CRITERIA[name](**params)

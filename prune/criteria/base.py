@@ -1,6 +1,12 @@
 """What every criterion is, and the criterion that scores channels one by one."""
 import numpy as np
 
+from base.errors import ToolkitError
+
+
+class CriterionError(ToolkitError):
+    """A criterion that cannot rank this net's channels (the bnscale criterion on a net without BN scales)."""
+
 
 class Criterion:
     """select(evidence, n_keep) -> sorted kept channels of ``evidence.group``.
@@ -9,7 +15,7 @@ class Criterion:
     that does not (it reads weights only) lets the driver prune without running the net, e.g. a net with a
     Caffe fork's layers, when nothing else needs images either.
     ``needs_gradient``: the evidence must carry ``taylor``, the first-order change of a loss per channel
-    (prune.taylor.gradient_terms); the driver computes it only for criteria that say so, since it costs a
+    (prune.gradient.gradient_terms); the driver computes it only for criteria that say so, since it costs a
     backward pass."""
     needs_images = True
     needs_gradient = False

@@ -11,7 +11,7 @@ over the whole net instead of a ratio per group.
 """
 import numpy as np
 
-from .base import Scored
+from .base import CriterionError, Scored
 
 
 def scale_gammas(group, weights):
@@ -19,13 +19,13 @@ def scale_gammas(group, weights):
     found = [s for s in group.passengers if s.type == "Scale" and s.blob == 0]
     if not found:
         layers = ", ".join(group.layers("passengers")) or "none"
-        raise ValueError("group %r has no Scale layer among its passengers (%s): the bnscale criterion needs "
-                         "BatchNorm + Scale after the group's convs" % (group.id, layers))
+        raise CriterionError("group %r has no Scale layer among its passengers (%s): the bnscale criterion "
+                             "needs BatchNorm + Scale after the group's convs" % (group.id, layers))
     channels = np.arange(group.channels)
     score = np.zeros(group.channels)
     for s in found:
         if s.layer not in weights:
-            raise ValueError("weights have no Scale layer %r (group %r)" % (s.layer, group.id))
+            raise CriterionError("weights have no Scale layer %r (group %r)" % (s.layer, group.id))
         gamma = np.abs(np.asarray(weights[s.layer][0], dtype=np.float64).ravel())
         score = np.maximum(score, gamma[s.indices(channels)])
     return score
@@ -48,7 +48,7 @@ def global_threshold_keep(graph, weights, threshold=0.1):
     same channels, its top-n by |gamma|.
     """
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
-        raise ValueError("global threshold must be a number >= 0, got %r" % (threshold,))
+        raise CriterionError("global threshold must be a number >= 0, got %r" % (threshold,))
     keep = {}
     for g in graph.prunable():
         gamma = scale_gammas(g, weights)

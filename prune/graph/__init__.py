@@ -31,5 +31,5 @@ from .phase import phase_view
 from .records import (Blob, BlobSlice, Consumer, Graph, GraphError, Group, Seg, Slice, block_indices,  # noqa: F401
                       layout)
 from .rules import RULES, SOURCES, passenger, register_rule  # noqa: F401
-from .shapes import conv_geometry, data_shapes  # noqa: F401
+from .shapes import conv_geometry, conv_output, data_shapes  # noqa: F401
 from .walk import Walk, build_graph  # noqa: F401

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from base.errors import ToolkitError
 
-class GraphError(ValueError):
+
+class GraphError(ToolkitError):
     """A net the channel graph cannot analyse (named layer, type and file)."""
 
 

@@ -21,6 +21,11 @@ def conv_geometry(p, spatial):
             (list(p.dilation) or [1]) * (spatial if len(p.dilation) <= 1 else 1))
 
 
+def conv_output(size, kernel, stride, pad, dilation):
+    """Caffe's output size of a convolution along one axis of ``size``."""
+    return (size + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1
+
+
 def conv_shape(layer, shape, deconv):
     p = layer.convolution_param
     if shape is None:
@@ -28,9 +33,8 @@ def conv_shape(layer, shape, deconv):
     kernel, stride, pad, dil = conv_geometry(p, len(shape) - 2)
     out = []
     for i, size in enumerate(shape[2:]):
-        extent = dil[i] * (kernel[i] - 1) + 1
-        out.append(stride[i] * (size - 1) + extent - 2 * pad[i] if deconv
-                   else (size + 2 * pad[i] - extent) // stride[i] + 1)
+        out.append(stride[i] * (size - 1) + dil[i] * (kernel[i] - 1) + 1 - 2 * pad[i] if deconv
+                   else conv_output(size, kernel[i], stride[i], pad[i], dil[i]))
     return (shape[0], p.num_output) + tuple(out)
 
 

@@ -6,13 +6,13 @@ inside a training stage from its newest snapshot; other settings are refused):
 
 1. pretrain    the BN net (BatchNorm + Scale after the convs) trained with the
                loss + lambda_s sum|gamma| + lambda_m sum max(0, gamma_{k+1} - gamma_k)
-               (finetune.bnscale.step as the per-iteration hook of finetune.loop,
+               (apps.prioritise.penalty.step as the per-iteration hook of finetune.loop,
                Caffe's Adam);
                from scratch the gammas start monotone, 1 - (k-1)/N
 2. prune       every channel with |gamma| below a global threshold goes
                (network slimming, prune.surgery): a slimmer deploy net
 3. multiwidth  the slim net fine-tuned as one Caffe net of towers at the
-               utilisation levels (prune.towers), BatchNorm/Scale frozen,
+               utilisation levels (apps.prioritise.towers), BatchNorm/Scale frozen,
                the towers' losses summed
 4. export      a standalone deploy prototxt + caffemodel per level
                (OUT/width100|75|50.prototxt/.caffemodel)
@@ -31,17 +31,19 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from apps.prioritise import penalty
 from base import caffe_io, cli
+from base.errors import ToolkitError
 from base.lists import read_list
 from base.runfolder import RunFolder, command_config
 from eval_lfw.evaluator import EvalSpec, spec_from_args
-from finetune import bnscale, heads, loop, solver as solver_mod, trainnet
+from finetune import heads, loop, solver as solver_mod, trainnet
 from finetune.driver import FineTuneJob
 
 PROG = "python -m apps.prioritise"
 
 
-class PrioritiseError(ValueError):
+class PrioritiseError(ToolkitError):
     pass
 
 
@@ -112,7 +114,7 @@ def pretrain_net(st, deploy, folder, progress=True):
 
 def multiwidth_train(st, deploy, folder, progress=True):
     """The stage-3 towers train NetParameter (one head per tower, losses summed, BN/Scale frozen)."""
-    from prune.towers import multiwidth_train_net, suffix
+    from apps.prioritise.towers import multiwidth_train_net, suffix
     data, head, init, n = data_and_head(st, deploy, folder, progress)
     net = multiwidth_train_net(deploy, data, head, st.levels, freeze_bn=True)
     for layer in net.layer:
@@ -133,9 +135,9 @@ def train(st, folder, netparam, init, n_iter, lambda_s, lambda_m, monotone, depl
                           momentum=st.beta1, momentum2=0.999, type="Adam", weight_decay=st.weight_decay,
                           seed=st.seed)
     caffe_io.atomic_write(p["solver"], caffe_io.net_to_text(s))
-    rec = loop.train(folder, deploy, n_iter, init, step=lambda solver: bnscale.step(solver, lambda_s, lambda_m),
+    rec = loop.train(folder, deploy, n_iter, init, step=lambda solver: penalty.step(solver, lambda_s, lambda_m),
                      columns=("penalty",), snapshot_every=st.snapshot_every, title=title,
-                     source=title + " initial weights", on_start=bnscale.monotone_init if monotone else None,
+                     source=title + " initial weights", on_start=penalty.monotone_init if monotone else None,
                      protect=[st.weights], progress=progress)
     return dict(rec, caffemodel=rec["final"])
 
@@ -212,7 +214,7 @@ def multiwidth_stage(st, pre, slim, progress=True):
 
 
 def export_stage(st, fine):
-    from prune.widths import export_levels
+    from apps.prioritise.widths import export_levels
     return dict(levels=export_levels(fine["deploy"], fine["caffemodel"], st.levels, st.out, progress=False))
 
 
@@ -283,7 +285,7 @@ def run(st):
 # ------------------------------------------------------------------ command line
 
 def parser():
-    from prune.widths import add_levels
+    from apps.prioritise.widths import add_levels
     doc = __doc__.split("\n\n")
     ap = cli.parser(PROG, description="\n\n".join(doc[:3]), raw=True)
     cli.add_net(ap, model_help="deploy prototxt of a BN net (BatchNorm + Scale after every conv), e.g. from "

@@ -24,8 +24,10 @@ exactly as ``solver.step(1)`` would.
 """
 import numpy as np
 
+from base.errors import ToolkitError
 
-class PenaltyError(ValueError):
+
+class PenaltyError(ToolkitError):
     """Penalty weights or layers that do not fit the net."""
 
 

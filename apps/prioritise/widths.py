@@ -1,12 +1,12 @@
 """Standalone sub-networks of a channel-prioritised net, one per utilisation level.
 
-A net trained with channel prioritisation (finetune.bnscale) holds its
+A net trained with channel prioritisation (apps.prioritise.penalty) holds its
 channels in order of importance, so the p % sub-network is the FIRST
 ceil(p * C) channels of every prunable channel group (prune.graph).  Each
 level is written as a plain deploy prototxt + caffemodel (prune.surgery,
 checked by loading it in real Caffe), with its params and MACs.
 
-    python -m prune.widths --model NET.prototxt --weights NET.caffemodel \\
+    python -m apps.prioritise.widths --model NET.prototxt --weights NET.caffemodel \\
         --levels 1.0,0.75,0.5 --out DIR
 
 For a BatchNorm net the p % sub-network computes exactly what the full net
@@ -21,19 +21,20 @@ import os
 
 import numpy as np
 
-from base import caffe_io, cli, netcheck
+from base import caffe_io, cli
+from base.errors import ToolkitError
 from prune.graph import build_graph
 from prune.surgery import prune_net, save_pruned
 
 
-PROG = "python -m prune.widths"
+PROG = "python -m apps.prioritise.widths"
 DESCRIPTION = ("Export the utilisation levels of a channel-prioritised net: for each level p, the first "
                "ceil(p * C) channels of every prunable channel group are kept and a standalone deploy "
                "prototxt + caffemodel is written (each loaded in real Caffe before it is kept), with a "
                "params/MACs table (OUT/widths.json).")
 
 
-class WidthError(ValueError):
+class WidthError(ToolkitError):
     pass
 
 
@@ -119,7 +120,7 @@ def main(argv=None):
     cli.check_outputs(dict(model=a.model, weights=a.weights), [os.path.join(a.out, "widths.json")] +
                       [s + ext for s in stems for ext in (".prototxt", ".caffemodel")])
     cli.check_out(a.out)
-    netcheck.probe_nets([("--model " + a.model, a.model, "test")])
+    caffe_io.probe_nets([("--model " + a.model, a.model, "test")])
     caffe_io.check_weights(caffe_io.net_from_param(caffe_io.read_net(a.model)), caffe_io.read_weights(a.weights),
                            a.weights, complete=True)
     rows = export_levels(a.model, a.weights, a.levels, a.out)

@@ -1,4 +1,6 @@
-"""First-order Taylor importance of channels (Molchanov et al., ICLR 2017), from Caffe's own backward pass.
+"""The loss gradient per channel from Caffe's own backward pass: the first-order Taylor terms of channel
+importance (Molchanov et al., ICLR 2017) that the ``taylor`` criterion (prune.criteria.taylor) ranks and
+``python -m apps.taylor`` prunes by, step after step.
 
 Removing channel c of a group makes every consumer of the group read zero in
 that channel (that is exactly what prune.surgery produces). To first order
@@ -46,8 +48,10 @@ from collections import OrderedDict, defaultdict
 
 import numpy as np
 
+from base.errors import ToolkitError
 
-class TaylorError(ValueError):
+
+class GradientError(ToolkitError):
     """A group whose consumers the given net does not have, or that gets no gradient."""
 
 
@@ -59,7 +63,7 @@ def _consumer_bottom(net, consumer):
     found = [b for b in bottoms if b == consumer.bottom or (
         b.startswith(consumer.bottom + "_") and "_split_" in b[len(consumer.bottom):])]
     if len(found) != 1:
-        raise TaylorError("layer %r reads %s; cannot tell which one is blob %r"
+        raise GradientError("layer %r reads %s; cannot tell which one is blob %r"
                           % (consumer.layer, ", ".join(bottoms), consumer.bottom))
     return found[0]
 
@@ -81,10 +85,10 @@ class _Plan:
         self.taps = defaultdict(list)  # layer index -> [(group id, channels, consumer, blob)]
         for g in self.groups:
             if not g.consumers:
-                raise TaylorError("group %r has no consumer layer: nothing reads its channels" % g.id)
+                raise GradientError("group %r has no consumer layer: nothing reads its channels" % g.id)
             for c in g.consumers:
                 if c.layer not in names:
-                    raise TaylorError("group %r: consumer layer %r is not in the net" % (g.id, c.layer))
+                    raise GradientError("group %r: consumer layer %r is not in the net" % (g.id, c.layer))
                 self.taps[names.index(c.layer)].append((g.id, g.channels, c, _consumer_bottom(net, c)))
         self.names = names
 
@@ -98,7 +102,7 @@ def _run_batch(net, plan, feed, sums, top_diffs=None):
     net, after the forward pass of ``feed``."""
     for name, value in (feed or {}).items():
         if name not in net.blobs:
-            raise TaylorError("batch has blob %r, which the net does not have" % name)
+            raise GradientError("batch has blob %r, which the net does not have" % name)
         if net.blobs[name].data.shape != np.shape(value):
             net.blobs[name].reshape(*np.shape(value))
         net.blobs[name].data[...] = value
@@ -136,10 +140,10 @@ def taylor_terms(net, groups, batches, top_diffs=None, progress=True):
         _run_batch(net, plan, feed, sums, top_diffs)
         count += 1
     if not count:
-        raise TaylorError("no batches to score with")
+        raise GradientError("no batches to score with")
     dead = [gid for gid, s in sums.items() if not np.any(s)]
     if dead:
-        raise TaylorError("no gradient reaches group(s) %s: does the net have a loss, and do the layers above "
+        raise GradientError("no gradient reaches group(s) %s: does the net have a loss, and do the layers above "
                           "them back-propagate (learnable parameters or force_backward: true)?" % ", ".join(dead))
     return OrderedDict((gid, s / count) for gid, s in sums.items())
 

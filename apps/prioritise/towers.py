@@ -2,7 +2,7 @@
 
 The fine-tuning of channel prioritisation sums the loss of the sub-networks
 at utilisation levels p (100, 75, 50 %), the p % sub-network being the first
-ceil(p * C) channels of every prunable channel group (``prune.widths``), all
+ceil(p * C) channels of every prunable channel group (``apps.prioritise.widths``), all
 of them one set of weights.  Here that is one ordinary Caffe net:
 
 * the deploy net's trunk appears once per level ("tower"); the full tower
@@ -24,7 +24,7 @@ of them one set of weights.  Here that is one ordinary Caffe net:
   appear once; the towers' losses are summed with weights.
 
 Since consumers are linear in their input channels and passengers act per
-channel, tower p computes exactly what ``prune.widths.export_width(p)``
+channel, tower p computes exactly what ``apps.prioritise.widths.export_width(p)``
 writes as a standalone net (tested in tests/test_towers.py).
 
 BatchNorm/Scale are frozen by default (the method fixes them while
@@ -32,21 +32,22 @@ fine-tuning): BN uses its stored statistics in every phase (towers would
 otherwise overwrite each other's running averages in the shared blobs) and
 the Scale layers after BN get lr_mult 0.
 
-    python -m prune.towers --model NET.prototxt --levels 1,0.75,0.5 --out towers.prototxt
+    python -m apps.prioritise.towers --model NET.prototxt --levels 1,0.75,0.5 --out towers.prototxt
 """
 import copy
 
 import numpy as np
 
+from apps.prioritise.widths import add_levels, level_keep
 from base import caffe_io, cli
-from prune.graph import build_graph
-from prune.widths import add_levels, level_keep
+from base.errors import ToolkitError
 from base.proto import caffe_pb2, superset
+from prune.graph import build_graph
 
 LEVELS = (1.0, 0.75, 0.5)
 
 
-PROG = "python -m prune.towers"
+PROG = "python -m apps.prioritise.towers"
 DESCRIPTION = ("Write the multi-width net of a deploy prototxt: one tower per utilisation level, all "
                "sharing the deploy's weights by param name, tower p keeping the first ceil(p * C) "
                "channels of every prunable channel group through fixed masks. The deploy caffemodel "
@@ -54,7 +55,7 @@ DESCRIPTION = ("Write the multi-width net of a deploy prototxt: one tower per ut
                "(blobs suffixed @75, @50 ...).")
 
 
-class TowerError(ValueError):
+class TowerError(ToolkitError):
     pass
 
 
