@@ -83,14 +83,14 @@ class PruneSpec:
     targets: str = "original"
     ridge: object = "auto"
     bn_reestimate: str = "none"
-    blockfit_epochs: float = 0           # after the last cut: each block fitted to the unpruned block's output
-    blockfit_lr: float = 3e-4
     positions_per_image: int = 10
     round_to: Optional[int] = None       # every cut group keeps a multiple of it (prune.policy.keep_count)
     latency_target: Optional[float] = None   # the share of the batch-1 latency on `runtime` to keep
     runtime: Optional[str] = None        # rank the sensitivity allocation's cuts by time saved there
     latency_points: Optional[int] = None
     latency_cache: Optional[str] = None
+    blockfit_epochs: float = 0           # after the last cut: each block fitted to the unpruned block's output
+    blockfit_lr: float = 3e-4
 
 
 @dataclass(frozen=True)
