@@ -193,7 +193,7 @@ def add_arguments(ap):
                    help="with --macs-target: sensitivity (default): per-group counts with the least summed damage "
                         "of the sensitivity analysis (needs images; curves in OUT/plan/); uniform: one ratio for "
                         "every selected group, found by bisection on the MACs model")
-    g.add_argument("--layers", type=cli.name_list, default="all",
+    g.add_argument("--layers", type=cli.name_list, default=None,
                    help="comma-separated layers or group ids the plan may cut, in any order (they are pruned in "
                         "network order); default all prunable groups (python -m prune.groups lists them)")
     g.add_argument("--round-to", type=cli.count, default=1, metavar="N", help="with any policy: " + P.ROUND_TO_HELP)
@@ -234,7 +234,7 @@ def _ratios(text):
 def spec_of(a, **instead):
     """The PlanSpec of parsed arguments (``instead``: fields an entry point sets itself, e.g. a preset)."""
     fields = {k: getattr(a, k) for k in PlanSpec.__dataclass_fields__}
-    fields["layers"] = "all" if a.layers == "all" else tuple(a.layers)
+    fields["layers"] = "all" if a.layers in (None, ("all",)) else a.layers
     return PlanSpec(**dict(fields, **instead))
 
 

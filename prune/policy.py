@@ -178,7 +178,7 @@ def for_macs(model, layers, target, made_by, round_to=1):
             lo = mid
         else:
             hi = mid
-    made_by = dict(made_by, ratio=round(lo, 6), macs_share=round(model.share(counts(lo)), 6))
+    made_by = dict(made_by, ratio=lo, macs_share=round(model.share(counts(lo)), 6))
     return make_plan(model.graph, counts(lo), made_by, round_to)
 
 
