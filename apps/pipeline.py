@@ -235,9 +235,10 @@ def prune_stage(s, d, base, plan):
     step, final = distill_hooks(ft, base["prototxt"], base["caffemodel"])
     p = s.prune
     job = PruneJob(model=base["prototxt"], weights=base["caffemodel"], out=os.path.join(s.out, "prune"),
-                   plan=from_json(plan, build_graph(base["prototxt"]), plan["plan"]), criterion=p.criterion, seed=s.seed,
-                   reconstruct=p.reconstruct, targets=p.targets, ridge=p.ridge, bn_reestimate=p.bn_reestimate,
-                   positions_per_image=p.positions_per_image, data=dict(list=d["train_list"], images=len(rels)))
+                   plan=from_json(plan, build_graph(base["prototxt"]), plan["plan"]), criterion=p.criterion,
+                   seed=s.seed, reconstruct=p.reconstruct, targets=p.targets, ridge=p.ridge,
+                   bn_reestimate=p.bn_reestimate, positions_per_image=p.positions_per_image,
+                   data=dict(list=d["train_list"], images=len(rels)))
     log = run(job, lambda: image_batches(root, rels, pre, 32), finetune=step, final_finetune=final,
               progress=not s.quiet)
     return dict(log, plan=plan, finetune=dict(epochs_per_layer=ft.epochs_per_layer, epochs_final=ft.epochs_final,

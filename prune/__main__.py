@@ -35,7 +35,8 @@ def parser():
                     "keep; every consumer is then reconstructed by least squares (by default all its kept "
                     "weights and its intercept, towards the unpruned net's outputs). A checkpoint is written "
                     "after every group: run the same command again to resume. Result: OUT/pruned.prototxt + "
-                    "OUT/pruned.caffemodel (plain Caffe files) and OUT/log.json. A net of a Caffe fork (layers "
+                    "OUT/pruned.caffemodel (plain Caffe files), OUT/log.json and OUT/plan.json (the channels "
+                    "each group keeps, which --plan runs again, edited or not). A net of a Caffe fork (layers "
                     "this Caffe build lacks, e.g. Axpy, Permute, Normalize) is run only on the part without them: "
                     "groups that feed such layers can be pruned by a criterion that reads only weights (l1, "
                     "bnscale, random) with --reconstruct none, the others as usual.")
