@@ -198,8 +198,8 @@ def sampling_images(s, d, held_out=0):
 
 
 # How each policy is described in the report (apps.report.describe_recipe).
-ALLOCATION = {"ratio": "given", "table": "given", "file": "given", "threshold": "given", "macs-target": "uniform",
-              "sensitivity": "sensitivity", "latency": "sensitivity"}
+ALLOCATION = {"ratio": "given", "table": "given", "file": "given", "threshold": "given",
+              "macs-target": "uniform", "sensitivity": "sensitivity", "latency": "sensitivity"}
 
 
 def plan_stage(s, d, base):

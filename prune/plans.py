@@ -133,7 +133,7 @@ def _allocated(spec, net, graph, weights, sampling, made_by):
                                  round_to=spec.round_to)
     made_by = dict(made_by, macs_target=spec.macs_target, latency_target=spec.latency_target, runtime=runtime,
                    criterion=sampling.criterion, ratios=list(spec.ratios), judge_images=spec.judge_images,
-                   analysis=os.path.join(sampling.folder, "sensitivity.json"), macs_share=got["macs_share"],
+                   macs_share=got["macs_share"],
                    predicted_damage=got["predicted_damage"], **({"latency": got["latency"]} if model else {}))
     return P.make_plan(graph, got["keep"], made_by, spec.round_to)
 

@@ -34,6 +34,9 @@ def kit(tmp_path_factory):
     return dict(model=proto, weights=model, images=images)
 
 
+SENSITIVITY = ["--judge-images", "4", "--ratios", "0.5"]     # the analysis's grid, for the sensitivity policy
+
+
 def prune_flags(kit, out):
     return ["--model", kit["model"], "--weights", kit["weights"], "--data", kit["images"], "--crop", "none",
             "--images", "8", "--out", str(out), "--quiet"]
@@ -41,21 +44,23 @@ def prune_flags(kit, out):
 
 def through_prune(kit, flags, out):
     from prune.__main__ import main
-    assert main(prune_flags(kit, out) + flags) == 0
+    assert main(prune_flags(kit, out) + SENSITIVITY + flags) == 0
     return json.loads((out / "plan.json").read_text())
 
 
 def through_sensitivity(kit, flags, out):
     from prune.sensitivity.__main__ import main
-    assert main(prune_flags(kit, out) + ["--blob", "fc", "--judge-images", "4", "--ratios", "0.5"] + flags) == 0
+    assert main(prune_flags(kit, out) + ["--blob", "fc"] + SENSITIVITY + flags) == 0
     assert (out / "sensitivity.json").exists()
     return json.loads((out / "plan.json").read_text())
 
 
 def through_pipeline(kit, flags, out):
     from apps.pipeline import plan_stage, settings
-    s = settings(["--model", kit["model"], "--weights", kit["weights"], "--out", str(out), "--quiet"] + flags)
-    record = plan_stage(s, None, dict(prototxt=kit["model"], caffemodel=kit["weights"]))
+    s = settings(["--model", kit["model"], "--weights", kit["weights"], "--blob", "fc", "--images", "8",
+                  "--out", str(out), "--quiet"] + SENSITIVITY + flags)
+    record = plan_stage(s, dict(train_list=kit["images"], train_root=""),
+                        dict(prototxt=kit["model"], caffemodel=kit["weights"]))
     content = json.loads((out / "plan" / "plan.json").read_text())
     assert {k: record[k] for k in content} == content      # the stage's record is the plan, and more
     return content
@@ -77,6 +82,22 @@ def test_one_spec_makes_the_same_plan_file_in_every_entry_point(kit, tmp_path, s
     else:
         assert plan["made_by"]["macs_share"] <= 0.6 and plan["made_by"]["layers"] == ["c2", "c1"]
     pruned = build_graph(str(tmp_path / "through_prune" / "pruned.prototxt"))
+    assert {g: pruned[g].channels for g in plan["keep"]} == plan["keep"]
+
+
+def test_the_sensitivity_allocation_is_a_policy_of_every_entry_point(kit, tmp_path):
+    """--macs-target (the sensitivity allocation by default) in python -m prune, prune.sensitivity and the
+    pipeline: the same flags and images (--data) give the same plan in the first two; the pipeline, whose
+    images come from its training list, makes a plan of the same kind that meets the target."""
+    flags = ["--macs-target", "0.6"]
+    plan = through_prune(kit, flags, tmp_path / "prune")
+    assert (tmp_path / "prune" / "plan" / "sensitivity.json").exists()
+    assert through_sensitivity(kit, flags, tmp_path / "sensitivity") == plan
+    piped = through_pipeline(kit, flags, tmp_path / "pipeline")
+    for made_by in (plan["made_by"], piped["made_by"]):
+        assert made_by["policy"] == "sensitivity" and made_by["macs_share"] <= 0.6 and made_by["ratios"] == [0.5]
+        assert made_by["criterion"] == "thinet" and made_by["predicted_damage"] > 0
+    pruned = build_graph(str(tmp_path / "prune" / "pruned.prototxt"))
     assert {g: pruned[g].channels for g in plan["keep"]} == plan["keep"]
 
 
