@@ -6,7 +6,7 @@ reconstruction of its consumers) and the damage to the net's output is
 measured on images the step did not sample: the mean of 1 - cos between the
 pruned and the unpruned net's embedding.  One sampling pass per group serves
 every ratio.  The curves are the data of Distiller's and NNI's sensitivity
-analysis; ``allocate`` turns them into per-group keep ratios that reach a MACs
+analysis; ``allocate`` turns them into per-group channel counts that reach a MACs
 target with the least summed damage (greedy: each step takes the cut that
 costs the least damage per MAC saved, with the MACs of every layer recomputed
 for the current widths, since a 1x1 conv's cost depends on both groups it
