@@ -21,6 +21,7 @@ policies (prune.plans makes a plan from one spec):
 ``round_count`` the same rule on a count (``--round-to``).
 """
 import json
+import numbers
 from dataclasses import dataclass, field
 
 
@@ -119,12 +120,12 @@ def make_plan(graph, keep, made_by, round_to=1, kept=None, channels=None, source
     for name, k in keep.items():
         gid = group_of(graph, name).id if graph is not None else name
         width = graph[gid].channels if graph is not None else channels[gid]
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= width:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= width:
             raise PruneError("%s: group %r keeps %r channels; a count must be a whole number from 1 to its %d "
                              "channels" % (source, name, k, width))
         if gid in counts:
             raise PruneError("%s: group %r is named twice (%s)" % (source, gid, name))
-        counts[gid] = (k, width)
+        counts[gid] = (int(k), width)
     order = list(graph.groups) if graph is not None else list(channels)
     cut = {g: counts[g] for g in order if g in counts and counts[g][0] < counts[g][1]}
     if not cut:
@@ -137,8 +138,6 @@ def make_plan(graph, keep, made_by, round_to=1, kept=None, channels=None, source
 def from_ratios(graph, layers, keep, made_by, round_to=1):
     """The plan of one ratio for every group of ``layers``, or of a table {group or layer name: ratio}."""
     if isinstance(keep, dict):
-        for name in keep:
-            group_of(graph, name)
         table = {group_of(graph, n).id: r for n, r in keep.items()}
         groups = [g for g in chosen(graph, layers) if g.id in table]
     else:
@@ -222,10 +221,6 @@ def from_json(content, graph, source, made_by=None, round_to=None):
                          "{group: channels kept}" % source)
     if not table:
         raise PruneError("%s: the plan's 'keep' table is empty; nothing to prune" % source)
-    for name, width in widths.items():
-        if name in table and width != group_of(graph, name).channels:
-            raise PruneError("%s: group %r has %d channels in %s, not %r: the plan was made for another net"
-                             % (source, name, group_of(graph, name).channels, graph.source, width))
     if not isinstance(kept, dict) or not all(isinstance(v, list) for v in kept.values()):
         raise PruneError("%s: 'kept_channels' must be {group: [channel, ...]}" % source)
     kept = {group_of(graph, n).id: v for n, v in kept.items()}
@@ -235,7 +230,12 @@ def from_json(content, graph, source, made_by=None, round_to=None):
                              % (source, gid, graph[gid].channels - 1))
     made_by = content.get("made_by") if made_by is None else made_by
     round_to = content.get("round_to", 1) if round_to is None else round_to
-    return make_plan(graph, table, made_by, round_to, kept, source=source)
+    plan = make_plan(graph, table, made_by, round_to, kept, source=source)
+    for name, width in widths.items():
+        if name in table and width != group_of(graph, name).channels:
+            raise PruneError("%s: group %r has %d channels in %s, not %r: the plan was made for another net"
+                             % (source, name, group_of(graph, name).channels, graph.source, width))
+    return plan
 
 
 def global_ranking(scores):

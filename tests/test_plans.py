@@ -124,3 +124,23 @@ def test_a_plan_file_with_edited_counts_is_run_as_edited(kit, tmp_path):
     assert [(s["group"], s["kept"]) for s in log["steps"]] == [("c1", 4), ("c2", 4)]
     for how in (through_sensitivity, through_pipeline):
         assert how(kit, ["--plan", str(edited)], tmp_path / how.__name__)["keep"] == {"c1": 3, "c2": 5}
+
+
+def test_a_plan_file_is_checked_against_the_net(kit):
+    """Names, counts, the widths it was made for and the channels it chose, each refused with what is wrong;
+    kept channel sets are used only where their size is the count."""
+    from prune.policy import PruneError, from_json
+    graph = build_graph(kit["model"])
+    plan = from_json({"keep": {"c3": 4, "c2": 5}, "channels": {"c1": 8, "c2": 8},
+                      "kept_channels": {"c1": [0, 1, 2, 3], "c2": [0, 1]}}, graph, "p.json")
+    assert plan.keep == {"c1": 4, "c2": 5} and plan.kept == {"c1": [0, 1, 2, 3]}     # c3: a producer of c1
+    for bad, says in (({"keep": {"c1": 4}, "channels": {"c1": 16}}, "made for another net"),
+                      ({"keep": {"c1": 8}}, "nothing to prune"),
+                      ({"keep": {}}, "empty"),
+                      ({"keep": [4]}, "is not a plan file"),
+                      ({"keep": {"c1": 3}, "kept_channels": {"c1": [0, 0, 9]}}, r"distinct channels 0\.\.7"),
+                      ({"keep": {"fc": 3}}, "'fc' cannot be pruned"),
+                      ({"keep": {"c1": True}}, "whole number"),
+                      ({"keep": {"c1": 3, "c3": 2}}, "named twice")):
+        with pytest.raises(PruneError, match=says):
+            from_json(bad, graph, "p.json")

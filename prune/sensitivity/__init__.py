@@ -22,7 +22,7 @@ import numpy as np
 
 from base import caffe_io
 from prune.criteria import make as make_criterion
-from prune.policy import keep_count
+from prune.policy import keep_count, round_count
 from prune.reconstruct import cut
 from prune.graph import build_graph
 from prune.sample import Targets, collect
@@ -102,13 +102,12 @@ def _interpolated(curve, channels):
 
 
 def _lower(k, channels, floor, step, round_to):
-    """The next smaller count of a group at ``k``: one move of ``step`` channels (default 1/32 of the group,
-    at least one; a multiple of ``round_to``), never below ``floor``."""
+    """The next smaller count of a group at ``k``: one move of ``step`` channels (default 1/32 of the group;
+    whole multiples of ``round_to``), the count by the one rounding rule (prune.policy.round_count), never
+    below ``floor``."""
     move = max(1, channels // 32) if step is None else step
-    if round_to <= 1:
-        return max(floor, k - move)
     move = max(round_to, round_to * int(round(move / round_to)))
-    return max(floor, round_to * ((k - move) // round_to))
+    return max(floor, round_count(k - move, channels, round_to))
 
 
 def _best_cut(kept, widths, floor, damage, rank, need, step, round_to):
