@@ -17,7 +17,6 @@ stages take those and the records of the stages before them, and the report
 is built from the records alone.
 """
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from base.runfolder import RunFolder, command_config
 from base.shared import shared_dir
 from eval_lfw.evaluator import EvalSpec, spec_from_args
 from finetune.hooks import FineTuneSpec, add_fold_bn, add_similarity
-from prune import options
+from prune import options, plans
 from prune.criteria import CRITERIA
 
 PROG = "python -m apps.pipeline"
@@ -73,22 +72,14 @@ class BaselineSpec:
 
 @dataclass(frozen=True)
 class PruneSpec:
+    plan: plans.PlanSpec = plans.PlanSpec()   # how many channels each group keeps (prune.plans)
     criterion: str = "thinet"
-    keep: object = 0.5                   # a ratio or {layer: ratio}; None: from macs_target
     images: int = 128
-    macs_target: Optional[float] = None  # instead of keep: the share of the MACs to keep
-    allocation: str = "sensitivity"      # with macs_target: per-group ratios from the sensitivity analysis, or one
-    judge_images: int = 128              # the sensitivity analysis's held-out images
     reconstruct: str = "full"
     targets: str = "original"
     ridge: object = "auto"
     bn_reestimate: str = "none"
     positions_per_image: int = 10
-    round_to: Optional[int] = None       # every cut group keeps a multiple of it (prune.policy.keep_count)
-    latency_target: Optional[float] = None   # the share of the batch-1 latency on `runtime` to keep
-    runtime: Optional[str] = None        # rank the sensitivity allocation's cuts by time saved there
-    latency_points: Optional[int] = None
-    latency_cache: Optional[str] = None
     blockfit_epochs: float = 0           # after the last cut: each block fitted to the unpruned block's output
     blockfit_lr: float = 3e-4
 
@@ -209,54 +200,29 @@ def sampling_images(s, d, held_out=0):
     return root, chosen, preprocess_for(shape, root, chosen, rgb=s.rgb), held
 
 
+# How each policy is described in the report (apps.report.describe_recipe).
+ALLOCATION = {"ratio": "given", "table": "given", "file": "given", "threshold": "given",
+              "macs-target": "uniform", "sensitivity": "sensitivity", "latency": "sensitivity"}
+
+
 def plan_stage(s, d, base):
-    """How much each group keeps: --keep/--preset as given; --macs-target (and/or --latency-target) by the
-    sensitivity analysis's allocation (prune.sensitivity, its curves and plan in OUT/plan/; ranked by the time
-    each cut saves on --runtime when one is given) or one ratio for every group; --round-to rounds every
-    count to a multiple."""
-    from prune.macs import MacsModel
-    net = caffe_io.read_net(base["prototxt"])
-    p = s.prune
-    if p.macs_target is None and p.latency_target is None:
-        return rounded_plan(dict(keep=p.keep, allocation="given"), net, base["prototxt"], p.round_to)
-    if p.allocation == "uniform":
-        from prune.policy import ratio_for_macs
-        ratio, share = ratio_for_macs(net, None, "all", p.macs_target, base["prototxt"], round_to=p.round_to or 1)
-        return rounded_plan(dict(keep=ratio, allocation="uniform", macs_share=share), net, base["prototxt"], p.round_to)
+    """How much each group keeps: prune.plans.make, as in python -m prune (the sensitivity analysis's images
+    drawn from the training list; its curves and the plan file in OUT/plan/)."""
     from base.images import image_batches
-    from prune import latency, sensitivity
-    root, fit, pre, judge = sampling_images(s, d, held_out=p.judge_images)
     out = os.path.join(s.out, "plan")
+
+    def images(held_out):
+        root, fit, pre, judge = sampling_images(s, d, held_out=held_out)
+        say("sensitivity of every group (%d images sampled, %d judged)" % (len(fit), len(judge)), s.quiet)
+        return (lambda: image_batches(root, fit, pre, 32)), (lambda: image_batches(root, judge, pre, 32))
+    sampling = plans.Sampling(images, out, s.blob, s.prune.criterion, s.seed, not s.quiet)
+    plan = plans.make(s.prune.plan, base["prototxt"], base["caffemodel"], sampling)
     os.makedirs(out, exist_ok=True)
-    say("sensitivity of every group (%d images sampled, %d judged)" % (len(fit), len(judge)), s.quiet)
-    record = sensitivity.analyse(net, caffe_io.read_weights(base["caffemodel"]),
-                                 lambda: image_batches(root, fit, pre, 32), lambda: image_batches(root, judge, pre, 32),
-                                 s.blob, os.path.join(out, "sensitivity.json"), progress=not s.quiet, seed=s.seed)
-    sensitivity.plot(record, os.path.join(out, "sensitivity.png"))
-    macs = MacsModel(net, source=base["prototxt"])
-    runtime, model = latency.runtime_of(p), None
-    if runtime:
-        say("latency table of every layer on %s" % runtime, s.quiet)
-        model = latency.model_for(net, runtime, source=base["prototxt"], graph=macs.graph, round_to=p.round_to,
-                                  points=p.latency_points, lowest=min(record["ratios"]), cache_dir=p.latency_cache,
-                                  progress=not s.quiet)
-    plan = sensitivity.plan(record, macs, p.macs_target, latency=model, latency_target=p.latency_target,
-                            round_to=p.round_to or 1)
-    caffe_io.atomic_write(os.path.join(out, "plan.json"), json.dumps(plan, indent=1))
-    extra = dict(round_to=p.round_to, latency=plan.get("latency"))
-    return dict(keep=plan["keep"], allocation="sensitivity", macs_share=plan["macs_share"],
-                plan=os.path.join(out, "plan.json"), predicted_damage=plan["predicted_damage"],
-                **{k: v for k, v in extra.items() if v is not None})
-
-
-def rounded_plan(plan, net, source, round_to):
-    """The plan with every count a multiple of ``round_to`` (a keep table; prune.policy.rounded)."""
-    if not round_to or round_to == 1:
-        return plan
-    from prune.graph import build_graph
-    from prune.policy import plan_groups, rounded
-    graph = build_graph(net, source=source)
-    return dict(plan, keep=rounded(graph, plan_groups(graph, "all", plan["keep"]), round_to), round_to=round_to)
+    m = plan.made_by
+    extra = dict(allocation=ALLOCATION[m["policy"]], plan=plans.write(plan, os.path.join(out, "plan.json")),
+                 round_to=plan.round_to if plan.round_to > 1 else None,
+                 **{k: m[k] for k in ("macs_share", "predicted_damage", "latency") if k in m})
+    return dict(plan.to_json(), **{k: v for k, v in extra.items() if v is not None})
 
 
 def prune_stage(s, d, base, plan):
@@ -265,15 +231,18 @@ def prune_stage(s, d, base, plan):
     from base.images import image_batches
     from finetune.hooks import distill_hooks
     from prune.driver import PruneJob, run
+    from prune.graph import build_graph
+    from prune.policy import from_json
     root, rels, pre, _ = sampling_images(s, d)
     ft = dataclasses.replace(s.finetune, train_list=d["train_list"], train_root=d["train_root"])
     step, final = distill_hooks(ft, base["prototxt"], base["caffemodel"])
     p = s.prune
     job = PruneJob(model=base["prototxt"], weights=base["caffemodel"], out=os.path.join(s.out, "prune"),
-                   criterion=p.criterion, keep=plan["keep"], layers="all", seed=s.seed,
-                   reconstruct=p.reconstruct, targets=p.targets, ridge=p.ridge, bn_reestimate=p.bn_reestimate,
+                   plan=from_json(plan, build_graph(base["prototxt"]), plan["plan"]), criterion=p.criterion,
+                   seed=s.seed, reconstruct=p.reconstruct, targets=p.targets, ridge=p.ridge,
+                   bn_reestimate=p.bn_reestimate, positions_per_image=p.positions_per_image,
                    blockfit_epochs=p.blockfit_epochs, blockfit_lr=p.blockfit_lr,
-                   positions_per_image=p.positions_per_image, data=dict(list=d["train_list"], images=len(rels)))
+                   data=dict(list=d["train_list"], images=len(rels)))
     log = run(job, lambda: image_batches(root, rels, pre, 32), finetune=step, final_finetune=final,
               progress=not s.quiet)
     return dict(log, plan=plan, finetune=dict(epochs_per_layer=ft.epochs_per_layer, epochs_final=ft.epochs_final,
@@ -368,7 +337,6 @@ def run_pipeline(s):
 # ------------------------------------------------------------------ command line
 
 def parser():
-    from prune import latency
     ap = cli.parser(PROG, description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1], raw=True)
     ap.add_argument("--depth", type=int, choices=(4, 10, 20, 36, 64), default=4,
                     help="SphereFace depth: its deploy prototxt from prototxt/ is the net (default 4)")
@@ -392,25 +360,15 @@ def parser():
                     teacher_help="teacher deploy prototxt for the baseline's distillation (default: the "
                                  "MobileFaceNet of ../shared; none: A-Softmax on the list's identities)")
     p = ap.add_argument_group("pruning")
-    p.add_argument("--criterion", default="thinet", choices=sorted(CRITERIA),
-                   help="channel criterion (python -m prune --help; default thinet)")
-    how = p.add_mutually_exclusive_group()
-    how.add_argument("--preset", default="original", choices=("original", "all"),
-                     help="original: the Sphereface-prune schedule (SphereFace-4: conv1_1/2_1/3_1/4_1 at 0.5; "
-                          "SphereFace-10: conv1_1/2_2/3_2/3_4/4_1 at 0.75); all: every channel group the graph "
-                          "finds, residual streams included, at 0.5 (default original)")
-    how.add_argument("--keep", type=cli.parse_keep, help="instead of --preset: one ratio for every group (0.5) or a "
-                                                     "table (conv1_1=0.5,conv2_1=0.75)")
-    how.add_argument("--macs-target", type=cli.open_fraction, default=None,
-                     help="instead of --preset: the share of the net's MACs to keep (e.g. 0.5), every prunable group "
-                          "taking part; how much each keeps: see --allocation")
-    p.add_argument("--allocation", default="sensitivity", choices=("sensitivity", "uniform"),
-                   help="with --macs-target: sensitivity (default): per-group ratios with the least summed damage "
-                        "(python -m prune.sensitivity; curves and plan in OUT/plan/); uniform: one ratio for all")
-    p.add_argument("--judge-images", type=cli.count, default=128,
-                   help="held-out training images on which the sensitivity analysis measures damage (default 128)")
+    p.add_argument("--criterion", default=None, choices=sorted(CRITERIA),
+                   help="channel criterion (python -m prune --help; default thinet, bnscale with --threshold)")
     p.add_argument("--images", type=cli.count, default=128, help="images of the training list sampled per group (default 128)")
-    latency.add_arguments(ap)
+    how = plans.add_arguments(ap)
+    how.add_argument("--preset", default="original", choices=("original", "all"),
+                     help="instead of --keep: original: the Sphereface-prune schedule (SphereFace-4: "
+                          "conv1_1/2_1/3_1/4_1 at 0.5; SphereFace-10: conv1_1/2_2/3_2/3_4/4_1 at 0.75); all: every "
+                          "channel group the graph finds, residual streams included, at 0.5 (default original, "
+                          "when no other policy is given)")
     options.add_reconstruction(ap)
     f = ap.add_argument_group("fine-tuning (distillation from the baseline; Caffe's solver)")
     f.add_argument("--finetune-epochs-per-layer", type=cli.non_negative, default=1, help="after each pruned group (default 1)")
@@ -447,40 +405,28 @@ def fractions(text):
     return values
 
 
-def keep_schedule(a, depth):
-    """The driver's keep from --keep or --preset (None with --macs-target or --latency-target: the plan stage
-    decides)."""
-    from prune import latency
-    latency.check_arguments(a)
-    if a.latency_target is not None:
-        if a.keep is not None or a.allocation == "uniform":
-            raise cli.UsageError("--latency-target is met by the sensitivity allocation; it excludes --keep and "
-                                 "--allocation uniform")
-        return None
-    if a.runtime and a.allocation == "uniform":
-        raise cli.UsageError("--runtime ranks the sensitivity allocation's cuts; --allocation uniform has none")
-    if a.macs_target is not None:
-        return None
-    if a.keep is not None:
-        return a.keep
+def plan_spec(a, depth):
+    """The plan flags (prune.plans), --preset standing for --keep when no policy is given."""
+    plans.check_arguments(a)
+    spec = plans.spec_of(a)
+    if spec.given():
+        return spec
     if a.preset == "all":
-        return 0.5
+        return dataclasses.replace(spec, keep=0.5)
     table = PRESETS.get(depth, {}).get(a.preset)
     if table is None:
         raise cli.UsageError("no %r preset for %s (presets exist for SphereFace-%s); give --keep"
                              % (a.preset, a.model or "this net", "/".join(str(k) for k in sorted(PRESETS))))
-    return dict(table)
+    return dataclasses.replace(spec, keep=dict(table))
 
 
-def check_inputs(a, model, keep):
+def check_inputs(a, model, spec):
     """What would stop the run later, checked before anything is created (base.cli.check_run_inputs: outputs
     over inputs, nets and caffemodels Caffe can load, the training list's images, the output folder), and the
-    keep table against the net's groups, the folds, the GPU."""
+    plan against the net's groups (where it needs no images, nor weights not there yet), the folds, the GPU."""
     from eval_lfw.pairs import parse_folds
-    from prune.graph import build_graph
-    from prune.policy import plan_groups
     cli.check_run_inputs(a, dict(model=model, weights=a.weights, train_list=a.train_list, pairs=a.pairs,
-                                 teacher=a.teacher, teacher_weights=a.teacher_weights),
+                                 teacher=a.teacher, teacher_weights=a.teacher_weights, plan=a.plan),
                          nets=[("model", "weights"), ("teacher", "teacher_weights")])
     parse_folds(a.train_folds)
     if a.pairs:   # the evaluation set, checked now rather than after the training
@@ -489,8 +435,8 @@ def check_inputs(a, model, keep):
         check_images(a.lfw_dir, read_pairs(a.pairs).select(parse_folds(a.eval_folds)).images()[0])
     else:
         parse_folds(a.eval_folds)
-    if keep is not None:
-        plan_groups(build_graph(model), "all", keep)
+    if not spec.needs_images() and (a.weights or spec.policy() != "threshold"):
+        plans.make(spec, model, a.weights)
     cli.check_gpu([a.gpu] if a.gpu is not None else [])
 
 
@@ -506,17 +452,15 @@ def settings(argv=None):
         raise cli.UsageError("--teacher %s needs --teacher-weights" % a.teacher)
     if a.lfw_dir and not a.pairs:
         raise cli.UsageError("--lfw-dir needs --pairs (LFW View 2 pairs.txt)")
-    keep = keep_schedule(a, depth)
-    check_inputs(a, model, keep)
+    spec = plan_spec(a, depth)
+    check_inputs(a, model, spec)
     return Settings(
         out=a.out, model=model, depth=depth, blob=a.blob, rgb=a.rgb,
         data=DataSpec(a.train_list, a.train_root, a.train_folds, a.train_unpaired, a.lfw_dir, a.pairs, a.synthetic),
         baseline=BaselineSpec(a.weights, a.baseline_epochs, a.baseline_lr, a.teacher, a.teacher_weights,
                               a.teacher_blob, a.teacher_rgb),
-        prune=PruneSpec(a.criterion, keep, a.images, a.macs_target, a.allocation, a.judge_images, a.reconstruct,
-                        a.targets, a.ridge, a.bn_reestimate, a.positions_per_image, round_to=a.round_to,
-                        latency_target=a.latency_target, runtime=a.runtime, latency_points=a.latency_points,
-                        latency_cache=a.latency_cache, blockfit_epochs=a.blockfit_epochs, blockfit_lr=a.blockfit_lr),
+        prune=PruneSpec(spec, plans.criterion_of(a), a.images, a.reconstruct, a.targets, a.ridge, a.bn_reestimate,
+                        a.positions_per_image, a.blockfit_epochs, a.blockfit_lr),
         finetune=FineTuneSpec(train_list=None, epochs_per_layer=a.finetune_epochs_per_layer,
                               epochs_final=a.finetune_epochs_final, lr=a.finetune_lr, batch=a.batch,
                               lr_steps=a.finetune_lr_steps, embedding=a.blob, rgb=a.rgb, mirror=a.finetune_mirror,

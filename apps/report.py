@@ -258,7 +258,7 @@ def rounding_and_latency(p):
         text += "; cuts ranked by the time they save on %s (predicted %.2f of %.2f ms%s)" % (
             lat["runtime"], lat["predicted_ms"], lat["unpruned_ms"],
             ", latency target %.0f%%" % (100 * lat["target"]) if lat.get("target") else "")
-    if p.get("round_to"):
+    if (p.get("round_to") or 1) > 1:
         text += "; every count a multiple of %d" % p["round_to"]
     return text
 

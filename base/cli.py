@@ -232,17 +232,6 @@ def yes_no(text):
     raise argparse.ArgumentTypeError("expected yes or no, not %r" % text)
 
 
-def share(text):
-    """A share in (0, 1] (a keep ratio, a level)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("expected a share such as 0.5, not %r" % text) from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError("expected a share in (0, 1], not %r" % text)
-    return value
-
-
 def _number(kind, low=None, high=None, low_open=False, high_open=False):
     """An argparse type: ``kind`` (int or float) within [low, high] (open ends as asked); NaN refused."""
     what = "a whole number" if kind is int else "a number"

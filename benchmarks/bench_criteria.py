@@ -24,6 +24,7 @@ from base.images import image_batches, preprocess_for  # noqa: E402
 from base.lists import image_files  # noqa: E402
 from eval_lfw.pairs import lfw_people  # noqa: E402
 from prune.driver import PruneJob, run  # noqa: E402
+from prune.plans import PlanSpec, make as make_plan  # noqa: E402
 from prune.stats import net_stats  # noqa: E402
 
 
@@ -84,7 +85,8 @@ def main(argv=None):
             cell = os.path.join(a.out, "%s_%g" % (crit, keep))
             start = time.time()
             published = a.reconstruct if crit in ("thinet", "thinet-add", "lasso") or a.reconstruct == "full" else "none"
-            job = PruneJob(model=a.model, weights=a.weights, out=cell, criterion=crit, keep=keep,
+            job = PruneJob(model=a.model, weights=a.weights, out=cell, criterion=crit,
+                           plan=make_plan(PlanSpec(keep=keep), a.model),
                            reconstruct=published, targets=a.targets,
                            data=dict(data=a.lfw_dir, images=len(rels), lfw_folds="1-5", rgb=a.rgb))
             log = run(job, lambda: image_batches(root, rels, pre, 32), progress=False)

@@ -127,12 +127,14 @@ def evaluate(a, proto, weights, flip=False):
 
 
 def keep_plan(a, s, sample, judge, out):
-    """The driver's keep: one ratio for the MACs target, or the sensitivity allocation's table."""
+    """The driver's plan: one ratio for the MACs target, or the sensitivity allocation's counts."""
+    from prune import plans, policy
     from prune.macs import MacsModel
-    from prune.policy import ratio_for_macs
     net, weights = caffe_io.read_net(a.model), caffe_io.read_weights(a.weights)
+    made_by = dict(policy="macs-target" if s["allocation"] == "uniform" else "sensitivity", net=a.model,
+                   allocation=s["allocation"], macs_target=a.macs_target)
     if s["allocation"] == "uniform":
-        return ratio_for_macs(net, weights, "all", a.macs_target, a.model)[0]
+        return policy.for_macs(MacsModel(net, source=a.model), "all", a.macs_target, made_by)
     from prune import latency, sensitivity
     fit, held = judge
     pre = preprocess_for((1, 3, 112, 112), a.lfw_dir, fit, True, "none")
@@ -146,19 +148,22 @@ def keep_plan(a, s, sample, judge, out):
                                  lowest=min(record["ratios"]), progress=not a.quiet)
     if s["allocation"] == "latency_equal":
         same = rank.share(sensitivity.allocate(record, macs, a.macs_target))
-        plan = sensitivity.plan(record, macs, None, latency=rank, latency_target=same)
+        got = sensitivity.allocation(record, macs, None, latency=rank, latency_target=same)
     else:
-        plan = sensitivity.plan(record, macs, a.macs_target, latency=rank)
-    caffe_io.atomic_write(os.path.join(out, "plan.json"), json.dumps(plan, indent=1))
-    return plan["keep"]
+        got = sensitivity.allocation(record, macs, a.macs_target, latency=rank)
+    made_by.update({k: v for k, v in got.items() if k != "keep"})
+    plan = policy.make_plan(macs.graph, got["keep"], made_by)
+    os.makedirs(out, exist_ok=True)
+    plans.write(plan, os.path.join(out, "plan.json"))
+    return plan
 
 
 def prune_row(a, row, s, sample, judge):
     from prune.driver import PruneJob, run
     out = os.path.join(a.out, row)
-    keep = keep_plan(a, s, sample, judge, out)
+    plan = keep_plan(a, s, sample, judge, out)
     pre = preprocess_for((1, 3, 112, 112), a.lfw_dir, sample, True, "none")
-    job = PruneJob(model=a.model, weights=a.weights, out=os.path.join(out, "prune"), keep=keep,
+    job = PruneJob(model=a.model, weights=a.weights, out=os.path.join(out, "prune"), plan=plan,
                    reconstruct=s["reconstruct"], targets=s["targets"], seed=a.seed)
     log = run(job, lambda: image_batches(a.lfw_dir, sample, pre), progress=not a.quiet)
     return log["prototxt"], log["caffemodel"]

@@ -8,7 +8,7 @@ and loaded back by each runtime):
 
 * ``keep 0.75``, ``keep 0.5``: every prunable group at that ratio;
 * ``uniform 50% MACs`` / ``... r8``: the one ratio that leaves half the MACs
-  (prune.policy.ratio_for_macs; counts such as 45 of 64), and the same with
+  (prune.policy.for_macs; counts such as 45 of 64), and the same with
   every count rounded to a multiple of --round-to (prune.policy.keep_count);
 * MobileFaceNet only, from its sensitivity curves (--sensitivity, measured by
   the retention work): ``MACs-allocated 50%`` (prune.sensitivity.plan, cuts
@@ -45,7 +45,7 @@ from base.netinput import input_layer  # noqa: E402
 from prune import latency, runtimes, sensitivity  # noqa: E402
 from prune.graph import build_graph  # noqa: E402
 from prune.macs import MacsModel  # noqa: E402
-from prune.policy import keep_count, ratio_for_macs  # noqa: E402
+from prune.policy import for_macs, keep_count  # noqa: E402
 from prune.surgery import prune_net, save_pruned  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "docs", "results")
@@ -98,9 +98,9 @@ def uniform_variants(net, model, args):
     out = {"keep 0.75": {g: keep_count(0.75, c) for g, c in ch.items()},
            "keep 0.5": {g: keep_count(0.5, c) for g, c in ch.items()}}
     for n in (1, args.round_to):
-        ratio, _ = ratio_for_macs(net, None, "all", args.macs_target, round_to=n)
+        plan = for_macs(model, "all", args.macs_target, dict(policy="macs-target"), round_to=n)
         out["uniform %d%% MACs%s" % (100 * args.macs_target, " r%d" % n if n > 1 else "")] = {
-            g: keep_count(ratio, c, n) for g, c in ch.items()}
+            g: plan.keep.get(g, c) for g, c in ch.items()}
     return out
 
 

@@ -4,47 +4,11 @@ import os
 from base import caffe_io, cli, netcheck
 from base.images import image_batches
 from base.netinput import input_layer
-from prune import options, policy
+from prune import options, plans
 from prune.criteria import CRITERIA, make as make_criterion
-from prune.driver import PruneError, PruneJob, needs_images, run
+from prune.driver import PruneJob, needs_images, run
 
 PROG = "python -m prune"
-
-
-def keep_of(a, net, layers):
-    """(keep, layers) for the driver from --keep, --macs-target, --threshold or --plan (one of them), with
-    every count a multiple of --round-to when it is given."""
-    keep, layers = _keep_of(a, net, layers)
-    if not a.round_to or a.round_to == 1:
-        return keep, layers
-    from prune.graph import build_graph
-    graph = build_graph(net, source=a.model)
-    table = policy.rounded(graph, policy.plan_groups(graph, layers, keep), a.round_to)
-    print("--round-to %d: %s" % (a.round_to, ", ".join("%s %d/%d" % (g, round(r * graph[g].channels),
-                                                                      graph[g].channels) for g, r in table.items())))
-    return table, "all"
-
-
-def _keep_of(a, net, layers):
-    if a.plan is not None:
-        return policy.read_plan(a.plan), layers
-    if a.threshold is not None:
-        if a.criterion not in (None, "bnscale"):
-            raise PruneError("--threshold prunes by |gamma|: it needs --criterion bnscale, not %s" % a.criterion)
-        table, kept, total = policy.threshold_table(net, caffe_io.read_weights(a.weights), layers, a.threshold,
-                                                    a.weights)
-        print("--threshold %g: %d of %d channels kept in %d groups" % (a.threshold, kept, total, len(table)))
-        return table, "all"
-    if a.macs_target is not None:
-        keep, reached = policy.ratio_for_macs(net, None, layers, a.macs_target, a.model, round_to=a.round_to or 1)
-        print("--macs-target %g: keep ratio %.4f on every selected group leaves %.2f%% of the MACs"
-              % (a.macs_target, keep, 100 * reached))
-        return keep, layers
-    return a.keep, layers
-
-
-def criterion_of(a):
-    return a.criterion or ("bnscale" if a.threshold is not None else "thinet")
 
 
 def finetune_hooks(a, net):
@@ -72,7 +36,8 @@ def parser():
                     "keep; every consumer is then reconstructed by least squares (by default all its kept "
                     "weights and its intercept, towards the unpruned net's outputs). A checkpoint is written "
                     "after every group: run the same command again to resume. Result: OUT/pruned.prototxt + "
-                    "OUT/pruned.caffemodel (plain Caffe files) and OUT/log.json. A net of a Caffe fork (layers "
+                    "OUT/pruned.caffemodel (plain Caffe files), OUT/log.json and OUT/plan.json (the channels "
+                    "each group keeps, which --plan runs again, edited or not). A net of a Caffe fork (layers "
                     "this Caffe build lacks, e.g. Axpy, Permute, Normalize) is run only on the part without them: "
                     "groups that feed such layers can be pruned by a criterion that reads only weights (l1, "
                     "bnscale, random) with --reconstruct none, the others as usual.")
@@ -91,27 +56,7 @@ def parser():
                          "first-order Taylor importance from Caffe's backward pass of a label-free loss (distance "
                          "of the net's L2-normalised output to the unpruned net's mean output on the image and "
                          "its mirror), one extra forward+backward pass per group")
-    how = ap.add_mutually_exclusive_group()
-    how.add_argument("--keep", type=cli.parse_keep, default=0.5,
-                     help="share of channels kept: one ratio for every selected group (0.5), or a table by "
-                          "layer/group name (conv1_1=0.5,conv2_1=0.75)")
-    how.add_argument("--macs-target", type=cli.open_fraction, default=None,
-                    help="instead of --keep: the share of the net's MACs to keep (e.g. 0.5); one keep ratio for "
-                         "all selected groups is found by bisection (each probe a real surgery measured by "
-                         "python -m prune.stats) and reported")
-    how.add_argument("--threshold", type=cli.non_negative, default=None,
-                    help="instead of --keep: network slimming's global threshold (e.g. 0.1); every channel whose "
-                         "|gamma| (Scale after BatchNorm, the largest over a residual stream) is below it goes, "
-                         "so each group keeps its own share; a group keeps at least its largest channel. Needs "
-                         "BatchNorm + Scale after the convs and --criterion bnscale (implied)")
-    how.add_argument("--plan", default=None,
-                     help="instead of --keep: a plan file, JSON with a 'keep' table {group or layer: ratio} (as "
-                          "python -m prune.sensitivity writes it; groups left out are not pruned)")
-    ap.add_argument("--round-to", type=cli.count, default=None, metavar="N",
-                    help="with any of the above: " + policy.ROUND_TO_HELP)
-    ap.add_argument("--layers", default="all",
-                    help="comma-separated layers or group ids to prune, in any order (they are pruned in "
-                         "network order); default all prunable groups (python -m prune.groups lists them)")
+    plans.add_arguments(ap)
     options.add_reconstruction(ap)
     ap.add_argument("--seed", type=int, default=0, help="seed of image draw, sampling and random criterion")
     ft = ap.add_argument_group("fine-tuning (distillation from the unpruned net, Caffe's solver; python -m finetune)")
@@ -136,11 +81,15 @@ def parser():
     return ap
 
 
-def check_inputs(a):
+def check_inputs(a, spec):
     """Every input checked before any work (base.cli.check_run_inputs: files, outputs over inputs, a net and a
     caffemodel Caffe can load, the fine-tune list's images, the output folder; and the GPU); returns the net."""
     fine_tune = bool(a.finetune_epochs_per_layer or a.finetune_epochs_final)
-    name = criterion_of(a)
+    name = plans.criterion_of(a)
+    if a.data is None and spec.needs_images():
+        raise cli.UsageError("--data is required: the sensitivity allocation (--allocation sensitivity, the default "
+                             "with --macs-target, and --latency-target) runs the net on images; --allocation "
+                             "uniform does not")
     if a.data is None and (needs_images(make_criterion(name), a.reconstruct) or a.bn_reestimate != "none"
                            or a.blockfit_epochs):
         how = "" if a.reconstruct == "none" else " with --reconstruct " + a.reconstruct
@@ -157,14 +106,19 @@ def check_inputs(a):
 @cli.entry(PROG)
 def main(argv=None):
     a = parser().parse_args(argv)
-    net = check_inputs(a)
+    plans.check_arguments(a)
+    spec = plans.spec_of(a)
+    net = check_inputs(a, spec)
     _, shape = input_layer(net, a.model)
     root, rels, pre, _ = options.images_of(a, shape) if a.data else (None, [], None, None)
-    layers = "all" if a.layers == "all" else [s.strip() for s in a.layers.split(",") if s.strip()]
     step_ft, final_ft = finetune_hooks(a, net)
-    keep, layers = keep_of(a, net, layers)
-    job = PruneJob(model=a.model, weights=a.weights, out=a.out, criterion=criterion_of(a), keep=keep,
-                   layers=layers, samples_per_image=a.samples_per_image, seed=a.seed,
+    sampling = None
+    if spec.needs_images():
+        sampling = plans.sampling_of(a, shape, os.path.join(a.out, "plan"), a.blob or net.layer[-1].top[0])
+    plan = plans.make(spec, a.model, a.weights, sampling)
+    print(plans.summary(plan))
+    job = PruneJob(model=a.model, weights=a.weights, out=a.out, criterion=plans.criterion_of(a), plan=plan,
+                   samples_per_image=a.samples_per_image, seed=a.seed,
                    reconstruct=a.reconstruct, targets=a.targets, ridge=a.ridge,
                    positions_per_image=a.positions_per_image, bn_reestimate=a.bn_reestimate,
                    blockfit_epochs=a.blockfit_epochs, blockfit_lr=a.blockfit_lr,

@@ -5,8 +5,9 @@ For each selected group, in network order (as ThiNet does):
 1. sample the *current* net (already pruned groups included) on the images,
    and, for the least squares, the unpruned net at the same places
    (prune.sample);
-2. the criterion picks the channels to keep (its number comes from the
-   plan, prune.policy); a criterion that needs a loss gradient (Taylor)
+2. the criterion picks the channels to keep, as many as the plan says
+   (prune.policy.Plan: counts), unless the plan chose them itself (the
+   slimming threshold); a criterion that needs a loss gradient (Taylor)
    first gets one backward pass of the current net in Caffe (prune.gradient);
 3. every consumer of the group is reconstructed (prune.reconstruct): by
    default all its kept weights and its intercept by least squares towards
@@ -37,7 +38,7 @@ from base.runfolder import RunFolder
 from prune import bnstats
 from prune.criteria import make as make_criterion
 from prune.graph import build_graph
-from prune.policy import PruneError, keep_count, names, plan_groups, ratio_for_macs  # noqa: F401 (re-exported)
+from prune.policy import Plan, PruneError, make_plan, names
 from prune.reconstruct import cut
 from prune.sample import Evidence, Targets, collect
 from prune.surgery import checked_weights, save_pruned
@@ -49,9 +50,8 @@ class PruneJob:
     model: str
     weights: str
     out: str
+    plan: Plan                         # the channels each group keeps (prune.plans.make)
     criterion: str = "thinet"
-    keep: object = 0.5                 # float for every selected group, or {group or layer name: ratio}
-    layers: object = "all"             # "all" or [group ids / producer layer names]
     samples_per_image: int = 10
     seed: int = 0
     reconstruct: str = "full"          # full: least squares of every kept weight; scale: ThiNet's; none
@@ -65,6 +65,7 @@ class PruneJob:
 
     def config(self):
         c = asdict(self)
+        c["plan"] = self.plan.to_json()
         c["model_sha256"] = caffe_io.file_sha256(self.model)
         c["weights_sha256"] = caffe_io.file_sha256(self.weights)
         return c
@@ -101,9 +102,9 @@ def _check_runnable(job, graph, plan, criterion, left):
                          % (job.model, "bn-reestimate" if job.bn_reestimate != "none" else "blockfit-epochs", what))
     if not needs_images(criterion, job.reconstruct):
         return
-    cannot = [gid for gid, _ in plan if any(c.layer in gone for c in graph[gid].consumers)]
+    cannot = [gid for gid in plan.keep if any(c.layer in gone for c in graph[gid].consumers)]
     if cannot:
-        runs = [gid for gid, _ in plan if gid not in cannot]
+        runs = [gid for gid in plan.keep if gid not in cannot]
         many = len(cannot) > 1
         raise PruneError("%s: group%s %s %s read by layers this Caffe build cannot run (%s), so %s cannot be "
                          "sampled on images: leave %s out (--layers %s) or choose a criterion that reads only "
@@ -112,7 +113,7 @@ def _check_runnable(job, graph, plan, criterion, left):
                             "they" if many else "it", "them" if many else "it", ",".join(runs) or "-"))
 
 
-def _step(job, k, gid, ratio, net, weights, criterion, images, original, out_map, teacher=None):
+def _step(job, k, plan, gid, net, weights, criterion, images, original, out_map, teacher=None):
     """Prune one group of the current net: (net, weights, record); ``out_map`` (the original output
     channel of every current one, per layer whose outputs were cut) is updated.  ``teacher``: the unpruned
     caffe.Net, for a criterion that needs a loss gradient."""
@@ -128,7 +129,7 @@ def _step(job, k, gid, ratio, net, weights, criterion, images, original, out_map
         ev = Evidence(group=group, weights=weights)
     if criterion.needs_gradient:
         ev.taylor = gradient_terms(net, weights, [group], images(), teacher)[gid]
-    kept = [int(c) for c in criterion.select(ev, keep_count(ratio, group.channels))]
+    kept = plan.kept.get(gid) or [int(c) for c in criterion.select(ev, plan.keep[gid])]
     removed = sorted(set(range(group.channels)) - set(kept))
     reference = (original[1], out_map) if original else None
     net2, weights2, errors = cut(net, weights, graph, group, ev, kept, job.reconstruct, job.ridge, reference)
@@ -139,7 +140,8 @@ def _step(job, k, gid, ratio, net, weights, criterion, images, original, out_map
             rows = out_map.get(s.layer, np.arange(np.asarray(weights[s.layer][0]).shape[0]))
             out_map[s.layer] = np.delete(rows, s.indices(removed))
     record = dict(step=k, group=gid, layers=sorted(names(group)), channels=group.channels, kept=len(kept),
-                  ratio=ratio, criterion=job.criterion, reconstruct=job.reconstruct, targets=job.targets,
+                  chosen_by="plan" if gid in plan.kept else "criterion", criterion=job.criterion,
+                  reconstruct=job.reconstruct, targets=job.targets,
                   removed_channels=removed, error=errors, images=ev.images, samples=ev.samples,
                   out_map={k_: v.tolist() for k_, v in out_map.items()})
     return net2, weights2, record
@@ -192,19 +194,18 @@ def _run(job, folder, images, finetune, final_finetune, progress):
     view, left = netcheck.runnable_view(net)
     caffe_io.check_weights(caffe_io.net_from_param(view), weights, job.weights, complete=True)
     checked_weights(graph, weights, job.weights)     # also the layers this Caffe build does not run
-    plan = plan_groups(graph, job.layers, job.keep)
-    if not plan:
-        raise PruneError("nothing to prune: no prunable group selected")
+    plan = make_plan(graph, job.plan.keep, job.plan.made_by, job.plan.round_to, job.plan.kept)   # fits this net
     criterion = make_criterion(job.criterion, seed=job.seed)
     _check_runnable(job, graph, plan, criterion, left)
     folder.save_config(config)
+    folder.save("plan.json", config["plan"])
     proto, model = job.model, job.weights
     original = _original(job) if _uses_normals(job) and job.targets == "original" else None
     teacher = (original or _original(job))[0] if criterion.needs_gradient else None
     out_map = {}
     steps = []
-    bar = tqdm(plan, desc="prune", unit="group", disable=not progress, dynamic_ncols=True)
-    for k, (gid, ratio) in enumerate(bar, 1):
+    bar = tqdm(list(plan.keep), desc="prune", unit="group", disable=not progress, dynamic_ncols=True)
+    for k, gid in enumerate(bar, 1):
         bar.set_postfix(group=gid)
         step_rel = os.path.join("steps", "%02d_%s" % (k, gid.replace("/", "_")))
         step_dir, record_rel = folder.file(step_rel), os.path.join(step_rel, "step.json")
@@ -215,7 +216,7 @@ def _run(job, folder, images, finetune, final_finetune, progress):
             proto, model = record["prototxt"], record["caffemodel"]
             continue
         start = time.time()
-        net2, weights2, record = _step(job, k, gid, ratio, caffe_io.read_net(proto), caffe_io.read_weights(model),
+        net2, weights2, record = _step(job, k, plan, gid, caffe_io.read_net(proto), caffe_io.read_weights(model),
                                        criterion, images, original, out_map, teacher)
         out_proto, out_model = os.path.join(step_dir, "net.prototxt"), os.path.join(step_dir, "net.caffemodel")
         save_pruned(net2, weights2, out_proto, out_model, inputs=(job.model, job.weights))

@@ -356,49 +356,6 @@ class LatencyModel:
         return {g.id: g.channels for g in self.graph.prunable()}
 
 
-# ------------------------------------------------------------------ command line
-
-def add_arguments(ap, round_to=True):
-    """--round-to, --latency-target, --runtime, --latency-points, --latency-cache."""
-    from base import cli
-    from prune.policy import ROUND_TO_HELP
-    from prune.runtimes import LATENCY_KINDS
-    g = ap.add_argument_group("channel rounding and latency-aware allocation (prune.latency)")
-    if round_to:
-        g.add_argument("--round-to", type=cli.count, default=None, metavar="N", help=ROUND_TO_HELP)
-    g.add_argument("--latency-target", type=cli.open_fraction, default=None,
-                   help="the share of the net's batch-1 latency on --runtime to keep (e.g. 0.5), predicted from a "
-                        "per-layer table measured on that runtime; with --macs-target both must hold")
-    g.add_argument("--runtime", choices=LATENCY_KINDS, default=None,
-                   help="the runtime the latency table is measured on (default caffe with --latency-target); "
-                        "given with --macs-target alone, the allocation still ranks its cuts by the time they save "
-                        "there (opencv: OpenCV DNN with fusion, as deployed; mnn: MNN's converter and interpreter)")
-    g.add_argument("--latency-points", type=cli.count, default=None,
-                   help="channel counts timed per cut weight axis of every layer (default %d; interpolated "
-                        "between)" % TableSpec.points)
-    g.add_argument("--latency-cache", default=None,
-                   help="folder of the measured tables, one per net, runtime and machine (default .cache/latency "
-                        "in the repository)")
-
-
-def check_arguments(a, targets=("macs_target",)):
-    """Refuse up front: a runtime not installed here, or a latency flag with no allocation to steer."""
-    from base import cli
-    from prune import runtimes
-    if a.runtime and a.latency_target is None and all(getattr(a, t, None) is None for t in targets):
-        raise cli.UsageError("--runtime ranks the cuts of an allocation: give --macs-target or --latency-target")
-    runtime = runtime_of(a)
-    if runtime:
-        why = runtimes.missing(runtime)
-        if why:
-            raise cli.UsageError("--runtime %s: %s" % (runtime, why))
-
-
-def runtime_of(a):
-    """The runtime the allocation is ranked on: --runtime, caffe with --latency-target alone, or None."""
-    return a.runtime or ("caffe" if a.latency_target is not None else None)
-
-
 def model_for(net, runtime, source="net", graph=None, round_to=None, points=None, lowest=0.125, cache_dir=None,
               progress=False):
     """The LatencyModel of ``net`` on ``runtime`` (its table measured now or read from the cache)."""

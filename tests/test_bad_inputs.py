@@ -79,6 +79,9 @@ def _bad_lists(k, folder):
     k["pairs_header"] = write("pairs_header", ["ten 300"] + pairs[1:])
     k["pairs_missing"] = write("pairs_missing", [pairs[0]] + [p.replace("person_0", "ghost_0") for p in pairs[1:]])
     k["plan"] = write("plan", ['{"keep": "half"}'])
+    for name, keep in (("unknown", '{"conv9": 2}'), ("zero", '{"conv1": 0}'), ("over", '{"conv1": 999}'),
+                       ("ratio", '{"conv1": 0.5}')):     # plan files hold counts, 1..channels of a real group
+        k["plan_" + name] = write("plan_" + name, ['{"keep": %s}' % keep])
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +104,8 @@ PRUNE = ["--model", "{net}", "--weights", "{weights}", "--data", "{lfw}", "--ima
 PIPELINE = ["--model", "{net}", "--weights", "{weights}", "--train-list", "{list}", "--train-root", "{lfw}",
             "--lfw-dir", "{lfw}", "--pairs", "{pairs}", "--eval-folds", "1-10", "--keep", "0.5", "--out", "{out}",
             "--quiet"]
+SENSITIVITY = ["--model", "{net}", "--weights", "{weights}", "--blob", "fc5", "--data", "{lfw}", "--images", "4",
+               "--judge-images", "2", "--out", "{out}", "--quiet"]
 TAYLOR = ["--model", "{net}", "--weights", "{weights}", "--train-list", "{list}", "--train-root", "{lfw}",
           "--remove-per-step", "1", "--target-share", "0.5", "--out", "{out}", "--quiet"]
 PRIORITISE = ["--model", "{net}", "--train-list", "{list}", "--train-root", "{lfw}", "--out", "{out}", "--quiet"]
@@ -179,6 +184,16 @@ CASES = [
     ("prune", with_(PRUNE, model="{loop}"), "'conv2' reads blob 'fc5'"),
     ("prune", with_(PRUNE, weights="{out}/pruned.caffemodel"), "--weights"),
     ("prune", with_(PRUNE, plan="{plan}", keep=None), "plan.txt"),
+    ("prune", with_(PRUNE, plan="{plan_unknown}"), "no layer or channel group named 'conv9'"),
+    ("prune", with_(PRUNE, plan="{plan_zero}"), "group 'conv1' keeps 0 channels"),
+    ("prune", with_(PRUNE, plan="{plan_over}"), "group 'conv1' keeps 999 channels"),
+    ("prune", with_(PRUNE, plan="{plan_ratio}"), "group 'conv1' keeps 0.5 channels"),
+    ("prune", with_(PRUNE, round_to="0"), "--round-to"),
+    # ---- python -m prune.sensitivity: the same plan flags, refused before the analysis runs
+    ("prune.sensitivity", with_(SENSITIVITY, plan="{plan_unknown}"), "conv9"),
+    ("prune.sensitivity", with_(SENSITIVITY, plan="{plan_zero}"), "group 'conv1' keeps 0 channels"),
+    ("prune.sensitivity", with_(SENSITIVITY, plan="{plan_over}"), "group 'conv1' keeps 999 channels"),
+    ("prune.sensitivity", with_(SENSITIVITY, keep="conv9=0.5"), "conv9"),
     ("prune", with_(PRUNE, finetune_epochs_final="1", train_list="{list_not_image}", train_root="{lfw}"),
      "notes.jpg"),
     # ---- python -m apps.pipeline
@@ -189,6 +204,8 @@ CASES = [
     ("apps.pipeline", with_(PIPELINE, baseline_epochs="0"), "--baseline-epochs"),
     ("apps.pipeline", with_(PIPELINE, criterion="best"), "--criterion"),
     ("apps.pipeline", with_(PIPELINE, keep="conv9=0.5"), "conv9"),
+    ("apps.pipeline", with_(PIPELINE, plan="{plan_unknown}", keep=None), "conv9"),
+    ("apps.pipeline", with_(PIPELINE, plan="{plan_over}", keep=None), "group 'conv1' keeps 999 channels"),
     ("apps.pipeline", with_(PIPELINE, model="{unknown_type}"), "ChannelShuffle"),
     ("apps.pipeline", with_(PIPELINE, train_list="{list_not_image}"), "notes.jpg"),
     ("apps.pipeline", with_(PIPELINE, eval_folds="11-12"), "11"),
@@ -277,4 +294,7 @@ def test_a_corrected_command_is_accepted_in_the_folder_a_refused_one_named(kit, 
     assert os.listdir(out) == [".lock"] or os.listdir(out) == []
     done = run_module("prune", expand(with_(PRUNE, keep="conv1=0.5"), kit, out))
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.load(open(os.path.join(out, "config.json")))["keep"] == {"conv1": 0.5}
+    plan = json.load(open(os.path.join(out, "config.json")))["plan"]
+    assert plan["made_by"]["keep"] == {"conv1": 0.5} and list(plan["keep"]) == ["conv1"]
+    assert plan["keep"]["conv1"] == plan["channels"]["conv1"] // 2
+    assert json.load(open(os.path.join(out, "plan.json"))) == plan

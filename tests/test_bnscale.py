@@ -247,6 +247,21 @@ def test_bnscale_criterion_and_global_threshold(tmp_path, capsys):
     steps = json.load(open(str(tmp_path / "run" / "log.json")))["steps"]
     assert {s["group"]: s["removed_channels"] for s in steps} == {"c1": [1, 3, 4, 6], "c2": [0, 3, 5]}
     assert {s["criterion"] for s in steps} == {"bnscale"}
+    assert {s["chosen_by"] for s in steps} == {"plan"}          # the threshold selected once, nothing again
+    plan = json.load(open(str(tmp_path / "run" / "plan.json")))
+    assert plan["kept_channels"] == {"c1": [0, 2, 5, 7], "c2": [1, 2, 4, 6, 7]} and plan["keep"] == {"c1": 4, "c2": 5}
+    assert plan["made_by"]["policy"] == "threshold" and plan["made_by"]["threshold"] == 0.1
+    # the plan file edited by hand: c1 now keeps 6 (its chosen set no longer fits: the criterion picks 6, the
+    # six largest |gamma|), c2 as the threshold chose it
+    plan["keep"]["c1"] = 6
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(plan))
+    assert prune_main(args + ["--plan", str(edited), "--criterion", "bnscale", "--out", str(tmp_path / "run3")]) == 0
+    steps = json.load(open(str(tmp_path / "run3" / "log.json")))["steps"]
+    gamma = scale_gammas(graph["c1"], weights)
+    assert [(s["group"], s["kept"], s["chosen_by"]) for s in steps] == [("c1", 6, "criterion"), ("c2", 5, "plan")]
+    assert steps[0]["removed_channels"] == sorted(np.argsort(gamma)[:2].tolist())
+    assert steps[1]["removed_channels"] == [0, 3, 5]
     # only c2 selected: c1 stays whole
     assert prune_main(args + ["--threshold", "0.1", "--layers", "c2", "--out", str(tmp_path / "run2")]) == 0
     steps = json.load(open(str(tmp_path / "run2" / "log.json")))["steps"]

@@ -116,10 +116,10 @@ def test_pipeline_allocates_by_sensitivity_for_a_macs_target(tmp_path):
                           "--judge-images", "8", "--images", "16", "--finetune-epochs-per-layer", "0",
                           "--finetune-epochs-final", "0", "--timing-rounds", "1", "--quiet", "--out", out]) == 0
     plan = json.load(open(os.path.join(out, "plan", "plan.json")))
-    assert plan["macs_share"] <= 0.5
+    assert plan["made_by"]["macs_share"] <= 0.5 and plan["made_by"]["policy"] == "sensitivity"
     rep = json.load(open(os.path.join(out, "report.json")))
     assert rep["plan"]["allocation"] == "sensitivity"
-    assert rep["stages"][-1]["macs"] / rep["stages"][0]["macs"] == pytest.approx(plan["macs_share"], abs=1e-6)
-    assert {s["group"]: s["kept"] for s in rep["schedule"]} == {
-        g: k for g, (k, c) in plan["channels"].items() if k < c}
+    assert rep["stages"][-1]["macs"] / rep["stages"][0]["macs"] == pytest.approx(plan["made_by"]["macs_share"],
+                                                                              abs=1e-6)
+    assert {s["group"]: s["kept"] for s in rep["schedule"]} == plan["keep"]
     assert "allocated per group from the sensitivity analysis" in open(os.path.join(out, "report.md")).read()

@@ -13,7 +13,8 @@ from base.images import preprocess_for
 from base.lists import image_files
 from eval_lfw.pairs import lfw_people
 from prune.driver import PruneError, PruneJob, run
-from prune.policy import plan_groups
+from prune.plans import PlanSpec, make as make_plan
+from prune.policy import from_ratios, keep_count
 from prune.graph import build_graph
 from prune.sample import collect_many
 from conftest import shared_path
@@ -61,8 +62,8 @@ def test_sphereface10_and_20_prune_end_to_end_with_streams(tmp_path):
         proto = sphereface_path(depth)
         model = caffe_io.write_weights(caffe_io.read_net(proto), random_weights(proto, seed=depth),
                                        str(tmp_path / ("sf%d.caffemodel" % depth)))
-        job = PruneJob(model=proto, weights=model, out=str(tmp_path / ("run%d" % depth)), keep=0.5,
-                       samples_per_image=4)
+        job = PruneJob(model=proto, weights=model, out=str(tmp_path / ("run%d" % depth)),
+                       plan=make_plan(PlanSpec(keep=0.5), proto), samples_per_image=4)
         log = run(job, lambda: iter([images]), progress=False)
         assert len(log["steps"]) == n_groups
         streams = [s for s in log["steps"] if len(s["error"]) > 1]   # a stream feeds several consumers
@@ -81,8 +82,9 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     proto = sphereface_path(10)
     model = caffe_io.write_weights(caffe_io.read_net(proto), random_weights(proto, seed=1), str(tmp_path / "w.caffemodel"))
     images = random_images(4, seed=5)
-    make_job = lambda out: PruneJob(model=proto, weights=model, out=str(tmp_path / out), keep=0.75,
-                                    layers=["conv2_1", "conv3_2", "conv1_1"], samples_per_image=4)
+    plan = make_plan(PlanSpec(keep=0.75, layers=("conv2_1", "conv3_2", "conv1_1")), proto)
+    make_job = lambda out: PruneJob(model=proto, weights=model, out=str(tmp_path / out), plan=plan,
+                                    samples_per_image=4)
     whole = run(make_job("whole"), lambda: iter([images]), progress=False)
 
     def dies_after_step_2(step_dir, proto_path, weights_path):
@@ -106,13 +108,13 @@ def test_bad_input_gets_a_clear_message(tmp_path, capsys):
     proto = sphereface_path(4)
     graph = build_graph(proto)
     with pytest.raises(PruneError, match=r"must be in \(0, 1\], not 1.5"):
-        plan_groups(graph, "all", 1.5)
+        from_ratios(graph, "all", 1.5, {})
     with pytest.raises(PruneError, match="no layer or channel group named 'conv9_9'"):
-        plan_groups(graph, ["conv9_9"], 0.5)
+        from_ratios(graph, ["conv9_9"], 0.5, {})
     with pytest.raises(PruneError, match="'fc5' cannot be pruned: .*net output"):
-        plan_groups(graph, ["fc5"], 0.5)
+        from_ratios(graph, ["fc5"], 0.5, {})
     with pytest.raises(PruneError, match="conv7_1"):
-        plan_groups(graph, "all", {"conv1_1": 0.5, "conv7_1": 0.5})
+        from_ratios(graph, "all", {"conv1_1": 0.5, "conv7_1": 0.5}, {})
     # too few images for what was asked
     folder = tmp_path / "faces" / "someone"
     folder.mkdir(parents=True)
@@ -172,17 +174,19 @@ def test_cli_prunes_then_finetunes_each_step_and_at_the_end(tmp_path, capsys):
 
 
 def test_macs_target_finds_the_ratio_that_leaves_that_share(tmp_path):
-    from prune.policy import ratio_for_macs
     from prune.stats import net_stats
     proto = sphereface_path(4)
     net = caffe_io.read_net(proto)
     weights = random_weights(proto, seed=4)
-    ratio, reached = ratio_for_macs(net, weights, "all", 0.5, proto)
-    assert 0.5 - 0.02 < reached <= 0.5
+    plan = make_plan(PlanSpec(macs_target=0.5, allocation="uniform"), proto)
+    reached = plan.made_by["macs_share"]
+    assert 0.5 - 0.02 < reached <= 0.5 and plan.made_by["policy"] == "macs-target"
+    ratio = plan.made_by["ratio"]       # one ratio, every count by the one rule
+    assert plan.keep == {g: keep_count(ratio, c) for g, c in plan.channels.items()}
     model = caffe_io.write_weights(net, weights, str(tmp_path / "sf4.caffemodel"))
-    job = PruneJob(model=proto, weights=model, out=str(tmp_path / "run"), keep=ratio, samples_per_image=2,
+    job = PruneJob(model=proto, weights=model, out=str(tmp_path / "run"), plan=plan, samples_per_image=2,
                    criterion="l1")
     log = run(job, lambda: iter([random_images(2)]), progress=False)
-    assert net_stats(log["prototxt"]).macs / net_stats(proto).macs == pytest.approx(reached)
+    assert net_stats(log["prototxt"]).macs / net_stats(proto).macs == pytest.approx(reached, abs=1e-6)
     with pytest.raises(PruneError, match="cannot be reached"):
-        ratio_for_macs(net, weights, ["conv1_1"], 0.1, proto)
+        make_plan(PlanSpec(macs_target=0.1, allocation="uniform", layers=("conv1_1",)), proto)

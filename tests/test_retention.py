@@ -11,12 +11,12 @@ from caffe import layers as L, params as P
 from base import caffe_io
 from prune import bnstats
 from prune.driver import PruneJob, run
-from prune.policy import keep_count
 from prune.reconstruct import cut
 from prune.graph import build_graph
 from prune.macs import MacsModel
 from prune.sample import Targets, collect
-from prune.sensitivity import SensitivityError, allocate, plan
+from prune.plans import PlanSpec, make as make_plan
+from prune.sensitivity import SensitivityError, allocate
 from prune.stats import net_stats
 from prune.surgery import prune_net
 from nets import caffe_forward, random_weights, rel_err, sphereface_path, concat_net
@@ -206,7 +206,8 @@ def test_targets_from_the_unpruned_net_beat_targets_from_the_pruned_one(tmp_path
     want = caffe_forward(proto, weights, held)["fc"]
     errors = {}
     for targets in ("original", "current"):
-        job = PruneJob(model=proto, weights=model, out=str(tmp_path / targets), keep=0.5, targets=targets)
+        job = PruneJob(model=proto, weights=model, out=str(tmp_path / targets), plan=make_plan(PlanSpec(), proto),
+                       targets=targets)
         log = run(job, _batches(x, 64), progress=False)
         assert len(log["steps"]) == 4
         got = caffe_forward(log["prototxt"], log["caffemodel"], held)["fc"]
@@ -219,7 +220,7 @@ def test_sensitivity_cli_writes_curves_and_a_plan_that_prune_runs(tmp_path):
     for half the MACs, and python -m prune --plan turns that plan into exactly those channel counts."""
     from apps.synthetic import make_dataset
     from prune.__main__ import main as prune_main
-    from prune.sensitivity import main as sensitivity_main
+    from prune.sensitivity.__main__ import main as sensitivity_main
     images, _ = make_dataset(str(tmp_path / "data"), identities_per_fold=2, images_per_identity=3, size=16,
                              pairs_per_fold=2)
     proto = _write(small_residual_net(), tmp_path / "res.prototxt")
@@ -238,15 +239,19 @@ def test_sensitivity_cli_writes_curves_and_a_plan_that_prune_runs(tmp_path):
         assert all(d >= 0 for d in damage) and damage[0] > damage[2]     # cutting more hurts more
     assert (out / "sensitivity.png").stat().st_size > 0
     content = json.loads((out / "plan.json").read_text())
-    assert 0.45 <= content["macs_share"] <= 0.5       # a toy: one channel is over 1% of its MACs
+    assert 0.45 <= content["made_by"]["macs_share"] <= 0.5       # a toy: one channel is over 1% of its MACs
+    assert content["made_by"]["policy"] == "sensitivity" and content["made_by"]["net"] == proto
     run_dir = tmp_path / "run"
     assert prune_main(["--model", proto, "--weights", model, "--data", images, "--crop", "none", "--images", "20",
                        "--plan", str(out / "plan.json"), "--out", str(run_dir), "--quiet"]) == 0
     pruned = caffe_io.read_net(str(run_dir / "pruned.prototxt"))
     graph = build_graph(pruned)
-    for gid, (k, c) in content["channels"].items():
-        assert graph[gid].channels == k == keep_count(content["keep"].get(gid, 1.0), c)
-    assert net_stats(pruned).macs / macs.total == pytest.approx(content["macs_share"])
+    for gid, c in macs.channels().items():
+        assert graph[gid].channels == content["keep"].get(gid, c)
+        assert content["channels"].get(gid, c) == c
+    for gid, k in content["keep"].items():
+        assert content["ratios"][gid] == pytest.approx(k / content["channels"][gid], abs=1e-6)
+    assert net_stats(pruned).macs / macs.total == pytest.approx(content["made_by"]["macs_share"])
     assert sensitivity_main(args) == 0                                   # a finished analysis is read back
     taylor = tmp_path / "sens_taylor"                  # a criterion that needs Caffe's backward pass works too
     assert sensitivity_main(args[:-3] + ["--criterion", "taylor", "--out", str(taylor), "--quiet"]) == 0
@@ -262,7 +267,8 @@ def test_driver_reestimates_batchnorm_at_the_end_and_after_each_cut(tmp_path):
     x = _images(24, (3, 8, 8), seed=14)
     logs = {}
     for when in ("none", "end", "each"):
-        job = PruneJob(model=proto, weights=model, out=str(tmp_path / when), keep=0.5, bn_reestimate=when)
+        job = PruneJob(model=proto, weights=model, out=str(tmp_path / when), plan=make_plan(PlanSpec(), proto),
+                       bn_reestimate=when)
         logs[when] = run(job, _batches(x, 8), progress=False)
     last = logs["end"]["steps"][-1]
     net = caffe_io.read_net(last["prototxt"])

@@ -18,8 +18,9 @@ from nets import random_weights, sphereface_path
 from prune import latency, runtimes
 from prune.graph import build_graph
 from prune.macs import MacsModel
-from prune.policy import keep_count, ratio_for_macs, rounded, plan_groups
-from prune.sensitivity import SensitivityError, allocate, plan
+from prune.plans import PlanSpec, make as make_plan
+from prune.policy import keep_count, round_count
+from prune.sensitivity import SensitivityError, allocate, allocation
 from prune.surgery import prune_net, save_pruned
 from prune.verify import failures, main as verify_main, verify
 
@@ -142,19 +143,25 @@ def test_keep_count_rounds_to_multiples_and_reads_back(round_to):
                 assert k == channels or (k % round_to == 0 and k >= round_to)
                 if k < channels and k > round_to:   # the nearest multiple, unless clipped at either end
                     assert abs(k - ratio * channels) <= round_to / 2 + 1e-9
-            assert keep_count(k / channels, channels, round_to) == k     # what a plan file records reads back
+            assert keep_count(k / channels, channels, round_to) == k     # a ratio derived from a count reads back
+            assert round_count(k, channels, round_to) == k                 # and a rounded count stays as it is
+            assert round_count(ratio * channels, channels, round_to) == k   # the one rule, on counts
         assert keep_count(1.0, channels, round_to) == channels
 
 
 def test_the_uniform_macs_ratio_and_the_allocator_keep_multiples():
     net = caffe_io.read_net(sphereface_path(20))
     model = MacsModel(net)
-    graph = model.graph
-    ratio, share = ratio_for_macs(net, None, "all", 0.5, round_to=16)
-    kept = {g: keep_count(ratio, c, 16) for g, c in model.channels().items()}
+    uniform = make_plan(PlanSpec(macs_target=0.5, allocation="uniform", round_to=16), sphereface_path(20))
+    kept = {g: keep_count(uniform.made_by["ratio"], c, 16) for g, c in model.channels().items()}
+    assert {g: k for g, k in kept.items() if k < model.channels()[g]} == uniform.keep
+    share = uniform.made_by["macs_share"]
     assert all(k % 16 == 0 for k in kept.values()) and share == pytest.approx(model.share(kept)) and share <= 0.5
-    table = rounded(graph, plan_groups(graph, "all", 0.7), 16)
-    assert all(keep_count(r, graph[g].channels) % 16 == 0 for g, r in table.items())
+    table = make_plan(PlanSpec(keep=0.7, round_to=16), sphereface_path(20))
+    assert table.keep and all(k % 16 == 0 for k in table.keep.values()) and table.round_to == 16
+    whole = make_plan(PlanSpec(keep=0.7), sphereface_path(20))           # rounding works on the counts
+    assert whole.rounded(16).keep == {g: round_count(k, whole.channels[g], 16) for g, k in whole.keep.items()
+                                      if round_count(k, whole.channels[g], 16) < whole.channels[g]}
     rng = np.random.default_rng(0)
     curves = {g: {"channels": c, "damage": {"%g" % r: rng.uniform(0.01, 1) * (1 - r) ** 2 for r in (0.125, 0.5)}}
               for g, c in model.channels().items()}
@@ -163,9 +170,8 @@ def test_the_uniform_macs_ratio_and_the_allocator_keep_multiples():
         kept = allocate(record, model, 0.5, round_to=n)
         assert model.share(kept) <= 0.5
         assert all(k == model.channels()[g] or k % n == 0 for g, k in kept.items())
-    content = plan(record, model, 0.5, round_to=8)
-    assert content["round_to"] == 8
-    assert all(k % 8 == 0 or k == c for k, c in content["channels"].values())
+    content = allocation(record, model, 0.5, round_to=8)
+    assert all(k % 8 == 0 or k == model.channels()[g] for g, k in content["keep"].items())
 
 
 # ------------------------------------------------------------------ latency table and allocation
@@ -228,11 +234,11 @@ def test_the_latency_allocation_spends_its_cuts_where_they_buy_time():
     assert model.cost(by_time) < model.cost(by_macs)
     stage4 = [g for g in by_time if g.startswith("conv4")]
     assert all(by_time[g] <= by_macs[g] for g in stage4) and any(by_time[g] < by_macs[g] for g in stage4)
-    content = plan(record, macs, None, latency=model, latency_target=0.4, round_to=8)      # a latency target
+    content = allocation(record, macs, None, latency=model, latency_target=0.4, round_to=8)      # a latency target
     assert content["latency"]["share"] <= 0.4 and content["latency"]["runtime"] == "made-up"
-    assert all(k % 8 == 0 or k == c for k, c in content["channels"].values())
+    assert all(k % 8 == 0 or k == macs.channels()[g] for g, k in content["keep"].items())
     with pytest.raises(SensitivityError, match="--latency-target 0.001 is out of reach"):
-        plan(record, macs, None, latency=model, latency_target=0.001)
+        allocation(record, macs, None, latency=model, latency_target=0.001)
 
 
 def test_sensitivity_plans_for_a_latency_target_in_multiples_and_prune_runs_the_plan(tmp_path):
@@ -242,7 +248,7 @@ def test_sensitivity_plans_for_a_latency_target_in_multiples_and_prune_runs_the_
     well beyond the timing noise, so that a 80% latency target is within reach.)"""
     from apps.synthetic import make_dataset
     from prune.__main__ import main as prune_main
-    from prune.sensitivity import main as sensitivity_main
+    from prune.sensitivity.__main__ import main as sensitivity_main
     images, _ = make_dataset(str(tmp_path / "data"), identities_per_fold=2, images_per_identity=3, size=24,
                              pairs_per_fold=2)
     proto = caffe_io.write_net(small_face_net(4), str(tmp_path / "net.prototxt"))
@@ -256,16 +262,17 @@ def test_sensitivity_plans_for_a_latency_target_in_multiples_and_prune_runs_the_
                              "--round-to", "4", "--latency-cache", str(tmp_path / "cache"), "--out", str(out),
                              "--quiet"]) == 0
     content = json.loads((out / "plan.json").read_text())
-    assert content["latency"]["runtime"] == runtime and content["latency"]["share"] <= 0.8
-    assert content["round_to"] == 4 and content["macs_target"] is None
-    assert all(k % 4 == 0 or k == c for k, c in content["channels"].values())
+    made_by = content["made_by"]
+    assert made_by["latency"]["runtime"] == runtime and made_by["latency"]["share"] <= 0.8
+    assert content["round_to"] == 4 and made_by["macs_target"] is None and made_by["policy"] == "latency"
+    assert content["keep"] and all(k % 4 == 0 for k in content["keep"].values())
     assert os.listdir(tmp_path / "cache")
     run_dir = tmp_path / "run"
     assert prune_main(["--model", proto, "--weights", model, "--data", images, "--crop", "none", "--images", "16",
                        "--plan", str(out / "plan.json"), "--round-to", "4", "--out", str(run_dir), "--quiet"]) == 0
     graph = build_graph(str(run_dir / "pruned.prototxt"))
-    for gid, (k, c) in content["channels"].items():
-        assert graph[gid].channels == k
+    for gid, c in content["channels"].items():
+        assert graph[gid].channels == content["keep"][gid] < c
     # --keep with --round-to: every cut group a multiple of 4 (64 * 0.6 = 38.4 -> 40; 96 * 0.6 = 57.6 -> 56)
     assert prune_main(["--model", proto, "--weights", model, "--data", images, "--crop", "none", "--images", "16",
                        "--keep", "0.6", "--round-to", "4", "--layers", "c1,u1", "--out", str(tmp_path / "keep"),
@@ -278,16 +285,18 @@ def test_the_pipeline_rounds_a_given_keep_and_refuses_latency_flags_it_cannot_st
     """apps.pipeline: --keep with --round-to 16 becomes a table of multiples of 16 (the plan stage); a latency
     target or a runtime with nothing to allocate is one usage error, as is --runtime without a target in
     python -m prune.sensitivity."""
-    from apps.pipeline import rounded_plan, settings
+    from apps.pipeline import plan_stage, settings
     from base import cli
-    from prune.sensitivity import main as sensitivity_main
+    from prune.sensitivity.__main__ import main as sensitivity_main
     proto = sphereface_path(4)
-    net = caffe_io.read_net(proto)
-    graph = build_graph(net)
-    given = rounded_plan(dict(keep=0.6, allocation="given"), net, proto, 16)
-    assert given["round_to"] == 16 and given["keep"]
-    assert all(keep_count(r, graph[g].channels) % 16 == 0 for g, r in given["keep"].items())
-    assert rounded_plan(dict(keep=0.6, allocation="given"), net, proto, None)["keep"] == 0.6
+    graph = build_graph(proto)
+    base = dict(prototxt=proto, caffemodel=None)
+    s = settings(["--model", proto, "--keep", "0.6", "--round-to", "16", "--out", str(tmp_path / "p16")])
+    given = plan_stage(s, None, base)
+    assert given["round_to"] == 16 and given["keep"] and given["allocation"] == "given"
+    assert all(k % 16 == 0 for k in given["keep"].values())
+    s = settings(["--model", proto, "--keep", "0.6", "--out", str(tmp_path / "p1")])
+    assert plan_stage(s, None, base)["keep"] == {g.id: keep_count(0.6, g.channels) for g in graph.prunable()}
     out = str(tmp_path / "out")
     with pytest.raises(cli.UsageError, match="--latency-target is met by the sensitivity allocation"):
         settings(["--keep", "0.5", "--latency-target", "0.5", "--out", out])

@@ -211,12 +211,13 @@ def test_taylor_criterion_in_the_prune_driver_keeps_the_channels_of_largest_term
     """python -m prune --criterion taylor: the first group's kept channels are the top |terms| of the
     unpruned net on the same images (later groups are scored on the already pruned net)."""
     from prune.driver import PruneJob, run
+    from prune.plans import PlanSpec, make as make_plan
     proto = caffe_io.write_net(small_net(with_loss=False), str(tmp_path / "deploy.prototxt"))
     weights = nets.random_weights(proto, seed=10)
     model = caffe_io.write_weights(caffe_io.read_net(proto), weights, str(tmp_path / "w.caffemodel"))
     x = np.random.default_rng(11).standard_normal((BATCH, 3, 10, 10)).astype(np.float32)
-    job = PruneJob(model=proto, weights=model, out=str(tmp_path / "run"), criterion="taylor", keep=0.5,
-                   samples_per_image=4, reconstruct="none")
+    job = PruneJob(model=proto, weights=model, out=str(tmp_path / "run"), criterion="taylor",
+                   plan=make_plan(PlanSpec(), proto), samples_per_image=4, reconstruct="none")
     log = run(job, lambda: iter([x]), progress=False)
     first = log["steps"][0]
     teacher = caffe_io.open_net(proto, model)

@@ -42,10 +42,9 @@ def global_threshold_keep(graph, weights, threshold=0.1):
     """{group id: [channels with |gamma| >= threshold]} for every prunable group.
 
     A group whose every |gamma| is below the threshold keeps its largest one:
-    a layer with no channel at all is not a net.  The prune driver takes this
-    as its per-group table of ratios, ``{g: len(k) / graph[g].channels}``
-    (``python -m prune --threshold``): the bnscale criterion then keeps the
-    same channels, its top-n by |gamma|.
+    a layer with no channel at all is not a net.  These very channels are the
+    plan of ``--threshold`` (prune.policy.by_threshold): the driver cuts them,
+    nothing selects again.
     """
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
         raise CriterionError("global threshold must be a number >= 0, got %r" % (threshold,))

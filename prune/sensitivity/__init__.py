@@ -6,22 +6,24 @@ reconstruction of its consumers) and the damage to the net's output is
 measured on images the step did not sample: the mean of 1 - cos between the
 pruned and the unpruned net's embedding.  One sampling pass per group serves
 every ratio.  The curves are the data of Distiller's and NNI's sensitivity
-analysis; ``allocate`` turns them into per-group keep ratios that reach a MACs
+analysis; ``allocate`` turns them into per-group channel counts that reach a MACs
 target with the least summed damage (greedy: each step takes the cut that
 costs the least damage per MAC saved, with the MACs of every layer recomputed
 for the current widths, since a 1x1 conv's cost depends on both groups it
-joins).  The result is a plan file a user can read and edit, which
-``python -m prune --plan FILE`` runs.
+joins).  prune.plans turns the allocation into a plan (counts), in every
+entry point; ``python -m prune.sensitivity`` (``__main__``) writes the curves
+and, given a plan policy, the plan file that ``python -m prune --plan FILE``
+runs.
 """
 import json
 import os
 
 import numpy as np
 
-from base import caffe_io, cli
+from base import caffe_io
 from base.errors import ToolkitError
-from prune.criteria import CRITERIA, make as make_criterion
-from prune.policy import keep_count
+from prune.criteria import make as make_criterion
+from prune.policy import keep_count, round_count
 from prune.reconstruct import cut
 from prune.graph import build_graph
 from prune.sample import Targets, collect
@@ -100,23 +102,13 @@ def _interpolated(curve, channels):
     return np.interp(np.arange(channels + 1) / channels, r, d)
 
 
-def _floor(lowest, channels, round_to):
-    """The fewest channels a group keeps: ``lowest`` of them, a multiple of ``round_to`` (the whole group
-    when that is all it can keep)."""
-    if round_to <= 1:
-        return max(1, int(np.ceil(lowest * channels)))
-    count = max(round_to, round_to * int(np.ceil(lowest * channels / round_to)))
-    return channels if count >= channels else count
-
-
 def _lower(k, channels, floor, step, round_to):
-    """The next smaller count of a group at ``k``: one move of ``step`` channels (default 1/32 of the group,
-    at least one; a multiple of ``round_to``), never below ``floor``."""
+    """The next smaller count of a group at ``k``: one move of ``step`` channels (default 1/32 of the group;
+    whole multiples of ``round_to``), the count by the one rounding rule (prune.policy.round_count), never
+    below ``floor``."""
     move = max(1, channels // 32) if step is None else step
-    if round_to <= 1:
-        return max(floor, k - move)
     move = max(round_to, round_to * int(round(move / round_to)))
-    return max(floor, round_to * ((k - move) // round_to))
+    return max(floor, round_count(k - move, channels, round_to))
 
 
 def _best_cut(kept, widths, floor, damage, rank, need, step, round_to):
@@ -151,7 +143,7 @@ def allocate(record, macs_model, target, min_ratio=None, step=None, round_to=1, 
     widths = {gid: c["channels"] for gid, c in curves.items()}
     lowest = min(float(r) for r in record["ratios"]) if min_ratio is None else min_ratio
     round_to = max(1, int(round_to or 1))
-    floor = {gid: _floor(lowest, c, round_to) for gid, c in widths.items()}
+    floor = {gid: keep_count(lowest, c, round_to) for gid, c in widths.items()}   # as the curves were cut
     damage = {gid: _interpolated(curves[gid], c) for gid, c in widths.items()}
     goals = [(macs_model, target)] + list(also)
     kept = dict(widths)
@@ -199,33 +191,22 @@ def predicted_damage(record, kept):
     return sum(float(_interpolated(curves[g], curves[g]["channels"])[k]) for g, k in kept.items())
 
 
-def plan(record, macs_model, target=None, latency=None, latency_target=None, round_to=1, **kw):
-    """The plan file's content: per-group keep ratios (exact channel counts under the driver's rule) for
-    ``target`` (a share of the MACs) and/or ``latency_target`` (a share of ``latency``'s predicted time, a
+def allocation(record, macs_model, target=None, latency=None, latency_target=None, round_to=1, **kw):
+    """{keep: {group id: channels kept}, macs_share, predicted_damage[, latency]} for ``target`` (a share of
+    the MACs) and/or ``latency_target`` (a share of ``latency``'s predicted time, a
     prune.latency.LatencyModel).  With ``latency`` the moves are ranked by the time they save on its
     runtime, so at a MACs target alone the allocation still spends its cuts where they buy time."""
     goals = [(m, t) for m, t in ((macs_model, target), (latency, latency_target)) if t is not None]
     if not goals:
-        raise SensitivityError("a plan needs a MACs target or a latency target")
+        raise SensitivityError("an allocation needs a MACs target or a latency target")
     kept = allocate(record, goals[0][0], goals[0][1], round_to=round_to, rank=latency, also=goals[1:], **kw)
-    widths = macs_model.channels()
-    predicted = predicted_damage(record, kept)
-    content = {
-        "about": "per-group keep ratios for python -m prune --plan; edit freely (a group left out is not pruned)",
-        "macs_target": target,
-        "macs_share": round(macs_model.share(kept), 6),
-        "predicted_damage": predicted,
-        "keep": {g: kept[g] / widths[g] for g in kept if kept[g] < widths[g]},
-        "channels": {g: [kept[g], widths[g]] for g in kept},
-    }
-    if round_to and round_to > 1:
-        content["round_to"] = int(round_to)
+    out = dict(keep=kept, macs_share=round(macs_model.share(kept), 6), predicted_damage=predicted_damage(record, kept))
     if latency is not None:
-        content["latency"] = dict(runtime=latency.runtime, target=latency_target,
-                                  share=round(latency.share(kept), 6), predicted_ms=round(latency.cost(kept), 4),
-                                  unpruned_ms=round(latency.total, 4),
-                                  ranked_by="time saved on %s (prune.latency)" % latency.runtime)
-    return content
+        out["latency"] = dict(runtime=latency.runtime, target=latency_target,
+                              share=round(latency.share(kept), 6), predicted_ms=round(latency.cost(kept), 4),
+                              unpruned_ms=round(latency.total, 4),
+                              ranked_by="time saved on %s (prune.latency)" % latency.runtime)
+    return out
 
 
 def plot(record, path):
@@ -243,102 +224,3 @@ def plot(record, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
     return save_figure(fig, path)
-
-
-def parser():
-    from prune import options
-    ap = cli.parser(
-        "python -m prune.sensitivity",
-        description="Measure how much each channel group of a net can lose: every prunable group alone is cut to "
-                    "each ratio of --ratios with the closed-form step of python -m prune (ThiNet choice, least "
-                    "squares towards the unpruned net) and the damage to the embedding (mean 1 - cos to the "
-                    "unpruned net's) is measured on --judge-images images the step did not sample. Writes "
-                    "OUT/sensitivity.json (resumable) and OUT/sensitivity.png; with --macs-target also "
-                    "OUT/plan.json, per-group keep ratios with the least summed damage for that MACs share, "
-                    "which python -m prune --plan OUT/plan.json runs (edit it freely); --latency-target (or "
-                    "--runtime) allocates by the measured latency of every layer on a runtime instead.")
-    cli.add_net(ap, weights_required=True, blob_default=None, blob_required=True,
-                blob_help="embedding blob whose change is the damage (e.g. fc5, fc1)")
-    options.add_images(ap, "images the closed-form step samples (default: all, at most %d)" % options.DEFAULT_IMAGES)
-    ap.add_argument("--judge-images", type=cli.count, default=128,
-                    help="further images, never sampled, on which the damage is measured (default 128)")
-    ap.add_argument("--ratios", type=_ratios, default=RATIOS,
-                    help="keep ratios to try, comma-separated (default %s)" % ",".join("%g" % r for r in RATIOS))
-    ap.add_argument("--criterion", default="thinet", choices=sorted(CRITERIA),
-                    help="channel criterion of the step (default thinet)")
-    ap.add_argument("--macs-target", type=cli.share, default=None,
-                    help="also write OUT/plan.json: the allocation that keeps this share of the MACs")
-    from prune import latency
-    latency.add_arguments(ap)
-    cli.add_run(ap, "folder for sensitivity.json, sensitivity.png and plan.json")
-    return ap
-
-
-def _ratios(text):
-    import argparse
-    try:
-        values = tuple(sorted({float(v) for v in text.split(",") if v.strip()}))
-    except ValueError:
-        values = ()
-    if not values or not all(0 < v < 1 for v in values):
-        raise argparse.ArgumentTypeError("expected comma-separated ratios in (0, 1), not %r" % text)
-    return values
-
-
-@cli.entry("python -m prune.sensitivity")
-def main(argv=None):
-    from base.images import image_batches
-    from base.netinput import input_layer
-    from prune import options
-    from prune import latency
-    a = parser().parse_args(argv)
-    latency.check_arguments(a)
-    if a.round_to and a.macs_target is None and a.latency_target is None:
-        raise cli.UsageError("--round-to rounds the plan's counts: give --macs-target or --latency-target")
-    cli.check_run_inputs(a, dict(model=a.model, weights=a.weights, pairs=a.pairs,
-                                 data=a.data if os.path.isfile(a.data) else None), nets=[("model", "weights")])
-    net, weights = caffe_io.read_net(a.model), caffe_io.read_weights(a.weights)
-    _, shape = input_layer(net, a.model)
-    root, fit, pre, judge = options.images_of(a, shape, held_out=a.judge_images)
-    from prune.macs import MacsModel
-    macs = MacsModel(net, source=a.model)
-    os.makedirs(a.out, exist_ok=True)
-    record = analyse(net, weights, lambda: image_batches(root, fit, pre, a.batch),
-                     lambda: image_batches(root, judge, pre, a.batch), a.blob, os.path.join(a.out, "sensitivity.json"),
-                     a.ratios, progress=not a.quiet, criterion=a.criterion, seed=a.seed)
-    plot(record, os.path.join(a.out, "sensitivity.png"))
-    print("%-32s %5s  %s" % ("group", "chans", "  ".join("%6g" % r for r in a.ratios)))
-    for gid, c in record["curves"].items():
-        print("%-32s %5d  %s" % (gid, c["channels"], "  ".join("%6.4f" % c["damage"]["%g" % r] for r in a.ratios)))
-    if a.macs_target is not None or a.latency_target is not None:
-        write_plan(a, net, record, macs)
-    return 0
-
-
-def write_plan(a, net, record, macs):
-    """OUT/plan.json for --macs-target and/or --latency-target (--runtime, --round-to), and its summary line."""
-    from prune import latency
-    runtime = latency.runtime_of(a)
-    model = None
-    if runtime:
-        model = latency.model_for(net, runtime, source=a.model, graph=macs.graph, round_to=a.round_to,
-                                  points=a.latency_points, lowest=min(a.ratios), cache_dir=a.latency_cache,
-                                  progress=not a.quiet)
-    content = plan(record, macs, a.macs_target, latency=model, latency_target=a.latency_target,
-                   round_to=a.round_to or 1)
-    caffe_io.atomic_write(os.path.join(a.out, "plan.json"), json.dumps(content, indent=1))
-    goals = (["%.1f%% of the MACs (reached %.2f%%)" % (100 * a.macs_target, 100 * content["macs_share"])]
-             if a.macs_target is not None else [])
-    if model is not None:
-        lat = content["latency"]
-        shares = "%.2f%% predicted: %.2f of %.2f ms" % (100 * lat["share"], lat["predicted_ms"], lat["unpruned_ms"])
-        goals.append("%.1f%% of the latency on %s (%s)" % (100 * a.latency_target, runtime, shares)
-                     if a.latency_target is not None else "cuts ranked by the time they save on %s (%s)"
-                     % (runtime, shares))
-    print("plan for %s, predicted damage %.3f%s: %s" % (", ".join(goals), content["predicted_damage"],
-                                                        ", multiples of %d channels" % a.round_to if a.round_to
-                                                        else "", os.path.join(a.out, "plan.json")))
-
-
-if __name__ == "__main__":
-    cli.run(main)

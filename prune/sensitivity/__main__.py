@@ -1,0 +1,61 @@
+"""python -m prune.sensitivity: the sensitivity curves of every channel group, and a plan (prune.plans)."""
+import os
+
+from base import caffe_io, cli
+from prune import plans
+from prune.criteria import CRITERIA
+
+PROG = "python -m prune.sensitivity"
+
+
+def parser():
+    from prune import options
+    ap = cli.parser(
+        PROG,
+        description="Measure how much each channel group of a net can lose: every prunable group alone is cut to "
+                    "each ratio of --ratios with the closed-form step of python -m prune (ThiNet choice, least "
+                    "squares towards the unpruned net) and the damage to the embedding (mean 1 - cos to the "
+                    "unpruned net's) is measured on --judge-images images the step did not sample. Writes "
+                    "OUT/sensitivity.json (resumable) and OUT/sensitivity.png; given a plan policy (the flags "
+                    "of python -m prune: --macs-target for the allocation with the least summed damage, "
+                    "--latency-target or --runtime to allocate by the measured latency of every layer on a "
+                    "runtime, or --keep, --threshold, --plan) also OUT/plan.json, the channels each group keeps, "
+                    "which python -m prune --plan OUT/plan.json runs (edit the counts freely).")
+    cli.add_net(ap, weights_required=True, blob_default=None, blob_required=True,
+                blob_help="embedding blob whose change is the damage (e.g. fc5, fc1)")
+    options.add_images(ap, "images the closed-form step samples (default: all, at most %d)" % options.DEFAULT_IMAGES)
+    ap.add_argument("--criterion", default=None, choices=sorted(CRITERIA),
+                    help="channel criterion of the step (default thinet; bnscale with --threshold)")
+    plans.add_arguments(ap)
+    cli.add_run(ap, "folder for sensitivity.json, sensitivity.png and plan.json")
+    return ap
+
+
+@cli.entry(PROG)
+def main(argv=None):
+    from base.netinput import input_layer
+    a = parser().parse_args(argv)
+    plans.check_arguments(a)
+    spec = plans.spec_of(a)
+    if a.round_to > 1 and not spec.given():
+        raise cli.UsageError("--round-to rounds a plan's counts: give --macs-target, --latency-target, --keep, "
+                             "--threshold or --plan")
+    cli.check_run_inputs(a, dict(model=a.model, weights=a.weights, pairs=a.pairs, plan=a.plan,
+                                 data=a.data if os.path.isfile(a.data) else None), nets=[("model", "weights")])
+    net, weights = caffe_io.read_net(a.model), caffe_io.read_weights(a.weights)
+    _, shape = input_layer(net, a.model)
+    sampling = plans.sampling_of(a, shape, a.out, a.blob)
+    if spec.given() and not spec.needs_images():   # a plan that needs no analysis: refused before it runs
+        plans.make(spec, a.model, a.weights)
+    record = plans.analysis(spec, net, weights, sampling)
+    print("%-32s %5s  %s" % ("group", "chans", "  ".join("%6g" % r for r in a.ratios)))
+    for gid, c in record["curves"].items():
+        print("%-32s %5d  %s" % (gid, c["channels"], "  ".join("%6.4f" % c["damage"]["%g" % r] for r in a.ratios)))
+    if spec.given():
+        plan = plans.make(spec, a.model, a.weights, sampling)
+        print("%s: %s" % (plans.summary(plan), plans.write(plan, os.path.join(a.out, "plan.json"))))
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
