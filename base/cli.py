@@ -160,7 +160,7 @@ def check_run_inputs(a, inputs, nets=(), train_list=True, runnable_part=False):
     Caffe fork's layers are set aside (netcheck.runnable_view); with ``train_list`` the list's images are all
     images Caffe can decode."""
     from . import caffe_io, netcheck
-    from .lists import check_images_decode, read_list
+    from .lists import read_list
     check_files(**inputs)
     check_outputs(inputs, [os.path.join(a.out, "")])
     weights = [inputs.get(w) for _, w in nets if inputs.get(w)]
@@ -175,7 +175,7 @@ def check_run_inputs(a, inputs, nets=(), train_list=True, runnable_part=False):
         if weight:
             caffe_io.check_weights(caffe_io.net_from_param(net), caffe_io.read_weights(weight), weight, complete=True)
     if train_list and inputs.get("train_list"):
-        check_images_decode(read_list(inputs["train_list"], getattr(a, "train_root", "")), inputs["train_list"])
+        read_list(inputs["train_list"], getattr(a, "train_root", ""), decode=True, progress=not getattr(a, "quiet", False))
 
 
 def _flag(name):

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
 from base import caffe_io, cli, netcheck
-from base.lists import check_images_decode, read_list
+from base.lists import read_list
 from base.netinput import input_layer
 from base.runfolder import RunFolder
 from . import heads, loop, snapshots, solver as solver_mod, trainnet
@@ -151,8 +151,7 @@ def check_job(job):
             if weights:
                 caffe_io.check_weights(caffe_io.net_from_param(net), caffe_io.read_weights(weights), weights,
                                        complete=True)
-    items = read_list(job.train_list, job.root_folder)
-    check_images_decode(items, job.train_list)
+    items = read_list(job.train_list, job.root_folder, decode=True)
     solver_mod.iterations(len(items), job.epochs, job.batch_size)
     cli.check_gpu(tuple(job.gpu or ()))
 
@@ -191,6 +190,8 @@ def finetune(job, resume=True, progress=True):
     p = loop.paths(job.out)
     config = job.config()
     with RunFolder(job.out, FineTuneError) as run:
+        if not run.exists("done.json") and not loop.latest_snapshot(p["snapshots"])[1]:
+            run.reopen(None)    # a run that ended (Caffe aborted, a kill) before its first snapshot binds nothing
         run.check(config)
         done = run.load("done.json")
         if done is not None and done.get("config") == config:

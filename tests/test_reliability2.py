@@ -1,0 +1,110 @@
+"""Issue 27, the second reliability pass, class by class: training lists read as Caffe's ImageData reads
+them, numbers checked before Caffe sees them, the sensitivity record's config and lock, runtimes failing
+per row, a fork's fixed point before a depthwise conv, flags named in their own refusals.  Each entry point
+runs as a user runs it (a real process): exit 2 with one line, or success; never 134, never a traceback."""
+import json
+import os
+import shutil
+
+import pytest
+
+from kit import make_kit, run_module
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory):
+    return make_kit(tmp_path_factory.mktemp("kit"))
+
+
+def refused(done, *words):
+    """Exit 2, one line on stderr naming ``words``; nothing of Caffe's (an abort) and no traceback."""
+    err = done.stderr
+    assert done.returncode == 2, (done.returncode, err[-3000:])
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "Check failed" not in err, err[-3000:]
+    for w in words:
+        assert w in err, err
+    return err
+
+
+def finetune_args(kit, out, listing=None, *extra):
+    return ["--model", kit["net"], "--weights", kit["weights"], "--train-list", listing or kit["list"],
+            "--train-root", kit["lfw"], "--epochs", "1", "--batch", "4", "--out", str(out), "--quiet",
+            "--loss", "asoftmax", "--margin", "2", "--finetune-lr", "0.01"] + list(extra)
+
+
+def list_lines(kit):
+    return open(kit["list"]).read().splitlines()
+
+
+# ------------------------------------------------------------------ 1. lists read the way Caffe reads them
+
+def test_a_truncated_jpeg_is_refused_naming_its_line_before_any_folder(kit, tmp_path):
+    lines = list_lines(kit)
+    rel = lines[3].rpartition(" ")[0]
+    images = tmp_path / "lfw"
+    shutil.copytree(kit["lfw"], images)
+    cut = images / rel
+    cut.write_bytes(cut.read_bytes()[:200])          # a download that stopped: the JPEG signature, no image
+    out = tmp_path / "run"
+    args = finetune_args(kit, out)
+    args[args.index("--train-root") + 1] = str(images)
+    refused(run_module("finetune", args), "train.txt:4:", rel, "cannot be decoded")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda line: line + " ", ["ends with a space"]),
+    (lambda line: " " + line, ["does not exist", "keeps the spaces"]),
+    (lambda line: "", ["the line is empty"]),
+])
+def test_a_line_caffe_reads_otherwise_is_refused_quoting_it(kit, tmp_path, change, words):
+    """What the line seems to say is not what ImageData reads (the path after a leading space, no label
+    after a trailing one, an image with no path): refused, the line named, no folder left."""
+    lines = list_lines(kit)
+    lines[2] = change(lines[2])
+    listing = tmp_path / "train.txt"
+    listing.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    refused(run_module("finetune", finetune_args(kit, out, listing)), "train.txt:3:", *words)
+    assert not out.exists()
+
+
+def test_absolute_paths_after_a_root_are_joined_as_caffe_joins_them(kit, tmp_path):
+    """ImageData opens root_folder + path as one string: an absolute path after --train-root is not the file
+    os.path.join would find."""
+    lines = ["%s/%s" % (kit["lfw"], line) for line in list_lines(kit)]
+    listing = tmp_path / "train.txt"
+    listing.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    refused(run_module("finetune", finetune_args(kit, out, listing)), "train.txt:1:", "does not exist",
+            "root folder before an absolute path")
+    assert not out.exists()
+
+
+def test_a_run_that_ends_before_its_first_snapshot_does_not_block_the_corrected_command(kit, tmp_path):
+    """Killed right after config.json (what a Caffe abort at start-up leaves: config, prototxts, no snapshot):
+    a command with other settings is accepted and finishes."""
+    out = tmp_path / "run"
+    killed = run_module("finetune", finetune_args(kit, out), env=dict(SPHEREFACE_FAULT="renamed@config.json"))
+    assert killed.returncode == -9 and (out / "config.json").exists(), killed.stderr[-2000:]
+    done = run_module("finetune", finetune_args(kit, out, None, "--seed", "7"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.load(open(out / "config.json"))["seed"] == 7
+
+
+def test_decoding_is_remembered_by_size_and_mtime(kit, tmp_path, monkeypatch):
+    """A second check of the same list decodes nothing; an image rewritten since is decoded again."""
+    import cv2
+    from base import lists
+    monkeypatch.setattr(lists, "CACHE", str(tmp_path / "cache"))
+    images = tmp_path / "lfw"
+    shutil.copytree(kit["lfw"], images)
+    items = lists.read_list(kit["list"], str(images), decode=True)
+    calls = []
+    real = cv2.imread
+    monkeypatch.setattr(cv2, "imread", lambda *a: calls.append(a[0]) or real(*a))
+    assert lists.read_list(kit["list"], str(images), decode=True) == items and calls == []
+    first = items[0][0]
+    os.utime(first, ns=(1, 1))
+    lists.read_list(kit["list"], str(images), decode=True)
+    assert calls == [first]
