@@ -108,3 +108,35 @@ def test_decoding_is_remembered_by_size_and_mtime(kit, tmp_path, monkeypatch):
     os.utime(first, ns=(1, 1))
     lists.read_list(kit["list"], str(images), decode=True)
     assert calls == [first]
+
+
+# ------------------------------------------------------------------ 5. a fork's fixed point before a depthwise conv
+
+SHUFFLE_NET = 'name: "shuffle"\n' + '''
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 16 dim: 16 } } }
+layer { name: "c1" type: "Convolution" bottom: "data" top: "c1" convolution_param { num_output: 8 kernel_size: 3 pad: 1 } }
+layer { name: "r1" type: "ReLU" bottom: "c1" top: "c1" }
+layer { name: "shuffle" type: "ShuffleChannel" bottom: "c1" top: "shuffle" shuffle_channel_param { group: 2 } }
+layer { name: "dw" type: "Convolution" bottom: "shuffle" top: "dw" convolution_param { num_output: 8 group: 8 kernel_size: 3 pad: 1 } }
+layer { name: "c3" type: "Convolution" bottom: "dw" top: "c3" convolution_param { num_output: 6 kernel_size: 1 } }
+layer { name: "r3" type: "ReLU" bottom: "c3" top: "c3" }
+layer { name: "fc" type: "InnerProduct" bottom: "c3" top: "fc" inner_product_param { num_output: 4 } }
+'''
+
+
+def test_a_depthwise_conv_after_a_shuffle_keeps_its_channels_and_the_rest_prunes(tmp_path):
+    """ShuffleChannel is a fixed point: the depthwise conv after it has channels of no group (its count stays
+    as written), c3 after it prunes."""
+    from test_forks import fork_net_files
+    proto, model, _ = fork_net_files(tmp_path, SHUFFLE_NET, "shuffle", 16)
+    done = run_module("prune.groups", [proto])
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    out = tmp_path / "pruned"
+    done = run_module("prune", ["--model", proto, "--weights", model, "--criterion", "l1", "--reconstruct", "none",
+                                "--out", str(out), "--quiet"])
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    log = json.loads((out / "log.json").read_text())
+    assert [s["group"] for s in log["steps"]] == ["c3"]
+    from base import caffe_io
+    pruned = {layer.name: layer for layer in caffe_io.read_net(log["prototxt"]).layer}
+    assert pruned["dw"].convolution_param.num_output == 8 and pruned["c3"].convolution_param.num_output < 6
