@@ -140,3 +140,27 @@ def test_a_depthwise_conv_after_a_shuffle_keeps_its_channels_and_the_rest_prunes
     from base import caffe_io
     pruned = {layer.name: layer for layer in caffe_io.read_net(log["prototxt"]).layer}
     assert pruned["dw"].convolution_param.num_output == 8 and pruned["c3"].convolution_param.num_output < 6
+
+
+# ------------------------------------------------------------------ 4. runtimes fail per row
+
+@pytest.mark.parametrize("extra", ['layer { name: "clip" type: "Clip" bottom: "fc5" top: "fc5" '
+                                   'clip_param { min: -0.5 max: 0.5 } }',
+                                   'layer { name: "thr" type: "Threshold" bottom: "fc5" top: "thr" }'])
+def test_a_layer_a_runtime_cannot_run_is_that_runtimes_failed_row(kit, tmp_path, extra):
+    """OpenCV creates no Clip or Threshold layer (its error comes at the first forward): its rows are FAILED
+    with OpenCV's reason, Caffe and MNN are still measured, --json is written, exit 1."""
+    proto = tmp_path / "net.prototxt"
+    proto.write_text(open(kit["net"]).read() + extra + "\n")
+    record = tmp_path / "verify.json"
+    done = run_module("prune.verify", [proto, kit["weights"], "--runtimes", "caffe,opencv-nofusion,opencv,mnn",
+                                       "--rounds", "1", "--min-seconds", "0.001", "--inputs", "1",
+                                       "--json", record])
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    rows = json.loads(record.read_text())["runtimes"]
+    assert "error" in rows["opencv-nofusion"] and "error" in rows["opencv"], rows
+    assert "OpenCV DNN (fusion off)  FAILED: OpenCV DNN cannot run %s: Can't create layer" % proto in done.stdout, \
+        done.stdout
+    assert "error" not in rows["caffe"] and rows["caffe"]["max_rel_deviation"] == 0
+    assert "latency_ms" in rows["mnn"] or "error" in rows["mnn"]
+    assert len(done.stderr.strip().splitlines()) == 1 and "FAILED: OpenCV DNN (fusion off)" in done.stderr
