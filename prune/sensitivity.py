@@ -19,6 +19,7 @@ import os
 import numpy as np
 
 from base import caffe_io, cli
+from base.runfolder import CONFIG, RunFolder, command_config
 from prune.criteria import CRITERIA, make as make_criterion
 from prune.policy import keep_count
 from prune.reconstruct import cut
@@ -29,6 +30,11 @@ from prune.taylor import gradient_terms
 
 class SensitivityError(ValueError):
     pass
+
+
+# flags that shape only the plan, recomputed from the curves on every run; the rest make the curves
+PLAN_ONLY = ("macs_target", "round_to", "latency_target", "runtime", "latency_points", "latency_cache",
+             "quiet", "out")
 
 
 RATIOS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
@@ -301,16 +307,22 @@ def main(argv=None):
     root, fit, pre, judge = options.images_of(a, shape, held_out=a.judge_images)
     from prune.macs import MacsModel
     macs = MacsModel(net, source=a.model)
-    os.makedirs(a.out, exist_ok=True)
-    record = analyse(net, weights, lambda: image_batches(root, fit, pre, a.batch),
-                     lambda: image_batches(root, judge, pre, a.batch), a.blob, os.path.join(a.out, "sensitivity.json"),
-                     a.ratios, progress=not a.quiet, criterion=a.criterion, seed=a.seed)
-    plot(record, os.path.join(a.out, "sensitivity.png"))
-    print("%-32s %5s  %s" % ("group", "chans", "  ".join("%6g" % r for r in a.ratios)))
-    for gid, c in record["curves"].items():
-        print("%-32s %5d  %s" % (gid, c["channels"], "  ".join("%6.4f" % c["damage"]["%g" % r] for r in a.ratios)))
-    if a.macs_target is not None or a.latency_target is not None:
-        write_plan(a, net, record, macs)
+    with RunFolder(a.out, SensitivityError) as run:
+        if run.exists("sensitivity.json") and not run.exists(CONFIG):
+            raise SensitivityError("%s holds a sensitivity.json without the config.json that says how it was made; "
+                                   "use another --out" % a.out)
+        hashed = ("model", "weights", "pairs") + (("data",) if os.path.isfile(a.data) else ())
+        run.guard(command_config(a, hashed=hashed, leave_out=PLAN_ONLY), flags=True)
+        record = analyse(net, weights, lambda: image_batches(root, fit, pre, a.batch),
+                         lambda: image_batches(root, judge, pre, a.batch), a.blob, run.file("sensitivity.json"),
+                         a.ratios, progress=not a.quiet, criterion=a.criterion, seed=a.seed)
+        plot(record, run.file("sensitivity.png"))
+        print("%-32s %5s  %s" % ("group", "chans", "  ".join("%6g" % r for r in a.ratios)))
+        for gid, c in record["curves"].items():
+            print("%-32s %5d  %s" % (gid, c["channels"], "  ".join("%6.4f" % c["damage"]["%g" % r]
+                                                                   for r in a.ratios)))
+        if a.macs_target is not None or a.latency_target is not None:
+            write_plan(a, net, record, macs)
     return 0
 
 

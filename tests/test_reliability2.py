@@ -164,3 +164,38 @@ def test_a_layer_a_runtime_cannot_run_is_that_runtimes_failed_row(kit, tmp_path,
     assert "error" not in rows["caffe"] and rows["caffe"]["max_rel_deviation"] == 0
     assert "latency_ms" in rows["mnn"] or "error" in rows["mnn"]
     assert len(done.stderr.strip().splitlines()) == 1 and "FAILED: OpenCV DNN (fusion off)" in done.stderr
+
+
+# ------------------------------------------------------------------ 3. the sensitivity record's config and lock
+
+def sensitivity_args(kit, out, weights):
+    return ["--model", kit["net"], "--weights", weights, "--blob", "fc5", "--data", kit["lfw"], "--images", "8",
+            "--judge-images", "4", "--ratios", "0.5", "--batch", "4", "--out", str(out), "--quiet"]
+
+
+def test_a_sensitivity_folder_gives_no_result_of_other_weights(kit, tmp_path):
+    """A finished analysis, then the same prototxt with other weights into the same folder: refused naming the
+    weights, the curves untouched; the plan flags change no curve (a re-run with --macs-target reads them
+    back); a sensitivity.json with no config.json (whose settings nobody knows) is refused too."""
+    from base import caffe_io
+    from nets import random_weights
+    out = tmp_path / "sens"
+    first = run_module("prune.sensitivity", sensitivity_args(kit, out, kit["weights"]))
+    assert first.returncode == 0, first.stderr[-3000:]
+    curves = (out / "sensitivity.json").read_text()
+    other = caffe_io.write_weights(caffe_io.read_net(kit["net"]), random_weights(kit["net"], seed=2),
+                                   str(tmp_path / "other.caffemodel"))
+    refused(run_module("prune.sensitivity", sensitivity_args(kit, out, other)), "other settings", "--weights")
+    assert (out / "sensitivity.json").read_text() == curves and not (out / "plan.json").exists()
+    again = run_module("prune.sensitivity", sensitivity_args(kit, out, kit["weights"]) + ["--macs-target", "0.8"])
+    assert again.returncode == 0 and (out / "plan.json").exists(), again.stderr[-3000:]
+    assert (out / "sensitivity.json").read_text() == curves
+    (out / "config.json").unlink()
+    refused(run_module("prune.sensitivity", sensitivity_args(kit, out, kit["weights"])), "without the config.json")
+
+
+def test_a_second_sensitivity_run_on_one_folder_is_refused_by_the_lock(kit, tmp_path):
+    from base.runfolder import RunFolder
+    out = tmp_path / "sens"
+    with RunFolder(out):
+        refused(run_module("prune.sensitivity", sensitivity_args(kit, out, kit["weights"])), "in use by another run")
