@@ -172,6 +172,10 @@ def check_net(net, source="net", phase=caffe_pb2.TEST, types=True):
             _check_type(layer, known, source)
         if layer.type == "Input" and len(layer.input_param.shape) == 0:
             raise _error("%s: Input layer %r has no shape" % (source, layer.name))
+        for shape in layer.input_param.shape if layer.type == "Input" else ():
+            if not all(d >= 1 for d in shape.dim):   # Caffe builds a 0, then aborts at the blob's first use
+                raise _error("%s: Input layer %r has shape %s: every dimension must be 1 or more"
+                             % (source, layer.name, " x ".join(str(d) for d in shape.dim)))
         _check_source(layer, source)
         _check_blobs(layer, blobs, producer, source)
     if not layers:
@@ -242,8 +246,40 @@ def glog_failure(stderr):
     return lines[-1] if lines else "no message"
 
 
-def _build_in_child(path, phase):
-    """Build one net in a forked child (the parent's Caffe, nothing re-imported); (ok, its stderr)."""
+def blob_problem(net, copies=1, batch=None):
+    """What a built net would abort on when run, or None: a blob with a zero dimension (Caffe builds it, then
+    aborts at its first use), or blobs larger than the memory free here (``copies`` of each: 2 in training,
+    which keeps the gradients; ``batch``: the net was built for one image, it will run this many); Caffe
+    allocates them at the first forward and dies there."""
+    for name, blob in net.blobs.items():
+        if 0 in blob.shape:
+            return "blob %r has shape %s: a zero dimension (Caffe aborts when it is used)" % (
+                name, " x ".join(str(d) for d in blob.shape))
+    need = 4 * copies * ((batch or 1) * sum(b.count for b in net.blobs.values()) +
+                         sum(p.count for params in net.params.values() for p in params))
+    free = available_memory()
+    if free is not None and need > free:
+        return "its blobs need about %.1f GB %s, more than the %.1f GB of memory free here (lower the batch or " \
+               "the input size)" % (need / 1e9, "at a batch of %d" % batch if batch else "at this input shape",
+                                    free / 1e9)
+    return None
+
+
+def available_memory():
+    """Bytes of memory free for a new allocation (MemAvailable), or None where /proc/meminfo is not."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _build_in_child(path, phase, copies=1, batch=None):
+    """Build one net in a forked child (the parent's Caffe, nothing re-imported); (exit status: 0 built, 4 built
+    with a ``blob_problem``, else failed; its stderr)."""
     import caffe
     read, write = os.pipe()
     pid = os.fork()
@@ -252,8 +288,10 @@ def _build_in_child(path, phase):
             os.close(read)
             os.dup2(write, 2)
             caffe.set_mode_cpu()   # no CUDA in a forked child
-            caffe.Net(path, caffe.TEST if phase == "test" else caffe.TRAIN)
-            code = 0
+            problem = blob_problem(caffe.Net(path, caffe.TEST if phase == "test" else caffe.TRAIN), copies, batch)
+            if problem:
+                os.write(2, problem.encode() + b"\n")
+            code = 4 if problem else 0
         except BaseException:
             code = 3
         os._exit(code)
@@ -266,12 +304,13 @@ def _build_in_child(path, phase):
         chunks.append(chunk)
     os.close(read)
     _, status = os.waitpid(pid, 0)
-    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, b"".join(chunks).decode(errors="replace")
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1, b"".join(chunks).decode(errors="replace")
 
 
-def probe_nets(nets):
+def probe_nets(nets, copies=1, batch=None):
     """Build every (label, path or NetParameter, phase) once where a failure cannot hurt: in a forked child
-    process.  A net Caffe cannot build raises CaffeFileError naming its label and Caffe's reason."""
+    process.  A net Caffe cannot build, or would abort on at its first forward (``blob_problem``), raises
+    CaffeFileError naming its label and the reason (``copies``, ``batch``: see blob_problem)."""
     from .caffe_io import read_net, write_net
     for label, net, phase in nets:   # what can be named precisely is, in this process
         check_net(read_net(net) if isinstance(net, (str, os.PathLike)) else net, label,
@@ -279,6 +318,8 @@ def probe_nets(nets):
     with tempfile.TemporaryDirectory(prefix="probe-") as tmp:
         for i, (label, net, phase) in enumerate(nets):
             path = net if isinstance(net, (str, os.PathLike)) else write_net(net, os.path.join(tmp, "%d.prototxt" % i))
-            ok, stderr = _build_in_child(os.fspath(path), phase)
-            if not ok:
+            status, stderr = _build_in_child(os.fspath(path), phase, copies, batch)
+            if status == 4:
+                raise _error("%s: %s" % (label, glog_failure(stderr)))
+            if status != 0:
                 raise _error("%s: Caffe cannot build this net: %s" % (label, glog_failure(stderr)))

@@ -136,6 +136,14 @@ def _check_numbers(job):
         raise FineTuneError("unknown head %r: choose %s" % (job.head, ", ".join(heads.HEADS)))
 
 
+def with_batch(net, batch):
+    """A copy of a deploy NetParameter whose Input takes ``batch`` images."""
+    copy = type(net)()
+    copy.CopyFrom(net)
+    input_layer(copy)[0].input_param.shape[0].dim[0] = batch
+    return copy
+
+
 def check_job(job):
     """Everything a job needs, checked before anything is written: numbers, files, that no output overwrites an
     input, nets Caffe can build (base.netcheck), caffemodels holding every layer of their net, a list of images
@@ -148,6 +156,9 @@ def check_job(job):
             net = caffe_io.read_net(proto)
             netcheck.check_net(net, proto)
             input_layer(net, proto)
+            if flag == "--model":    # its blobs at --batch, with their gradients: what training allocates
+                netcheck.probe_nets([("--batch %d: %s %s" % (job.batch_size, flag, proto), with_batch(net, 1),
+                                      "test")], copies=2, batch=job.batch_size)
             if weights:
                 caffe_io.check_weights(caffe_io.net_from_param(net), caffe_io.read_weights(weights), weights,
                                        complete=True)

@@ -199,3 +199,40 @@ def test_a_second_sensitivity_run_on_one_folder_is_refused_by_the_lock(kit, tmp_
     out = tmp_path / "sens"
     with RunFolder(out):
         refused(run_module("prune.sensitivity", sensitivity_args(kit, out, kit["weights"])), "in use by another run")
+
+
+# ------------------------------------------------------------------ 2. numbers checked before Caffe sees them
+
+def test_a_zero_input_dimension_is_refused_before_caffe(kit, tmp_path):
+    """Caffe builds a net with a 0 in its input shape and aborts at the blob's first use (finetune: in
+    ImageData's set-up; prune.stats: at the first forward)."""
+    from kit import tiny_net
+    zero = tiny_net(tmp_path / "zero.prototxt", size=(0, 96))
+    words = ("Input layer 'data' has shape 1 x 3 x 0 x 96", "1 or more")
+    refused(run_module("prune.stats", [zero]), *words)
+    out = tmp_path / "run"
+    args = finetune_args(kit, out)
+    args[args.index("--model") + 1] = zero
+    refused(run_module("finetune", args), *words)
+    assert not out.exists()
+
+
+def test_a_batch_that_would_exhaust_memory_is_refused_with_the_estimate(kit, tmp_path):
+    """A 1120x960 input at a batch (and a list as long) whose input blob alone, with its gradient, needs twice
+    the memory free here: refused with the estimate before Caffe allocates it."""
+    from base import netcheck
+    from kit import tiny_net
+    free = netcheck.available_memory()
+    if free is None:
+        pytest.skip("no /proc/meminfo here")
+    big = tiny_net(tmp_path / "big.prototxt", size=(1120, 960))
+    batch = int(2 * free / (4 * 2 * 3 * 1120 * 960)) + 1
+    lines = list_lines(kit)
+    listing = tmp_path / "train.txt"
+    listing.write_text("\n".join(lines[i % len(lines)] for i in range(batch)) + "\n")
+    out = tmp_path / "run"
+    args = finetune_args(kit, out, listing, "--batch", str(batch))
+    args[args.index("--model") + 1] = big
+    args[args.index("--weights"):args.index("--weights") + 2] = []
+    refused(run_module("finetune", args), "--batch %d" % batch, "GB at a batch of %d, more than the" % batch)
+    assert not out.exists()
