@@ -134,6 +134,9 @@ def _check_numbers(job):
         raise FineTuneError("; ".join("%s %s: expected %s" % b for b in bad))
     if job.head not in heads.HEADS:
         raise FineTuneError("unknown head %r: choose %s" % (job.head, ", ".join(heads.HEADS)))
+    if job.native_asoftmax and "MarginInnerProduct" not in netcheck.known_types():
+        raise FineTuneError("--native-asoftmax: this Caffe build has no MarginInnerProduct layer (the SphereFace "
+                            "fork's); leave the flag out for the toolkit's own A-Softmax")
 
 
 def with_batch(net, batch):

@@ -156,7 +156,7 @@ def parser():
     ap.add_argument("--val-fraction", type=float, default=0.0,
                     help="share of each identity's images held out in val.txt (rounded; at least one image "
                          "of each identity stays in train.txt); default 0 = no validation list")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the validation draw (default 0)")
+    ap.add_argument("--seed", type=cli.whole, default=0, help="seed of the validation draw (default 0)")
     ap.add_argument("--crop-112x96", action="store_true",
                     help="write SphereFace 112x96 crops (columns 8..103) of aligned 112x112 images to OUT/images/ "
                          "and list those; images of another size are skipped and reported")

@@ -183,7 +183,7 @@ def parser():
                     help="largest relative deviation from Caffe allowed (default 1e-4; OpenCV fused and MNN "
                          "with Winograd are reported, not held to it)")
     ap.add_argument("--json", default=None, help="also write the record to this file")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the inputs (default 0)")
+    ap.add_argument("--seed", type=cli.whole, default=0, help="seed of the inputs (default 0)")
     return ap
 
 

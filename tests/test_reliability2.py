@@ -236,3 +236,41 @@ def test_a_batch_that_would_exhaust_memory_is_refused_with_the_estimate(kit, tmp
     args[args.index("--weights"):args.index("--weights") + 2] = []
     refused(run_module("finetune", args), "--batch %d" % batch, "GB at a batch of %d, more than the" % batch)
     assert not out.exists()
+
+
+def prune_args(kit, out, *extra):
+    return ["--model", kit["net"], "--weights", kit["weights"], "--data", kit["lfw"], "--images", "8", "--keep",
+            "0.5", "--out", str(out), "--quiet"] + list(extra)
+
+
+@pytest.mark.parametrize("flag", ["--samples-per-image", "--positions-per-image"])
+def test_sampling_that_would_exhaust_memory_is_refused_with_the_estimate(kit, tmp_path, flag):
+    out = tmp_path / "run"
+    refused(run_module("prune", prune_args(kit, out, flag, "100000000")), flag + " 100000000",
+            "GB per batch, more than the")
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------ 6. a refusal names the flag, before any work
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--seed", "99999999999999999999"], "argument --seed: expected a whole number >= 0 and <= 2147483647"),
+    (["--seed", "-1"], "argument --seed"),                    # Caffe's 'no seed': a run that would not repeat
+    (["--lr-policy", "step", "--stepsize", "99999999999"], "argument --stepsize"),
+    (["--lr-policy", "multistep", "--stepvalues", "4,99999999999"], "argument --stepvalues"),
+    (["--native-asoftmax"], "--native-asoftmax: this Caffe build has no MarginInnerProduct layer"),
+])
+def test_a_finetune_value_caffe_cannot_take_is_refused_naming_its_flag(kit, tmp_path, extra, flag):
+    out = tmp_path / "run"
+    refused(run_module("finetune", finetune_args(kit, out, None, *extra)), flag)
+    assert not out.exists()
+
+
+def test_a_fine_tune_setting_of_python_m_prune_is_refused_before_the_pruning(kit, tmp_path):
+    """--finetune-batch larger than the list: python -m finetune's check, run before the first group is cut
+    and naming python -m prune's flags."""
+    out = tmp_path / "run"
+    refused(run_module("prune", prune_args(kit, out, "--finetune-epochs-final", "1", "--train-list", kit["list"],
+                                           "--train-root", kit["lfw"], "--finetune-batch", "100")),
+            "--finetune-batch 100", "larger than the image list")
+    assert not out.exists()
