@@ -158,7 +158,10 @@ def check_job(job):
         if proto:
             net = caffe_io.read_net(proto)
             netcheck.check_net(net, proto)
-            input_layer(net, proto)
+            _, shape = input_layer(net, proto)
+            if flag == "--model" and job.augment_shift > max(shape[2:]):
+                raise FineTuneError("--augment-shift %g: more pixels than the input has (%d x %d)"
+                                    % (job.augment_shift, shape[2], shape[3]))
             if flag == "--model":    # its blobs at --batch, with their gradients: what training allocates
                 netcheck.probe_nets([("--batch %d: %s %s" % (job.batch_size, flag, proto), with_batch(net, 1),
                                       "test")], copies=2, batch=job.batch_size)

@@ -98,6 +98,8 @@ def build(root, out, val_fraction=0.0, seed=0, crop=False, min_images=1, folds=N
         if not tree:
             raise ListError("none of the %d people of LFW folds %s has a folder under %s" % (len(people), folds, root))
 
+    if not any(len(files) >= min_images for files in tree.values()):   # before decoding: none can have enough
+        raise ListError("no identity under %s has %d or more images" % (root, min_images))
     skipped = []
     readable = {}
     total = sum(len(f) for f in tree.values())
@@ -160,7 +162,7 @@ def parser():
     ap.add_argument("--crop-112x96", action="store_true",
                     help="write SphereFace 112x96 crops (columns 8..103) of aligned 112x112 images to OUT/images/ "
                          "and list those; images of another size are skipped and reported")
-    ap.add_argument("--min-images", type=int, default=1,
+    ap.add_argument("--min-images", type=cli.count, default=1,
                     help="leave out identities with fewer readable images than this (default 1)")
     ap.add_argument("--pairs", help="LFW View 2 pairs.txt: keep only the people of --lfw-folds")
     ap.add_argument("--lfw-folds", default=None,
