@@ -100,8 +100,7 @@ def build(root, out, val_fraction=0.0, seed=0, crop=False, min_images=1, folds=N
 
     if not any(len(files) >= min_images for files in tree.values()):   # before decoding: none can have enough
         raise ListError("no identity under %s has %d or more images" % (root, min_images))
-    skipped = []
-    readable = {}
+    skipped, readable = [], {}
     total = sum(len(f) for f in tree.values())
     bar = tqdm(total=total, desc="crop" if crop else "check", unit="img", disable=not progress)
     for name, files in tree.items():
