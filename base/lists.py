@@ -55,6 +55,8 @@ def parse_line(line, source, lineno):
     value = int(m.group(1))
     if value < 0:
         raise ListError("%s: label %d is negative" % (where, value))
+    if value > 2 ** 31 - 1:
+        raise ListError("%s: label %d is beyond what ImageData reads (an int, at most 2147483647)" % (where, value))
     return path, value
 
 

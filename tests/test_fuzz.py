@@ -17,8 +17,8 @@ SAMPLE = 2       # cases of each kind in make test
 
 NET = ["--model", "{net}", "--weights", "{weights}"]
 ENTRY = {   # module -> arguments of a small run that succeeds on the kit
-    "finetune": NET + ["--train-list", "{list}", "--train-root", "{lfw}", "--epochs", "1", "--batch", "4",
-                       "--out", "{out}", "--quiet"],
+    "finetune": NET + ["--train-list", "{list}", "--train-root", "{lfw}", "--loss", "asoftmax", "--margin", "2",
+                       "--epochs", "1", "--batch", "4", "--out", "{out}", "--quiet"],   # Caffe's ImageData reads it
     "prune": NET + ["--data", "{data}", "--data-root", "{lfw}", "--images", "8", "--keep", "0.5", "--out", "{out}",
                     "--quiet"],
     "prune.sensitivity": NET + ["--blob", "fc5", "--data", "{lfw}", "--images", "8", "--judge-images", "4",
@@ -65,6 +65,7 @@ LIST_MUTATIONS = {
     "no-label": _line(1, lambda s: s.rpartition(" ")[0]),
     "text-label": _line(1, lambda s: s.rpartition(" ")[0] + " x"),
     "huge-label": _line(1, lambda s: s.rpartition(" ")[0] + " 99999999999"),
+    "big-label": _line(1, lambda s: s.rpartition(" ")[0] + " 2000000000"),
     "spaced-name": _line(1, lambda s: "{spaced} 0"),
 }
 IMAGE_CUTS = (0, 10, 200, 0.5)

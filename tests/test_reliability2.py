@@ -243,6 +243,17 @@ def prune_args(kit, out, *extra):
             "0.5", "--out", str(out), "--quiet"] + list(extra)
 
 
+def test_a_label_that_makes_a_classifier_beyond_memory_is_refused_with_the_estimate(kit, tmp_path):
+    """One label of 2e9 among 0..7: A-Softmax would hold 2e9 x 8 weights (and their gradient and momentum)."""
+    lines = list_lines(kit)
+    lines[5] = lines[5].rpartition(" ")[0] + " 2000000000"
+    listing = tmp_path / "train.txt"
+    listing.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    refused(run_module("finetune", finetune_args(kit, out, listing)), "2000000001 classes", "GB of classifier weights")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("flag", ["--samples-per-image", "--positions-per-image"])
 def test_sampling_that_would_exhaust_memory_is_refused_with_the_estimate(kit, tmp_path, flag):
     out = tmp_path / "run"
