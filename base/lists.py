@@ -83,8 +83,8 @@ def read_list(path, root="", num_classes=None, check_files=True, decode=False, p
     the image: Caffe aborts the process on such a line, in the middle of training.
     """
     path = os.fspath(path)
-    items = []
-    for lineno, line in enumerate(read_lines(path), 1):
+    items, lines = [], read_lines(path)
+    for lineno, line in enumerate(lines, 1):
         rel, label = parse_line(line, path, lineno)
         if num_classes is not None and label >= num_classes:
             raise ListError("%s:%d: label %d is out of range for %d classes (0..%d)"
@@ -96,7 +96,7 @@ def read_list(path, root="", num_classes=None, check_files=True, decode=False, p
     if not items:
         raise ListError("image list %s is empty" % path)
     if decode:
-        check_decode(path, items, progress)
+        check_decode(path, items, lines, progress)
     return items
 
 
@@ -108,9 +108,9 @@ def _hint(root, rel):
     return ""
 
 
-def check_decode(source, items, progress=True):
+def check_decode(source, items, lines, progress=True):
     """Decode every image fully with OpenCV (Caffe's ImageData reads them with ``cv::imread``, colour); a file
-    it cannot decode is refused naming the list line.  Images decoded before are remembered by path, size
+    it cannot decode is refused naming and quoting its line of ``lines`` (one per item).  Images decoded before are remembered by path, size
     and mtime (in .cache/decoded), so a second run only stats them."""
     import cv2
     from tqdm import tqdm
@@ -123,7 +123,7 @@ def check_decode(source, items, progress=True):
     except (OSError, ValueError):
         known = {}
     good, todo = {}, []
-    for lineno, (path, _) in enumerate(items, 1):    # every line is an item: no blank line passes parse_line
+    for lineno, (path, _) in enumerate(items, 1):
         st = os.stat(path)
         stamp = [st.st_size, st.st_mtime_ns]
         if known.get(path) == stamp:
@@ -137,7 +137,7 @@ def check_decode(source, items, progress=True):
                 if path not in good:
                     if cv2.imread(path, cv2.IMREAD_COLOR) is None:
                         raise ListError("%s:%d: image %s cannot be decoded by OpenCV (Caffe's ImageData would "
-                                        "abort on it)" % (source, lineno, path))
+                                        "abort on it; line %r)" % (source, lineno, path, lines[lineno - 1]))
                     good[path] = stamp
     finally:
         if todo and good:

@@ -48,7 +48,7 @@ def test_a_truncated_jpeg_is_refused_naming_its_line_before_any_folder(kit, tmp_
     out = tmp_path / "run"
     args = finetune_args(kit, out)
     args[args.index("--train-root") + 1] = str(images)
-    refused(run_module("finetune", args), "train.txt:4:", rel, "cannot be decoded")
+    refused(run_module("finetune", args), "train.txt:4:", rel, "cannot be decoded", repr(lines[3]))
     assert not out.exists()
 
 
