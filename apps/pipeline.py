@@ -387,7 +387,7 @@ def parser():
                     help="GPU id for Caffe (training, sampling, evaluation; needs a CUDA build: "
                          "scripts/setup.sh --gpu); forward times are always measured on the CPU. Default: CPU")
     ap.add_argument("--timing-rounds", type=cli.count, default=7, help="rounds of the forward-time measurement (default 7)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of sampling, image draws and Caffe (default 0)")
+    ap.add_argument("--seed", type=cli.whole, default=0, help="seed of sampling, image draws and Caffe (default 0)")
     cli.add_cache_dir(ap)
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap

@@ -505,8 +505,9 @@ def glog_failure(stderr):
     return lines[-1] if lines else "no message"
 
 
-def _build_in_child(path, phase):
-    """Build one net in a forked child (the parent's Caffe, nothing re-imported); (ok, its stderr)."""
+def _build_in_child(path, phase, copies=1, batch=None):
+    """Build one net in a forked child (the parent's Caffe, nothing re-imported); (exit status: 0 built, 4 built
+    with a ``blob_problem``, else failed; its stderr)."""
     import caffe
     read, write = os.pipe()
     pid = os.fork()
@@ -515,8 +516,10 @@ def _build_in_child(path, phase):
             os.close(read)
             os.dup2(write, 2)
             caffe.set_mode_cpu()   # no CUDA in a forked child
-            caffe.Net(path, caffe.TEST if phase == "test" else caffe.TRAIN)
-            code = 0
+            problem = netcheck.blob_problem(caffe.Net(path, caffe.TEST if phase == "test" else caffe.TRAIN), copies, batch)
+            if problem:
+                os.write(2, problem.encode() + b"\n")
+            code = 4 if problem else 0
         except BaseException:
             code = 3
         os._exit(code)
@@ -529,17 +532,20 @@ def _build_in_child(path, phase):
         chunks.append(chunk)
     os.close(read)
     _, status = os.waitpid(pid, 0)
-    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, b"".join(chunks).decode(errors="replace")
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1, b"".join(chunks).decode(errors="replace")
 
 
-def probe_nets(nets):
+def probe_nets(nets, copies=1, batch=None):
     """Build every (label, path or NetParameter, phase) once where a failure cannot hurt: in a forked child
-    process.  A net Caffe cannot build raises CaffeFileError naming its label and Caffe's reason."""
+    process.  A net Caffe cannot build, or would abort on at its first forward (``blob_problem``), raises
+    CaffeFileError naming its label and the reason (``copies``, ``batch``: see blob_problem)."""
     for label, net, phase in nets:   # what can be named precisely is, in this process
         netcheck.check_net(read_net(net) if isinstance(net, (str, os.PathLike)) else net, label, _phase(phase))
     with tempfile.TemporaryDirectory(prefix="probe-") as tmp:
         for i, (label, net, phase) in enumerate(nets):
             path = net if isinstance(net, (str, os.PathLike)) else write_net(net, os.path.join(tmp, "%d.prototxt" % i))
-            ok, stderr = _build_in_child(os.fspath(path), phase)
-            if not ok:
+            status, stderr = _build_in_child(os.fspath(path), phase, copies, batch)
+            if status == 4:
+                raise CaffeFileError("%s: %s" % (label, glog_failure(stderr)))
+            if status != 0:
                 raise CaffeFileError("%s: Caffe cannot build this net: %s" % (label, glog_failure(stderr)))

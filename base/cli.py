@@ -194,7 +194,7 @@ def check_run_inputs(a, inputs, nets=(), train_list=True, runnable_part=False):
     Caffe fork's layers are set aside (netcheck.runnable_view); with ``train_list`` the list's images are all
     images Caffe can decode."""
     from . import caffe_io, netcheck
-    from .lists import check_images_decode, read_list
+    from .lists import read_list
     check_files(**inputs)
     check_outputs(inputs, [os.path.join(a.out, "")])
     weights = [inputs.get(w) for _, w in nets if inputs.get(w)]
@@ -209,7 +209,7 @@ def check_run_inputs(a, inputs, nets=(), train_list=True, runnable_part=False):
         if weight:
             caffe_io.check_weights(caffe_io.net_from_param(net), caffe_io.read_weights(weight), weight, complete=True)
     if train_list and inputs.get("train_list"):
-        check_images_decode(read_list(inputs["train_list"], getattr(a, "train_root", "")), inputs["train_list"])
+        read_list(inputs["train_list"], getattr(a, "train_root", ""), decode=True, progress=not getattr(a, "quiet", False))
 
 
 def _flag(name):
@@ -232,8 +232,14 @@ def yes_no(text):
     raise argparse.ArgumentTypeError("expected yes or no, not %r" % text)
 
 
+INT_MAX = 2 ** 31 - 1    # whole-number flags end in Caffe's int32 fields (sizes, iterations, seeds) or beside them
+
+
 def _number(kind, low=None, high=None, low_open=False, high_open=False):
-    """An argparse type: ``kind`` (int or float) within [low, high] (open ends as asked); NaN refused."""
+    """An argparse type: ``kind`` (int or float) within [low, high] (open ends as asked; an int at most
+    INT_MAX, which protobuf refuses past); NaN refused."""
+    if kind is int and high is None:
+        high = INT_MAX
     what = "a whole number" if kind is int else "a number"
     bounds = []
     if low is not None:
@@ -368,16 +374,19 @@ def check_gpu(ids):
 def add_run(ap, out_help, seed_help="seed of image draws, sampling and Caffe (default 0)"):
     """--out --seed --quiet."""
     ap.add_argument("--out", required=True, help=out_help)
-    ap.add_argument("--seed", type=int, default=0, help=seed_help)
+    ap.add_argument("--seed", type=whole, default=0, help=seed_help)
     ap.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 def int_list(text):
     """'16000,24000' -> (16000, 24000)."""
     try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
+        values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError("expected comma-separated whole numbers, not %r" % text) from None
+        values = None
+    if values is None or not all(abs(v) <= INT_MAX for v in values):
+        raise argparse.ArgumentTypeError("expected comma-separated whole numbers up to %d, not %r" % (INT_MAX, text))
+    return values
 
 
 def name_list(text):

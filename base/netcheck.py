@@ -169,6 +169,10 @@ def check_net(net, source="net", phase=caffe_pb2.TEST, types=True):
             _check_type(layer, known, source)
         if layer.type == "Input" and len(layer.input_param.shape) == 0:
             raise CaffeFileError("%s: Input layer %r has no shape" % (source, layer.name))
+        for shape in layer.input_param.shape if layer.type == "Input" else ():
+            if not all(d >= 1 for d in shape.dim):   # Caffe builds a 0, then aborts at the blob's first use
+                raise CaffeFileError("%s: Input layer %r has shape %s: every dimension must be 1 or more"
+                             % (source, layer.name, " x ".join(str(d) for d in shape.dim)))
         _check_source(layer, source)
         _check_blobs(layer, blobs, producer, source)
     if not layers:
@@ -226,3 +230,34 @@ def causes(left):
 
 
 _TAINTED = "reads "
+
+
+def blob_problem(net, copies=1, batch=None):
+    """What a built net would abort on when run, or None: a blob with a zero dimension (Caffe builds it, then
+    aborts at its first use), or blobs larger than the memory free here (``copies`` of each: 2 in training,
+    which keeps the gradients; ``batch``: the net was built for one image, it will run this many); Caffe
+    allocates them at the first forward and dies there."""
+    for name, blob in net.blobs.items():
+        if 0 in blob.shape:
+            return "blob %r has shape %s: a zero dimension (Caffe aborts when it is used)" % (
+                name, " x ".join(str(d) for d in blob.shape))
+    need = 4 * copies * ((batch or 1) * sum(b.count for b in net.blobs.values()) +
+                         sum(p.count for params in net.params.values() for p in params))
+    free = available_memory()
+    if free is not None and need > free:
+        return "its blobs need about %.1f GB %s, more than the %.1f GB of memory free here (lower the batch or " \
+               "the input size)" % (need / 1e9, "at a batch of %d" % batch if batch else "at this input shape",
+                                    free / 1e9)
+    return None
+
+
+def available_memory():
+    """Bytes of memory free for a new allocation (MemAvailable), or None where /proc/meminfo is not."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -74,7 +74,7 @@ def parser():
     ap.add_argument("--snapshot-every", type=cli.whole, default=500,
                     help="Caffe snapshot (caffemodel + solverstate) every N iterations, and at the end (default 500)")
     ap.add_argument("--no-mirror", action="store_true", help="no random horizontal flips")
-    ap.add_argument("--seed", type=int, default=0, help="Caffe's random seed (fillers, list shuffling)")
+    ap.add_argument("--seed", type=cli.whole, default=0, help="Caffe's random seed (fillers, list shuffling)")
     ap.add_argument("--gpu", type=cli.gpu_ids, default=None,
                     help="GPU id(s): '0' trains with pycaffe on GPU 0; '0,1' runs Caffe's own `caffe train` "
                          "with NCCL on both. Default: CPU")

@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 from base import caffe_io, cli, netcheck
 from base.errors import ToolkitError
-from base.lists import check_images_decode, read_list
+from base.lists import read_list
 from base.netinput import input_layer
 from base.runfolder import RunFolder, cpu_seconds
 from . import fold, heads, loop, snapshots, solver as solver_mod, trainnet
@@ -138,6 +138,17 @@ def _check_numbers(job):
         raise FineTuneError("; ".join("%s %s: expected %s" % b for b in bad))
     if job.head not in heads.HEADS:
         raise FineTuneError("unknown head %r: choose %s" % (job.head, ", ".join(heads.HEADS)))
+    if job.native_asoftmax and "MarginInnerProduct" not in netcheck.known_types():
+        raise FineTuneError("--native-asoftmax: this Caffe build has no MarginInnerProduct layer (the SphereFace "
+                            "fork's); leave the flag out for the toolkit's own A-Softmax")
+
+
+def with_batch(net, batch):
+    """A copy of a deploy NetParameter whose Input takes ``batch`` images."""
+    copy = type(net)()
+    copy.CopyFrom(net)
+    input_layer(copy)[0].input_param.shape[0].dim[0] = batch
+    return copy
 
 
 def check_job(job):
@@ -151,12 +162,17 @@ def check_job(job):
         if proto:
             net = caffe_io.read_net(proto)
             netcheck.check_net(net, proto)
-            input_layer(net, proto)
+            _, shape = input_layer(net, proto)
+            if flag == "--model" and job.augment_shift > max(shape[2:]):
+                raise FineTuneError("--augment-shift %g: more pixels than the input has (%d x %d)"
+                                    % (job.augment_shift, shape[2], shape[3]))
+            if flag == "--model":    # its blobs at --batch, with their gradients: what training allocates
+                caffe_io.probe_nets([("--batch %d: %s %s" % (job.batch_size, flag, proto), with_batch(net, 1),
+                                      "test")], copies=2, batch=job.batch_size)
             if weights:
                 caffe_io.check_weights(caffe_io.net_from_param(net), caffe_io.read_weights(weights), weights,
                                        complete=True)
-    items = read_list(job.train_list, job.root_folder)
-    check_images_decode(items, job.train_list)
+    items = read_list(job.train_list, job.root_folder, decode=True)
     solver_mod.iterations(len(items), job.epochs, job.batch_size)
     cli.check_gpu(tuple(job.gpu or ()))
 
@@ -200,6 +216,8 @@ def finetune(job, resume=True, progress=True):
     p = loop.paths(job.out)
     config = job.config()
     with RunFolder(job.out, FineTuneError) as run:
+        if not run.exists("done.json") and not loop.latest_snapshot(p["snapshots"])[1]:
+            run.reopen(None)    # a run that ended (Caffe aborted, a kill) before its first snapshot binds nothing
         run.check(config)
         done = run.load("done.json")
         if done is not None and done.get("config") == config:

@@ -66,11 +66,18 @@ def teacher_table(items, root, out, proto, weights, blob, rgb, mirror, progress=
     return feats.astype(np.float32), os.path.abspath(index_list)
 
 
-def _classes(job, items):
+def _classes(job, items, deploy):
+    """The classifier's classes; refused when its weights (with gradient and momentum) would not fit in the
+    memory free here -- a label far beyond the others makes that many classes."""
+    from base.netcheck import available_memory
     labels = [label for _, label in items]
     classes = job.num_classes or max(labels) + 1
     if max(labels) >= classes:
         raise HeadError("%s: label %d is out of range for %d classes" % (job.train_list, max(labels), classes))
+    need, free = 3 * 4 * classes * blob_dim(deploy, job.embedding), available_memory()
+    if free is not None and need > free:
+        raise HeadError("%s: %d classes (labels up to %d) need about %.1f GB of classifier weights, more than the "
+                        "%.1f GB of memory free here" % (job.train_list, classes, max(labels), need / 1e9, free / 1e9))
     return classes
 
 
@@ -151,9 +158,9 @@ def data_and_head(job, deploy, items, start_iter=0, progress=True):
         raise HeadError("unknown head %r: choose %s" % (job.head, ", ".join(HEADS)))
     data.size = read_size(deploy, items)
     if job.head == "asoftmax":
-        head = trainnet.ASoftmax(num_classes=_classes(job, items), embedding=job.embedding, m=job.margin,
+        head = trainnet.ASoftmax(num_classes=_classes(job, items, deploy), embedding=job.embedding, m=job.margin,
                                  native=job.native_asoftmax, iteration=start_iter, seed=job.seed)
     else:
-        head = trainnet.SoftmaxCenter(num_classes=_classes(job, items), embedding=job.embedding,
+        head = trainnet.SoftmaxCenter(num_classes=_classes(job, items, deploy), embedding=job.embedding,
                                       lambda_c=job.lambda_c, alpha=job.center_alpha)
     return data, head, {}

@@ -8,6 +8,7 @@ Each hook is ``hook(out, proto, weights) -> fine-tuned caffemodel`` (None
 when its epochs are 0); every fine-tune is a resumable ``finetune.driver``
 job in ``out``.
 """
+import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -83,11 +84,16 @@ def add_fold_bn(group):
                             "the identity, the shift in Scale)")
 
 
-def distill_hooks(spec, teacher, teacher_weights):
-    """(after each group, after the last) fine-tune hooks of ``spec``; a hook is None where its epochs are 0."""
+def distill_hooks(spec, teacher, teacher_weights, check_in=None):
+    """(after each group, after the last) fine-tune hooks of ``spec``; a hook is None where its epochs are 0.
+    ``check_in`` (the caller's run folder): every fine-tune is checked now (finetune.driver.check_job, on the
+    unpruned net: the pruned ones are smaller), so that a setting it refuses stops the run before any work."""
     def hook(epochs):
         if not epochs:
             return None
+        if check_in is not None:
+            driver.check_job(spec.job(os.path.join(check_in, "finetune"), teacher, teacher_weights, epochs, teacher,
+                                      teacher_weights))
 
         def run_one(out, proto, weights):
             job = spec.job(out, proto, weights, epochs, teacher, teacher_weights)

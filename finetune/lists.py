@@ -98,8 +98,9 @@ def build(root, out, val_fraction=0.0, seed=0, crop=False, min_images=1, folds=N
         if not tree:
             raise ListError("none of the %d people of LFW folds %s has a folder under %s" % (len(people), folds, root))
 
-    skipped = []
-    readable = {}
+    if not any(len(files) >= min_images for files in tree.values()):   # before decoding: none can have enough
+        raise ListError("no identity under %s has %d or more images" % (root, min_images))
+    skipped, readable = [], {}
     total = sum(len(f) for f in tree.values())
     bar = tqdm(total=total, desc="crop" if crop else "check", unit="img", disable=not progress)
     for name, files in tree.items():
@@ -156,11 +157,11 @@ def parser():
     ap.add_argument("--val-fraction", type=float, default=0.0,
                     help="share of each identity's images held out in val.txt (rounded; at least one image "
                          "of each identity stays in train.txt); default 0 = no validation list")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the validation draw (default 0)")
+    ap.add_argument("--seed", type=cli.whole, default=0, help="seed of the validation draw (default 0)")
     ap.add_argument("--crop-112x96", action="store_true",
                     help="write SphereFace 112x96 crops (columns 8..103) of aligned 112x112 images to OUT/images/ "
                          "and list those; images of another size are skipped and reported")
-    ap.add_argument("--min-images", type=int, default=1,
+    ap.add_argument("--min-images", type=cli.count, default=1,
                     help="leave out identities with fewer readable images than this (default 1)")
     ap.add_argument("--pairs", help="LFW View 2 pairs.txt: keep only the people of --lfw-folds")
     ap.add_argument("--lfw-folds", default=None,

@@ -164,7 +164,8 @@ def train(folder, deploy, n_iter, init, step=plain_step, columns=(), snapshot_ev
     with open(p["csv"], "a", buffering=1) as log:
         writer = csv.writer(log, lineterminator="\n")
         while solver.iter < n_iter:
-            values = step(solver)
+            with np.errstate(all="ignore"):   # a NaN or inf the Python layers meet is the divergence named below
+                values = step(solver)
             if not np.isfinite(values[0]):
                 raise Diverging("%s: loss became %s at iteration %d; lower the learning rate"
                                 % (title, values[0], solver.iter))

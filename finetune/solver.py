@@ -19,7 +19,11 @@ def iterations(n_images, epochs, batch_size):
         raise SolverError("batch size must be positive, not %d" % batch_size)
     if batch_size > n_images:
         raise SolverError("batch size %d is larger than the image list (%d images)" % (batch_size, n_images))
-    return max(1, int(math.ceil(n_images * float(epochs) / batch_size)))
+    n = n_images * float(epochs) / batch_size
+    if not n < 2 ** 31:        # Caffe counts iterations in an int32 (and inf is no count at all)
+        raise SolverError("%g epochs of %d images at batch %d are more iterations than Caffe counts (2^31 - 1)"
+                          % (epochs, n_images, batch_size))
+    return max(1, int(math.ceil(n)))
 
 
 def solver(train_net, max_iter, snapshot_prefix, base_lr=1e-3, lr_policy="fixed", gamma=0.1, stepsize=0,

@@ -2,6 +2,7 @@
 import os
 
 from base import caffe_io, cli, netcheck
+from base.errors import ToolkitError
 from base.images import image_batches
 from base.netinput import input_layer
 from prune import options, plans
@@ -24,7 +25,11 @@ def finetune_hooks(a, net):
                         rgb=a.rgb, precompute_teacher=a.precompute_teacher, seed=a.seed,
                         gpu=tuple(a.gpu) if a.gpu else None, progress=not a.quiet, cache_dir=a.cache_dir,
                         similarity=a.distill_similarity, similarity_hard=a.similarity_hard, fold_bn=a.fold_bn)
-    return distill_hooks(spec, a.model, a.weights)
+    try:
+        return distill_hooks(spec, a.model, a.weights, check_in=a.out)
+    except ToolkitError as e:   # its messages name python -m finetune's flags: say which of ours set them
+        raise cli.UsageError("fine-tuning with --finetune-batch %d, --finetune-lr %g, --train-list %s: %s"
+                             % (a.finetune_batch, a.finetune_lr, a.train_list, e)) from None
 
 
 def parser():
@@ -58,7 +63,7 @@ def parser():
                          "its mirror), one extra forward+backward pass per group")
     plans.add_arguments(ap)
     options.add_reconstruction(ap)
-    ap.add_argument("--seed", type=int, default=0, help="seed of image draw, sampling and random criterion")
+    ap.add_argument("--seed", type=cli.whole, default=0, help="seed of image draw, sampling and random criterion")
     ft = ap.add_argument_group("fine-tuning (distillation from the unpruned net, Caffe's solver; python -m finetune)")
     ft.add_argument("--finetune-epochs-per-layer", type=cli.non_negative, default=0,
                     help="epochs of fine-tuning after each pruned group (the original recipe: 1; default 0 = none)")
@@ -103,6 +108,22 @@ def check_inputs(a, spec):
     return caffe_io.read_net(a.model)
 
 
+def check_memory(a, net, images):
+    """Refuse sampling settings whose arrays would not fit in the memory free here (the kernel would kill
+    the run in its first batch), with the estimate."""
+    from prune.graph import build_graph
+    from prune.sample import batch_bytes
+    free = netcheck.available_memory()
+    if not images or free is None:
+        return
+    need = batch_bytes(build_graph(net, a.model), min(a.batch, images), a.samples_per_image, a.positions_per_image)
+    if need > free:
+        raise cli.UsageError("--samples-per-image %d, --positions-per-image %d at --batch %d: sampling would hold "
+                             "about %.1f GB per batch, more than the %.1f GB of memory free here"
+                             % (a.samples_per_image, a.positions_per_image, min(a.batch, images), need / 1e9,
+                                free / 1e9))
+
+
 @cli.entry(PROG)
 def main(argv=None):
     a = parser().parse_args(argv)
@@ -111,6 +132,7 @@ def main(argv=None):
     net = check_inputs(a, spec)
     _, shape = input_layer(net, a.model)
     root, rels, pre, _ = options.images_of(a, shape) if a.data else (None, [], None, None)
+    check_memory(a, net, len(rels))
     step_ft, final_ft = finetune_hooks(a, net)
     sampling = None
     if spec.needs_images():

@@ -67,8 +67,11 @@ def images_of(a, shape, held_out=0):
     return root, chosen, preprocess_for(shape, root, chosen, a.rgb, a.crop), held
 
 
+RIDGE_MAX = 1e6    # relative to X'X's diagonal: beyond it the least squares keeps the weights, and overflows
+
+
 def parse_ridge(text):
-    """--ridge: 'auto' or a number >= 0."""
+    """--ridge: 'auto' or a number in [0, RIDGE_MAX]."""
     import argparse
     if text == "auto":
         return text
@@ -76,8 +79,8 @@ def parse_ridge(text):
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError("expected 'auto' or a number >= 0, not %r" % text)
+    if not 0 <= value <= RIDGE_MAX:
+        raise argparse.ArgumentTypeError("expected 'auto' or a number in [0, %g], not %r" % (RIDGE_MAX, text))
     return value
 
 

@@ -24,6 +24,7 @@ image of several nets at several batch sizes.
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -198,17 +199,28 @@ class OpenCVSession(Session):
         try:
             self.net = cv2.dnn.readNetFromCaffe(proto, model)
         except cv2.error as e:
-            raise RuntimeFailure("OpenCV DNN cannot read %s: %s" % (proto, str(e).strip().splitlines()[-1])) from None
+            raise RuntimeFailure("OpenCV DNN cannot read %s: %s" % (proto, opencv_message(e))) from None
+        self.proto = proto
         self.net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
         self.net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
         self.net.enableFusion(fusion)
 
     def run(self, x):
+        import cv2
         self.net.setInput(np.ascontiguousarray(x, dtype=np.float32))
-        return np.array(self.forward())
+        try:   # OpenCV creates the layers at the first forward: a type it lacks fails here, not when read
+            return np.array(self.forward())
+        except cv2.error as e:
+            raise RuntimeFailure("OpenCV DNN cannot run %s: %s" % (self.proto, opencv_message(e))) from None
 
     def forward(self):
         return self.net.forward()       # the final output (forward(name) would stop before in-place layers)
+
+
+def opencv_message(e):
+    """The message of a cv2.error without its version, source file and error code."""
+    text = str(e).strip().splitlines()[-1]
+    return re.sub(r"^OpenCV\([^)]*\) \S+: error: \([^)]*\) ", "", text)
 
 
 class MNNSession(Session):

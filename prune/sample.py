@@ -35,6 +35,15 @@ class SampleError(ToolkitError):
     pass
 
 
+def batch_bytes(graph, batch, samples_per_image, positions_per_image):
+    """A bound on what one batch of sampling holds (see the module doc): ``samples_per_image`` windows for
+    the criterion and ``positions_per_image`` for the least squares per image, each window as large as the
+    largest consumer's input (C x kh x kw, or an InnerProduct's inputs), in float64."""
+    window = max((int(np.prod(shape[1:])) for shapes in graph.param_shapes.values() for shape in shapes[:1]
+                  if len(shape) >= 2), default=1)
+    return 8 * batch * (samples_per_image + positions_per_image) * window
+
+
 @dataclass
 class Evidence:
     group: object

@@ -12,7 +12,8 @@ warm-up.  With --reference (the original net) the same for it, and the
 measured speed-up in each runtime against the MACs reduction.
 
 A runtime that is not installed is skipped with a line saying so; one that
-cannot load the net is a failure.  Exit status 0 when every runtime that
+cannot convert, load or run the net is a failure: its FAILED row with the
+reason, the other runtimes and --json still written.  Exit status 0 when every runtime that
 computes exactly (OpenCV with fusion off, MNN with Winograd off) agrees with
 Caffe within --tolerance, 1 when one does not; the deviation of the runtimes
 as deployed (OpenCV fused, MNN's defaults) is reported, not held to it.
@@ -27,7 +28,6 @@ import time
 import numpy as np
 
 from base import caffe_io, cli
-from base.errors import ToolkitError
 from prune import runtimes
 
 PROG = "python -m prune.verify"
@@ -39,52 +39,62 @@ def inputs(shape, n, seed=0):
     return [rng.uniform(-1, 1, (1,) + tuple(shape[1:])).astype(np.float32) for _ in range(n)]
 
 
-def agreement(sessions, name, xs):
-    """{kind: dict(max_rel_deviation, min_cosine)} of every session of net ``name`` against Caffe's output."""
-    ref = [sessions["caffe", name].run(x).astype(np.float64) for x in xs]
+def deviation(session, xs, ref):
+    """dict(max_rel_deviation, min_cosine) of one session's outputs on ``xs`` against Caffe's ``ref``."""
     scale = max(float(np.abs(r).max()) for r in ref) or 1.0
-    out = {}
-    for (kind, n), s in sessions.items():
-        if n != name:
-            continue
-        dev, cos = 0.0, 1.0
-        for x, r in zip(xs, ref):
-            y = np.asarray(s.run(x), dtype=np.float64).reshape(r.shape)
-            dev = max(dev, float(np.abs(y - r).max()) / scale)
-            a, b = y.ravel(), r.ravel()
-            cos = min(cos, float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30)))
-        out[kind] = dict(max_rel_deviation=dev, min_cosine=cos)
-    return out
+    dev, cos = 0.0, 1.0
+    for x, r in zip(xs, ref):
+        y = np.asarray(session.run(x), dtype=np.float64).reshape(r.shape)
+        dev = max(dev, float(np.abs(y - r).max()) / scale)
+        a, b = y.ravel(), r.ravel()
+        cos = min(cos, float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30)))
+    return dict(max_rel_deviation=dev, min_cosine=cos)
 
 
-def open_all(kinds, nets, work, threads):
-    """(sessions, {kind: error}) for every runtime of ``kinds``: one that cannot load a net is an error."""
-    sessions, errors = {}, {}
-    for kind in kinds:
-        try:
-            sessions.update(runtimes.open_sessions([kind], nets, work, threads))
-        except (ToolkitError, ValueError, OSError) as e:   # ValueError: a runtime's library refusing the net
-            if kind == "caffe":
-                raise
-            errors[kind] = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return sessions, errors
+def measure(kind, nets, work, threads, xs, refs):
+    """(sessions, {net name: deviation}) of one runtime, its sessions left on the timed input and warmed up."""
+    sessions = runtimes.open_sessions([kind], nets, work, threads)
+    agree = {name: deviation(sessions[kind, name], xs, refs[name]) for name in nets}
+    for s in sessions.values():
+        s.run(xs[0])
+        s.forward()
+    return sessions, agree
+
+
+def reason(e):
+    """One line of a runtime's exception (OpenCV's name their source file first, the message last)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if isinstance(e, runtimes.RuntimeFailure):
+        return lines[0]
+    return "%s: %s" % (type(e).__name__, lines[-1] if lines else "no message")
 
 
 def verify(proto, model, reference=None, kinds=runtimes.KINDS, n_inputs=4, rounds=7, min_seconds=0.05, threads=1,
            seed=0):
-    """The record of one verification (see the module's docstring); ``reference`` = (prototxt, caffemodel)."""
+    """The record of one verification (see the module's docstring); ``reference`` = (prototxt, caffemodel).
+    Any exception of a runtime other than Caffe (converting, loading or running the net) is that runtime's
+    error; the others are still measured."""
     from prune.stats import net_stats
     nets = {"net": (proto, model)}
     if reference:
         nets["reference"] = tuple(reference)
     skipped = {k: runtimes.missing(k) for k in kinds if runtimes.missing(k)}
     kinds = ["caffe"] + [k for k in kinds if k != "caffe" and k not in skipped]
+    errors = {}
     with tempfile.TemporaryDirectory() as work, runtimes.pinned(threads):
-        sessions, errors = open_all(kinds, nets, work, threads)
+        sessions = runtimes.open_sessions(["caffe"], nets, work, threads)   # the reference: its errors are ours
         xs = inputs(sessions["caffe", "net"].input_shape(), n_inputs, seed)
-        agree = {name: agreement(sessions, name, xs) for name in nets}
-        for (kind, name), s in sessions.items():
-            s.run(xs[0])                      # the timed input
+        refs = {name: [sessions["caffe", name].run(x).astype(np.float64) for x in xs] for name in nets}
+        agree = {"caffe": {name: deviation(sessions["caffe", name], xs, refs[name]) for name in nets}}
+        for s in sessions.values():
+            s.run(xs[0])
+        for kind in kinds[1:]:
+            try:
+                more, agree[kind] = measure(kind, nets, work, threads, xs, refs)
+            except Exception as e:      # noqa: BLE001 -- whatever a runtime raises (cv2.error, MNN's) is its row
+                errors[kind] = reason(e)
+                continue
+            sessions.update(more)
         ms = runtimes.median_ms(sessions, rounds=rounds, min_seconds=min_seconds)
     macs = {name: net_stats(p).macs for name, (p, _) in nets.items()}
     result = {}
@@ -92,10 +102,10 @@ def verify(proto, model, reference=None, kinds=runtimes.KINDS, n_inputs=4, round
         if kind in errors:
             result[kind] = dict(error=errors[kind])
             continue
-        r = dict(version=runtimes.version(kind), **agree["net"][kind], latency_ms=ms[kind, "net"])
+        r = dict(version=runtimes.version(kind), **agree[kind]["net"], latency_ms=ms[kind, "net"])
         if reference:
             r.update(reference_latency_ms=ms[kind, "reference"],
-                     reference_max_rel_deviation=agree["reference"][kind]["max_rel_deviation"],
+                     reference_max_rel_deviation=agree[kind]["reference"]["max_rel_deviation"],
                      speedup=ms[kind, "reference"] / ms[kind, "net"])
             r["measured_over_macs"] = r["speedup"] / (macs["reference"] / macs["net"])
         result[kind] = r
@@ -173,7 +183,7 @@ def parser():
                     help="largest relative deviation from Caffe allowed (default 1e-4; OpenCV fused and MNN "
                          "with Winograd are reported, not held to it)")
     ap.add_argument("--json", default=None, help="also write the record to this file")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the inputs (default 0)")
+    ap.add_argument("--seed", type=cli.whole, default=0, help="seed of the inputs (default 0)")
     return ap
 
 

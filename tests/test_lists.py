@@ -34,7 +34,7 @@ def make_tree(root, counts, size=(112, 112), ext=".png"):
 def test_read_list_validates_and_names_the_line(tmp_path):
     make_tree(str(tmp_path / "img"), {"a": 2})
     good = tmp_path / "good.txt"
-    good.write_text("a/a_0.png 0\n\na/a_1.png 1\n")
+    good.write_text("a/a_0.png 0\na/a_1.png 1\r\n")      # a CRLF line: ImageData's atoi stops at the \\r
     items = read_list(str(good), str(tmp_path / "img"), num_classes=2)
     assert items == [(str(tmp_path / "img" / "a" / "a_0.png"), 0), (str(tmp_path / "img" / "a" / "a_1.png"), 1)]
     cases = [("a/a_0.png 0\na/missing.png 0\n", "bad.txt:2: image .*missing.png does not exist"),
@@ -42,6 +42,7 @@ def test_read_list_validates_and_names_the_line(tmp_path):
              ("a/a_0.png x\n", "bad.txt:1: label 'x' is not an integer"),
              ("a/a_0.png -1\n", "bad.txt:1: label -1 is negative"),
              ("a/a_0.png\n", "bad.txt:1: expected 'relative/path label'"),
+             ("a/a_0.png 0\n\na/a_1.png 1\n", "bad.txt:2: the line is empty"),   # ImageData: an image with no path
              ("\n", "is empty")]
     for text, words in cases:
         (tmp_path / "bad.txt").write_text(text)

@@ -317,7 +317,7 @@ def parser():
     tr.add_argument("--batch", type=cli.count, default=64, help="images per batch (default 64)")
     tr.add_argument("--snapshot-every", type=cli.whole, default=500, help="snapshot period in iterations (default 500)")
     cli.add_lfw(ap.add_argument_group("evaluation (only with --lfw-dir and --pairs)"))
-    ap.add_argument("--seed", type=int, default=0, help="Caffe's random seed (default 0)")
+    ap.add_argument("--seed", type=cli.whole, default=0, help="Caffe's random seed (default 0)")
     cli.add_cache_dir(ap)
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap

@@ -232,6 +232,8 @@ def collect_groups(w, net, layers, outputs):
             getattr(group, role).append(rec)
     def ids(blob):
         return [(by_root[w.find(s.atom)].id, s.n, s.block) for s in w.resolve(blob).segs]
+    def known(blob):   # a count over channels a fixed point made (unknown segments) stays as written
+        return all(b.segs is not None for b in (blob if isinstance(blob, list) else [blob]))
     counts = OrderedDict((name, (kind, [ids(b) for b in blob] if isinstance(blob, list) else ids(blob)))
-                         for name, (kind, blob) in w.counts.items())
+                         for name, (kind, blob) in w.counts.items() if known(blob))
     return Graph(groups, w.shapes, w.param_shapes, counts, outputs, w.source)

@@ -2,8 +2,10 @@
 import os
 
 from base import caffe_io, cli
+from base.runfolder import CONFIG, RunFolder, command_config
 from prune import plans
 from prune.criteria import CRITERIA
+from prune.sensitivity import SensitivityError
 
 PROG = "python -m prune.sensitivity"
 
@@ -47,14 +49,26 @@ def main(argv=None):
     sampling = plans.sampling_of(a, shape, a.out, a.blob)
     if spec.given() and not spec.needs_images():   # a plan that needs no analysis: refused before it runs
         plans.make(spec, a.model, a.weights)
-    record = plans.analysis(spec, net, weights, sampling)
-    print("%-32s %5s  %s" % ("group", "chans", "  ".join("%6g" % r for r in a.ratios)))
-    for gid, c in record["curves"].items():
-        print("%-32s %5d  %s" % (gid, c["channels"], "  ".join("%6.4f" % c["damage"]["%g" % r] for r in a.ratios)))
-    if spec.given():
-        plan = plans.make(spec, a.model, a.weights, sampling)
-        print("%s: %s" % (plans.summary(plan), plans.write(plan, os.path.join(a.out, "plan.json"))))
+    with RunFolder(a.out, SensitivityError) as run:
+        if run.exists("sensitivity.json") and not run.exists(CONFIG):
+            raise SensitivityError("%s holds a sensitivity.json without the config.json that says how it was made; "
+                                   "use another --out" % a.out)
+        hashed = ("model", "weights", "pairs", "plan") + (("data",) if os.path.isfile(a.data) else ())
+        run.guard(command_config(a, hashed=hashed, leave_out=PLAN_ONLY), flags=True)
+        record = plans.analysis(spec, net, weights, sampling)
+        print("%-32s %5s  %s" % ("group", "chans", "  ".join("%6g" % r for r in a.ratios)))
+        for gid, c in record["curves"].items():
+            print("%-32s %5d  %s" % (gid, c["channels"], "  ".join("%6.4f" % c["damage"]["%g" % r]
+                                                                   for r in a.ratios)))
+        if spec.given():
+            plan = plans.make(spec, a.model, a.weights, sampling)
+            print("%s: %s" % (plans.summary(plan), plans.write(plan, os.path.join(a.out, "plan.json"))))
     return 0
+
+
+# Flags that only shape the plan made from the curves: a second run with other values reads the curves back.
+PLAN_ONLY = ("macs_target", "allocation", "keep", "threshold", "plan", "round_to", "latency_target", "runtime",
+             "latency_points", "latency_cache", "quiet", "out", "debug")
 
 
 if __name__ == "__main__":
