@@ -216,7 +216,7 @@ def finetune(job, resume=True, progress=True):
     p = loop.paths(job.out)
     config = job.config()
     with RunFolder(job.out, FineTuneError) as run:
-        if not run.exists("done.json") and not loop.latest_snapshot(p["snapshots"])[1]:
+        if not run.exists("done.json") and not snapshots.latest(p["snapshots"])[1]:
             run.reopen(None)    # a run that ended (Caffe aborted, a kill) before its first snapshot binds nothing
         run.check(config)
         done = run.load("done.json")

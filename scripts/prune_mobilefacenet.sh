@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The real MobileFaceNet of ../shared pruned to half its MACs with the toolkit's best measured recipe
 # (README: "Keeping the accuracy"): per-group ratios from a sensitivity analysis, every cut group's consumers
-# refitted by least squares towards the unpruned net, then distillation fine-tuning with Caffe's solver.
+# refitted by least squares towards the unpruned net, every block then fitted to the unpruned block's output
+# (--blockfit-epochs), then distillation fine-tuning with Caffe's solver.
 # Samples and trains only on LFW folds 1-5 people and people in no pair; evaluates on folds 6-10.
 # Report and plots in runs/mobilefacenet (or --out DIR); the report's verify stage (python -m prune.verify) runs the
 # pruned net beside the original in Caffe, OpenCV DNN and MNN: deviation from Caffe, batch-1 latency, speed-up.
@@ -13,6 +14,6 @@ cd "$(dirname "$0")/.."
 SHARED="${SPHEREFACE_SHARED:-$(cd .. && pwd)/shared}"
 MFN="$SHARED/models/mobilefacenet/mobilefacenet-v0"
 exec .venv/bin/python -m apps.pipeline --model "$MFN.prototxt" --weights "$MFN.caffemodel" --blob fc1 --rgb \
-    --macs-target 0.5 --train-unpaired --images 1024 \
+    --macs-target 0.5 --train-unpaired --images 1024 --blockfit-epochs 6 \
     --finetune-epochs-per-layer 0 --finetune-epochs-final 8 --finetune-lr 0.01 --finetune-lr-steps 0.6,0.85 \
     --finetune-mirror --out runs/mobilefacenet "$@"

@@ -15,6 +15,7 @@ from finetune import driver
 from finetune.similarity import loss_and_gradient
 from finetune import trainnet
 from finetune.snapshots import latest as latest_snapshot
+from prune.plans import PlanSpec, make as make_plan
 from test_finetune import distill_job, image_list, jitter_net, saved_weights, tiny_deploy  # noqa: F401  (fixture)
 
 
@@ -260,7 +261,7 @@ def test_blockwise_fit_lowers_each_blocks_error_towards_the_unpruned_block(tmp_p
     weights = random_weights(proto, seed=0)
     model = caffe_io.write_weights(caffe_io.read_net(proto), weights, str(tmp_path / "res.caffemodel"))
     x, held = low_dimensional_images(256, 1), low_dimensional_images(64, 2)
-    log = run(PruneJob(model=proto, weights=model, out=str(tmp_path / "prune"), keep=0.5), _batches(x, 64),
+    log = run(PruneJob(model=proto, weights=model, out=str(tmp_path / "prune"), plan=make_plan(PlanSpec(), proto)), _batches(x, 64),
               progress=False)
     student = caffe_io.read_net(log["prototxt"])
     assert [(s, b) for s, b, _ in blockfit.blocks(student)] == [("data", "s1"), ("s1", "s2"), ("s2", "fc")]
@@ -288,7 +289,8 @@ def test_prune_driver_runs_the_blockwise_fit_after_the_last_cut_and_resumes_it(t
     want = caffe_forward(proto, weights, held)["fc"]
     errors = {}
     for epochs in (0, 20):
-        job = PruneJob(model=proto, weights=model, out=str(tmp_path / ("e%d" % epochs)), keep=0.5,
+        job = PruneJob(model=proto, weights=model, out=str(tmp_path / ("e%d" % epochs)),
+                       plan=make_plan(PlanSpec(), proto),
                        blockfit_epochs=epochs, blockfit_lr=1e-3)
         log = run(job, _batches(x, 64), progress=False)
         got = caffe_forward(log["prototxt"], caffe_io.read_weights(log["caffemodel"]), held)["fc"]
