@@ -53,6 +53,8 @@ ROWS = {
     "blockfit16": ("allocated", "+ block-wise fit, 16 passes per block", dict(blockfit=16)),
     "blockfit_finetune3": ("blockfit", "+ block-wise fit, then distillation fine-tuning, 3 epochs (Caffe SGD)",
                            dict(epochs=3)),
+    "blockfit16_similarity3": ("blockfit16", "+ block-wise fit (16 passes), then distillation of the embedding and "
+                               "of the cosines between faces, 3 epochs", dict(epochs=3, similarity=True)),
     "finetune3": ("allocated", "+ distillation fine-tuning, 3 epochs (Caffe SGD)", dict(epochs=3)),
     "features3": ("allocated", "+ distillation of the embedding and of the block outputs, 3 epochs (teacher run "
                   "online)", dict(epochs=3, features=True)),
