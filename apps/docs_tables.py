@@ -199,7 +199,9 @@ def regenerate(md_path, root):
                 md_path, line, m.group(1), ", ".join(TABLES)))
         try:
             new = block(m.group(1), m.group(2), md_path, results)
-        except (KeyError, ValueError) as e:
+        except KeyError as e:
+            raise cli.UsageError("%s:%d: table %s: its JSON has no field %s" % (md_path, line, m.group(1), e)) from None
+        except ValueError as e:
             raise cli.UsageError("%s:%d: table %s: %s" % (md_path, line, m.group(1), cli.one_line(e))) from None
         if new != m.group(3):
             changed.append("%s:%d %s" % (os.path.relpath(md_path, root), line, m.group(1)))

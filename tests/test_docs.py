@@ -115,6 +115,8 @@ def test_a_stale_table_is_reported_then_rewritten(tmp_path, capsys):
     ("<!-- table: verify -->\n<!-- /table -->\n", "table verify needs file=NAME"),
     ("<!-- table: verify file=missing -->\n<!-- /table -->\n", "missing.json: no such results file"),
     ("<!-- table: retention rows=nosuch -->\n<!-- /table -->\n", "has no row nosuch"),
+    ("<!-- table: retention columns=nosuch -->\n<!-- /table -->\n", "no column nosuch"),
+    ("<!-- table: sensitivity file=retention -->\n<!-- /table -->\n", "its JSON has no field 'ratios'"),
 ])
 def test_a_bad_marker_is_one_line_before_anything_is_written(tmp_path, capsys, readme, words):
     repo = tiny_repo(tmp_path, readme)
