@@ -9,11 +9,12 @@ A generated table sits between two marker comments in a markdown file:
 The name picks the table (see TABLES); the optional key=value words pick rows, columns or the JSON file.
 Everything between the markers is replaced, so a number in such a table is always the JSON's.  With
 --check nothing is written: the tables that differ from their JSON are listed and the exit status is 1.
+retention.json's LFW accuracies are percents; its TAR fields (``tar_at_far_1e-3``, ``tar_at_far_1e-4``) are
+fractions, as eval_lfw writes them, and are shown as percents.
 """
 import json
 import os
 import re
-import sys
 
 from base import caffe_io, cli
 
@@ -36,6 +37,8 @@ def sci(x):
 
 
 def percent(fraction):
+    if fraction is not None and not 0 <= fraction <= 1:
+        raise ValueError("a TAR of %s: TAR fields are fractions in [0, 1]" % fraction)
     return DASH if fraction is None else "%.2f" % (100 * fraction)
 
 

@@ -86,6 +86,9 @@ def test_retention_shows_tar_columns_only_when_rows_have_them(tmp_path):
     assert (a[tar3], a[tar4], b[tar3], b[tar4]) == ("—", "—", "95.12", "80.00")
     assert (a[header.index("fine-tune CPU min")], b[header.index("fine-tune CPU min")]) == ("—", "4.5")
     assert lines[-1] == "- `b`: `bench b`"
+    retention_rows(results, [row("a", **{"tar_at_far_1e-3": 95.12})])
+    with pytest.raises(ValueError, match="TAR fields are fractions"):
+        docs_tables.retention(results, {})
 
 
 def tiny_repo(tmp_path, readme):
