@@ -9,8 +9,9 @@ A generated table sits between two marker comments in a markdown file:
 The name picks the table (see TABLES); the optional key=value words pick rows, columns or the JSON file.
 Everything between the markers is replaced, so a number in such a table is always the JSON's.  With
 --check nothing is written: the tables that differ from their JSON are listed and the exit status is 1.
-retention.json's LFW accuracies are percents; its TAR fields (``tar_at_far_1e-3``, ``tar_at_far_1e-4``) are
-fractions, as eval_lfw writes them, and are shown as percents.
+retention.json's LFW accuracies are percents; its TAR fields (``tar_at_far_1e-3``, ``-4``, ``-5``) are
+fractions, as eval_lfw writes them, and are shown as percents; a column of an optional field (TAR,
+``finetune_cpu_minutes``) appears when some row has the field, with a dash in the rows that lack it.
 """
 import json
 import os
@@ -81,6 +82,7 @@ RETENTION = {
         " (flip %.2f)" % r["lfw_folds_6_10_flip"] if "lfw_folds_6_10_flip" in r else ""))),
     "tar3": ("TAR @ FAR 1e-3, all pairs (%)", lambda r: percent(r.get("tar_at_far_1e-3"))),
     "tar4": ("TAR @ FAR 1e-4, all pairs (%)", lambda r: percent(r.get("tar_at_far_1e-4"))),
+    "tar5": ("TAR @ FAR 1e-5, all pairs (%)", lambda r: percent(r.get("tar_at_far_1e-5"))),
     "sgd": ("SGD", lambda r: "yes" if r["sgd"] else "no"),
     "own_cpu": ("own CPU min", lambda r: "%.1f" % r["own_cpu_minutes"]),
     "finetune_cpu": ("fine-tune CPU min", lambda r: DASH if r.get("finetune_cpu_minutes") is None
@@ -88,7 +90,8 @@ RETENTION = {
     "cpu": ("CPU min, chain", lambda r: "%.1f" % r["cpu_minutes"]),
     "wall": ("wall min, chain", lambda r: "%.1f" % r["wall_minutes"]),
 }
-RETENTION_OPTIONAL = {"tar3": "tar_at_far_1e-3", "tar4": "tar_at_far_1e-4", "finetune_cpu": "finetune_cpu_minutes"}
+RETENTION_OPTIONAL = {"tar3": "tar_at_far_1e-3", "tar4": "tar_at_far_1e-4", "tar5": "tar_at_far_1e-5",
+                      "finetune_cpu": "finetune_cpu_minutes"}
 
 
 def retention(results, args):
