@@ -9,9 +9,9 @@ A generated table sits between two marker comments in a markdown file:
 The name picks the table (see TABLES); the optional key=value words pick rows, columns or the JSON file.
 Everything between the markers is replaced, so a number in such a table is always the JSON's.  With
 --check nothing is written: the tables that differ from their JSON are listed and the exit status is 1.
-retention.json's LFW accuracies are percents; its TAR fields (``tar_at_far_1e-3``, ``-4``, ``-5``) are
-fractions, as eval_lfw writes them, and are shown as percents; a column of an optional field (TAR,
-``finetune_cpu_minutes``) appears when some row has the field, with a dash in the rows that lack it.
+retention.json's LFW accuracies and its TAR fields (``tar_at_far_1e-3``, ``-4``, ``-5``) are percents; the
+column of an optional field (TAR, ``finetune_cpu_minutes``) appears when some row has the field, with a dash
+in the rows that lack it.
 """
 import json
 import os
@@ -37,10 +37,10 @@ def sci(x):
     return "%se%d" % (mantissa, int(exponent))
 
 
-def percent(fraction):
-    if fraction is not None and not 0 <= fraction <= 1:
-        raise ValueError("a TAR of %s: TAR fields are fractions in [0, 1]" % fraction)
-    return DASH if fraction is None else "%.2f" % (100 * fraction)
+def percent(value):
+    if value is not None and not 0 <= value <= 100:
+        raise ValueError("a TAR of %s: TAR fields are percents in [0, 100]" % value)
+    return DASH if value is None else "%.2f" % value
 
 
 def markdown(header, rows, right=()):

@@ -77,7 +77,7 @@ def test_retention_shows_tar_columns_only_when_rows_have_them(tmp_path):
     retention_rows(results, [row("a"), row("b")])
     lines, _ = docs_tables.retention(results, {})
     assert "TAR" not in lines[0] and "fine-tune CPU min" not in lines[0]
-    retention_rows(results, [row("a"), row("b", **{"tar_at_far_1e-3": 0.9512, "tar_at_far_1e-4": 0.8, "command":
+    retention_rows(results, [row("a"), row("b", **{"tar_at_far_1e-3": 95.12, "tar_at_far_1e-4": 80.0, "command":
                                                     "bench b", "finetune_cpu_minutes": 4.5})])
     lines, _ = docs_tables.retention(results, {"commands": "yes"})
     header = [c.strip() for c in lines[0].strip("|").split("|")]
@@ -86,8 +86,8 @@ def test_retention_shows_tar_columns_only_when_rows_have_them(tmp_path):
     assert (a[tar3], a[tar4], b[tar3], b[tar4]) == ("—", "—", "95.12", "80.00")
     assert (a[header.index("fine-tune CPU min")], b[header.index("fine-tune CPU min")]) == ("—", "4.5")
     assert lines[-1] == "- `b`: `bench b`"
-    retention_rows(results, [row("a", **{"tar_at_far_1e-3": 95.12})])
-    with pytest.raises(ValueError, match="TAR fields are fractions"):
+    retention_rows(results, [row("a", **{"tar_at_far_1e-3": 9512})])
+    with pytest.raises(ValueError, match="TAR fields are percents"):
         docs_tables.retention(results, {})
 
 
