@@ -42,10 +42,10 @@ def parse_args(argv=None):
                         "and evaluate again")
     p.add_argument("--finetune-lr", type=float, default=0.01, help="fine-tune base lr")
     p.add_argument("--reconstruct", default="scale", choices=("full", "scale", "none"),
-                   help="consumer reconstruction after each cut: scale, ThiNet's (the README table's setting; "
+                   help="consumer reconstruction after each cut: scale, ThiNet's (the earlier criteria runs' setting; "
                         "L1, random and actsum were measured with none); full: the driver's default least squares")
     p.add_argument("--targets", default="current", choices=("original", "current"),
-                   help="reconstruction targets (the README table: current, the pruned net's own outputs)")
+                   help="reconstruction targets (the earlier criteria runs: current, the pruned net's own outputs)")
     p.add_argument("--finetune-batch", type=int, default=32, help="fine-tune batch size")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "bench_criteria"), help="output folder")
     return p.parse_args(argv)
