@@ -99,7 +99,7 @@ def add_reconstruction(ap):
     rec.add_argument("--bn-reestimate", default="none", choices=("none", "end", "each"),
                      help="measure the BatchNorm statistics again on the sampling images after the last cut "
                           "(end), after every cut (each), or not (none, default: after the least squares it did "
-                          "not help on the real MobileFaceNet, see README)")
+                          "not help on the real MobileFaceNet, see docs/results.md)")
     rec.add_argument("--positions-per-image", type=cli.count, default=10,
                      help="sampled output positions per image for the least squares, every output channel at "
                           "each (default 10)")
