@@ -247,6 +247,9 @@ def parse_args(argv=None):
 @cli.entry(PROG)
 def main(argv=None):
     a = parse_args(argv)
+    for need in ("README.md", os.path.join("docs", "results")):
+        if not os.path.exists(os.path.join(a.repo, need)):
+            raise cli.UsageError("--repo %s has no %s: give the repository's folder" % (a.repo, need))
     stale = run(a.repo, check=a.check)
     for name in stale:
         print("%s: %s" % ("stale" if a.check else "rewritten", name))

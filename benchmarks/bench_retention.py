@@ -37,6 +37,7 @@ from eval_lfw.pairs import lfw_people  # noqa: E402
 
 # name: (parent row, what it adds, settings)
 ROWS = {
+    "unpruned": (None, "the unpruned net", dict(unpruned=True)),
     "thinet": (None, "ThiNet as before: one scale per kept channel, targets from the pruned net, one ratio",
                dict(reconstruct="scale", targets="current", allocation="uniform")),
     "original": ("thinet", "+ targets from the unpruned net", dict(reconstruct="scale", targets="original")),
@@ -69,7 +70,7 @@ ROWS = {
                      dict(reconstruct="full")),
 }
 DEFAULTS = dict(reconstruct="full", targets="original", allocation="uniform", bn=False, epochs=0, features=False,
-                augment=False, similarity=False, mixup=False, blockfit=0)
+                augment=False, similarity=False, mixup=False, blockfit=0, unpruned=False)
 
 
 def settings(row):
@@ -223,6 +224,8 @@ def finetune_row(a, row, proto, model, epochs, train, features=False, augment=Fa
 def build_row(a, row, s, done, sample, judge, train):
     """(prototxt, caffemodel, SGD used) of the row's net, from its parent's where it only adds a step."""
     parent, _, own = ROWS[row]
+    if own.get("unpruned"):
+        return a.model, a.weights, False
     if parent is None or {"reconstruct", "targets", "allocation"} & set(own):
         proto, model = prune_row(a, row, s, sample, judge)
         return proto, model, False

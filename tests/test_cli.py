@@ -64,6 +64,7 @@ CASES = [
     ("apps.taylor", ["--model", MISSING + ".prototxt", "--weights", MISSING + ".caffemodel", "--train-list",
                      MISSING + ".txt", "--remove-per-step", "1", "--target-share", "0.5", "--out", "OUT"]),
     ("apps.prioritise", ["--model", MISSING + ".prototxt", "--train-list", MISSING + ".txt", "--out", "OUT"]),
+    ("apps.docs_tables", ["--repo", MISSING]),
 ]
 
 
