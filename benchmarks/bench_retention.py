@@ -22,7 +22,6 @@ read back, so the script resumes; results go to docs/results/retention.json
 """
 import json
 import os
-import resource
 import sys
 import time
 
@@ -33,6 +32,7 @@ import numpy as np  # noqa: E402
 from base import caffe_io  # noqa: E402
 from base.images import image_batches, preprocess_for  # noqa: E402
 from base.lists import list_text, scan_tree  # noqa: E402
+from base.runfolder import cpu_seconds  # noqa: E402
 from eval_lfw.pairs import lfw_people  # noqa: E402
 
 # name: (parent row, what it adds, settings)
@@ -84,15 +84,10 @@ class Clock:
     """CPU time (this process and its children) and wall time since creation, in minutes."""
 
     def __init__(self):
-        self.cpu, self.wall = self._cpu(), time.time()
-
-    @staticmethod
-    def _cpu():
-        s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+        self.cpu, self.wall = cpu_seconds(), time.time()
 
     def minutes(self):
-        return (self._cpu() - self.cpu) / 60.0, (time.time() - self.wall) / 60.0
+        return (cpu_seconds() - self.cpu) / 60.0, (time.time() - self.wall) / 60.0
 
 
 def training_people(tree, pairs):

@@ -18,7 +18,6 @@ pairs) impostor pairs, so ties never let the FAR exceed f.
 import numpy as np
 
 from .errors import EvalError
-from .pairs import lfw_people
 
 FARS = (1e-3, 1e-4, 1e-5)
 PER_PERSON = 10
@@ -39,11 +38,6 @@ def gallery(tree, people, per_person=PER_PERSON):
         rels.extend(files)
         labels.extend([k] * len(files))
     return rels, np.asarray(labels, dtype=np.int64)
-
-
-def fold_gallery(tree, pairs_path, folds, per_person=PER_PERSON):
-    """gallery() of the people named in the given folds of a pairs file."""
-    return gallery(tree, lfw_people(pairs_path, folds), per_person)
 
 
 def far_key(far):
