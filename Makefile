@@ -2,6 +2,10 @@
 # Both run the idempotent set-up first, so a fresh clone needs nothing else.
 PY := .venv/bin/python
 PYTEST_ARGS ?=
+# Test files run on both cores of the 2-core CI machine (pytest-xdist; a file's tests share one worker and
+# its module fixtures). TEST_WORKERS=0 runs them in this process (pdb, -s).
+TEST_WORKERS ?= 2
+XDIST = -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: setup demo test test-all clean
 
@@ -12,11 +16,11 @@ demo: setup
 	bash scripts/demo.sh
 
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 # Includes the slow tests (full LFW protocol on the real MobileFaceNet, ...).
 test-all: setup
-	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) -m "slow or not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf .caffe/build-* runs
