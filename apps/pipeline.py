@@ -8,6 +8,7 @@ ends with the same report.
 
 OUT/ holds at the end:
     deploy.prototxt, model.caffemodel    the pruned net, plain Caffe files
+    model.onnx                           the same net in ONNX (prune.export), for the runtimes without Caffe
     report.md, report.json               every stage: accuracy, params, MACs; forward time before/after
     plots/                               accuracy vs MACs, channels/params/MACs per layer, loss curves
     baseline/, prune/, stages/           the baseline training, the prune run (steps, fine-tunes), records
@@ -250,6 +251,25 @@ def prune_stage(s, d, base, plan):
                                               mirror=ft.mirror, loss="distillation from the baseline"))
 
 
+def export_stage(s, deploy, model):
+    """OUT/model.onnx (prune.export), its preprocessing in its metadata; a net with a layer that has no exact
+    ONNX form, or no onnx package here, is recorded with the reason instead."""
+    from base.netinput import input_layer
+    from prune.export import ExportError, export, preprocessing
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        return dict(onnx=None, reason="the onnx package is not installed (requirements.txt)")
+    shape = input_layer(caffe_io.read_net(deploy), deploy)[1]
+    crop = "112x96" if tuple(shape[2:]) == (112, 96) else "none"
+    try:
+        m = export(deploy, model, preprocessing(deploy, s.rgb, crop))
+    except ExportError as e:
+        return dict(onnx=None, reason=str(e))
+    path = caffe_io.atomic_write(os.path.join(s.out, "model.onnx"), m.SerializeToString())
+    return dict(onnx=path, nodes=len(m.graph.node), opset=m.opset_import[0].version)
+
+
 def verify_stage(deploy, model, base, rounds, seed=0):
     """The pruned net beside the baseline in every runtime installed here (prune.verify): deviation from
     Caffe's output, batch-1 latency of both, speed-up per runtime against the MACs reduction."""
@@ -326,9 +346,10 @@ def run_pipeline(s):
         model = run.copy(log["caffemodel"], "model.caffemodel")
         timing = run.stage("timing", lambda: dict(forward_ms=forward_ms(
             dict(baseline=(base["prototxt"], base["caffemodel"]), pruned=(deploy, model)), rounds=s.timing_rounds)))
+        onnx = run.stage("export", lambda: export_stage(s, deploy, model))
         checked = run.stage("verify", lambda: verify_stage(deploy, model, base, s.timing_rounds, s.seed))
         rep = report.build(s.out, dict(data=d, baseline=base, prune=log, evaluations=evals, timing=timing,
-                                       verify=checked))
+                                       export=onnx, verify=checked))
         report.write(rep, s.out)
     say("done in %.0f s: %s" % (time.time() - start, os.path.join(s.out, "report.md")), s.quiet)
     return rep

@@ -59,6 +59,7 @@ def build(out, records):
                 for name in before},
         verdict=verdict(b, f),
         outputs=dict(prototxt=os.path.join(out, "deploy.prototxt"), caffemodel=os.path.join(out, "model.caffemodel"),
+                     onnx={k: v for k, v in records["export"].items() if k in ("onnx", "nodes", "opset", "reason")},
                      **verified(records["verify"])),
         loss_curves=loss_curves(out, base, log),
         timing=dict(forward_ms=t, speedup=speed, measured_over_macs={k: v / (b["macs"] / f["macs"])
@@ -227,6 +228,9 @@ def closing_lines(rep):
     lines = ["", "Pruned net: `%s` + `%s` (plain Caffe files), verified in: %s (relative deviation from Caffe "
               "within %.0e; batch-1 latency in brackets)." % (o["prototxt"], o["caffemodel"], named or "none",
                                                              o["tolerance"])]
+    e = o["onnx"]
+    lines += ["", "ONNX: `%s` (opset %d, %d nodes; prune.export, the preprocessing in its metadata)."
+              % (e["onnx"], e["opset"], e["nodes"]) if e["onnx"] else "No ONNX file: %s." % e["reason"]]
     if o["failures"]:
         lines += ["", "**Not verified**: %s." % "; ".join(o["failures"])]
     return lines + [""]

@@ -227,9 +227,11 @@ def weights_to_bytes(net, weights):
             continue
         parts = [caffe_pb2.LayerParameter(name=layer.name, type=layer.type).SerializeToString()]
         for array in arrays:
+            shape = np.shape(array)         # before ascontiguousarray, which makes a 0-d array 1-d
             array = np.ascontiguousarray(array, dtype="<f4")
             blob = caffe_pb2.BlobProto()
-            blob.shape.dim.extend(array.shape)
+            blob.shape.SetInParent()        # written even when empty: a 0-d blob (a shared PReLU slope)
+            blob.shape.dim.extend(shape)
             parts.append(_field(_LAYER_BLOBS, blob.SerializeToString() + _field(_BLOB_DATA, array.tobytes())))
         out.append(_field(_NET_LAYER, b"".join(parts)))
     return b"".join(out)

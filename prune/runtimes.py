@@ -11,7 +11,11 @@
   convolutions off (session hint WINOGRAD_MEMORY_LEVEL 0: direct
   convolution).  MNN's default picks large Winograd tiles for 3x3 convs,
   which drift from Caffe's output by ~1e-4 relative on SphereFace-20
-  (measured); with Winograd off it matches to ~1e-6.
+  (measured); with Winograd off it matches to ~1e-6;
+* ``onnxruntime``, ``openvino``: ONNX Runtime (its default graph
+  optimisations) and OpenVINO's CPU plugin (fp32 inference precision) on
+  the ONNX model that ``prune.export`` writes of the Caffe net: the
+  runtimes that no longer read Caffe, and what they run is that file.
 
 ``missing(kind)`` says why a runtime cannot run here (not installed, too new)
 or None; ``open_session(kind, prototxt, caffemodel, workdir)`` gives a
@@ -34,11 +38,14 @@ import numpy as np
 from base import caffe_io
 from base.errors import ToolkitError
 
-KINDS = ("caffe", "opencv-nofusion", "opencv", "mnn-nowinograd", "mnn")
-EXACT = ("caffe", "opencv-nofusion", "mnn-nowinograd")   # compute what Caffe computes, to float precision
+KINDS = ("caffe", "opencv-nofusion", "opencv", "mnn-nowinograd", "mnn", "onnxruntime", "openvino")
+# compute what Caffe computes, to float precision
+EXACT = ("caffe", "opencv-nofusion", "mnn-nowinograd", "onnxruntime", "openvino")
+ONNX_KINDS = ("onnxruntime", "openvino")        # run the ONNX export of the net
 LATENCY_KINDS = ("caffe", "opencv", "mnn")      # what --runtime takes: each as deployed (fusion, Winograd on)
 LABELS = {"caffe": "Caffe", "opencv-nofusion": "OpenCV DNN (fusion off)", "opencv": "OpenCV DNN (fused)",
-          "mnn-nowinograd": "MNN (Winograd off)", "mnn": "MNN"}
+          "mnn-nowinograd": "MNN (Winograd off)", "mnn": "MNN", "onnxruntime": "ONNX Runtime (ONNX)",
+          "openvino": "OpenVINO CPU (ONNX)"}
 WINOGRAD_MEMORY_LEVEL = 3       # MNN's Interpreter::HintMode number of that hint
 
 
@@ -56,6 +63,12 @@ def version(kind):
     if kind.startswith("opencv"):
         import cv2
         return cv2.__version__
+    if kind == "onnxruntime":
+        import onnxruntime
+        return onnxruntime.__version__
+    if kind == "openvino":
+        import openvino
+        return openvino.__version__.split("-")[0]
     return import_mnn().version()
 
 
@@ -78,6 +91,14 @@ def missing(kind):
                 import _tools  # noqa: F401  (the converter's library, shipped in the MNN wheel)
         except ImportError:
             return "MNN is not installed (pip install MNN, in requirements.txt)"
+        return None
+    if kind in ONNX_KINDS:
+        module = {"onnxruntime": "onnxruntime", "openvino": "openvino"}[kind]
+        for name in ("onnx", module):
+            try:
+                __import__(name)
+            except ImportError:
+                return "%s is not installed (pip install %s, in requirements.txt)" % (name, name)
         return None
     raise ValueError("unknown runtime %r (one of %s)" % (kind, ", ".join(KINDS)))
 
@@ -256,6 +277,62 @@ class MNNSession(Session):
         self.interpreter.runSession(self.session)
 
 
+class ONNXRuntimeSession(Session):
+    kind = "onnxruntime"
+
+    def __init__(self, model, threads=1):
+        """``model``: an .onnx path or an onnx ModelProto."""
+        import onnxruntime
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.log_severity_level = 3
+        source = model if isinstance(model, str) else model.SerializeToString()
+        self.session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def run(self, x):
+        self.feed = {self.input: np.ascontiguousarray(x, dtype=np.float32)}
+        return np.array(self.forward())
+
+    def forward(self):
+        return self.session.run(None, self.feed)[0]
+
+
+class OpenVINOSession(Session):
+    """OpenVINO's CPU plugin in fp32 (its default on some CPUs is bf16), compiled for each input shape."""
+    kind = "openvino"
+
+    def __init__(self, path, threads=1):
+        import openvino
+        self.core, self.path, self.threads = openvino.Core(), path, threads
+        self.shape = self.request = None
+
+    def run(self, x):
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.shape != x.shape:
+            model = self.core.read_model(self.path)
+            model.reshape({model.inputs[0].any_name: list(x.shape)})
+            compiled = self.core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                              "INFERENCE_NUM_THREADS": self.threads})
+            self.request, self.shape = compiled.create_infer_request(), x.shape
+        self.x = x
+        return np.array(self.forward())
+
+    def forward(self):
+        self.request.infer({0: self.x})
+        return self.request.get_output_tensor(0).data
+
+
+def export_onnx(jobs):
+    """Write [(prototxt, caffemodel, out.onnx)] with prune.export; a net it cannot export is a RuntimeFailure."""
+    from prune.export import ExportError, export
+    for proto, model, out in jobs:
+        try:
+            caffe_io.atomic_write(out, export(proto, model).SerializeToString(), sync=False)
+        except ExportError as e:
+            raise RuntimeFailure("no ONNX export of %s: %s" % (proto, e)) from None
+
+
 def open_sessions(kinds, nets, workdir, threads=1):
     """{(kind, name): Session} for every runtime of ``kinds`` and every net of ``nets`` = {name: (prototxt,
     caffemodel)}; MNN models are converted into ``workdir`` first (one child process for all of them; the
@@ -264,6 +341,9 @@ def open_sessions(kinds, nets, workdir, threads=1):
         jobs = [(p, m, os.path.join(workdir, "%s.mnn" % name)) for name, (p, m) in nets.items()
                 if not os.path.exists(os.path.join(workdir, "%s.mnn" % name))]
         convert_mnn(jobs)
+    if any(k in ONNX_KINDS for k in kinds):
+        export_onnx([(p, m, os.path.join(workdir, "%s.onnx" % name)) for name, (p, m) in nets.items()
+                     if not os.path.exists(os.path.join(workdir, "%s.onnx" % name))])
     sessions = {}
     for kind in kinds:
         for name, (proto, model) in nets.items():
@@ -271,6 +351,10 @@ def open_sessions(kinds, nets, workdir, threads=1):
                 sessions[kind, name] = CaffeSession(proto, model)
             elif kind.startswith("opencv"):
                 sessions[kind, name] = OpenCVSession(proto, model, fusion=kind == "opencv")
+            elif kind == "onnxruntime":
+                sessions[kind, name] = ONNXRuntimeSession(os.path.join(workdir, "%s.onnx" % name), threads)
+            elif kind == "openvino":
+                sessions[kind, name] = OpenVINOSession(os.path.join(workdir, "%s.onnx" % name), threads)
             else:
                 sessions[kind, name] = MNNSession(os.path.join(workdir, "%s.mnn" % name), threads,
                                                   winograd=kind == "mnn")

@@ -2,6 +2,11 @@ import os
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on the two cores: one BLAS thread each (and in the commands the tests start),
+    # not two threads each spinning for a core the other worker holds
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import base  # noqa: F401  (quiets glog before caffe is imported)
 from base.shared import shared_dir
 

@@ -49,6 +49,8 @@ CASES = [
     ("prune.stats", [MISSING + ".prototxt"]),
     ("prune.verify", [MISSING + ".prototxt", MISSING + ".caffemodel", "--json", "OUT/verify.json"]),
     ("prune.verify", [sphereface4(), MISSING + ".caffemodel", "--json", "OUT/verify.json"]),
+    ("prune.export", [MISSING + ".prototxt", MISSING + ".caffemodel", "-o", "OUT/net.onnx"]),
+    ("prune.export", [sphereface4(), MISSING + ".caffemodel", "-o", "OUT/net.onnx"]),
     ("apps.prioritise.widths", ["--model", MISSING + ".prototxt", "--weights", MISSING + ".caffemodel", "--out", "OUT"]),
     ("apps.prioritise.towers", ["--model", MISSING + ".prototxt", "--out", "OUT/towers.prototxt"]),
     ("apps.prioritise.towers", ["--model", sphereface4(), "--out", UNWRITABLE + "/towers.prototxt"]),

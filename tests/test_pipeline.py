@@ -76,6 +76,12 @@ def test_pipeline_end_to_end(finished):
     cv.setInput(x)
     np.testing.assert_allclose(cv.forward().reshape(ref.shape), ref, rtol=1e-3, atol=1e-4 * np.abs(ref).max())
     assert net.blobs["conv4_1"].data.shape[1] == 256
+    # and the same net in ONNX (prune.export), for the runtimes that no longer read Caffe
+    import onnxruntime
+    e = out["onnx"]
+    assert e["onnx"] == os.path.join(finished, "model.onnx") and e["opset"] == 13 and "ONNX: `" in md
+    y = onnxruntime.InferenceSession(e["onnx"], providers=["CPUExecutionProvider"]).run(None, {"data": x})[0]
+    np.testing.assert_allclose(y, ref, rtol=1e-3, atol=1e-4 * np.abs(ref).max())
 
 
 def test_killed_pipeline_resumes_to_the_same_report(tmp_path, finished):

@@ -34,11 +34,6 @@ class SensitivityError(ToolkitError):
     pass
 
 
-# flags that shape only the plan, recomputed from the curves on every run; the rest make the curves
-PLAN_ONLY = ("macs_target", "round_to", "latency_target", "runtime", "latency_points", "latency_cache",
-             "quiet", "out")
-
-
 RATIOS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 
 
