@@ -255,7 +255,7 @@ def export_stage(s, deploy, model):
     """OUT/model.onnx (prune.export), its preprocessing in its metadata; a net with a layer that has no exact
     ONNX form, or no onnx package here, is recorded with the reason instead."""
     from base.netinput import input_layer
-    from prune.export import ExportError, export, preprocessing
+    from runtimes.onnx_export import ExportError, export, preprocessing
     try:
         import onnx  # noqa: F401
     except ImportError:
@@ -328,7 +328,7 @@ def training_stage(run, name, fn, settings):
 def run_pipeline(s):
     """Every stage of settings ``s`` in its run folder; returns the report."""
     from apps import report
-    from prune.runtimes import forward_ms
+    from runtimes import forward_ms
     start = time.time()
     if s.gpu is not None:
         import caffe

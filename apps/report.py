@@ -75,7 +75,7 @@ def build(out, records):
 def verified(record):
     """What prune.verify found, the parts that repeat exactly: every runtime's version and deviation from
     Caffe, the runtimes the net was verified in (deviation within the tolerance), those skipped."""
-    from prune.runtimes import LABELS
+    from runtimes import LABELS
     runtimes = {}
     for kind, r in record["runtimes"].items():
         runtimes[kind] = dict(label=LABELS[kind], **{k: r[k] for k in ("error", "version", "max_rel_deviation",

@@ -20,7 +20,7 @@ and loaded back by each runtime):
   it keeps more MACs).
 
 All variants of one net and every runtime run in ONE process, interleaved
-round by round (prune.runtimes.median_ms, one thread each, warm-up first);
+round by round (runtimes.median_ms, one thread each, warm-up first);
 each number is the median over the rounds of ms per batch-1 forward pass.
 speed-up = original ms / variant ms in the same runtime; meas/theo =
 speed-up / MACs reduction.  For SphereFace-20 at keep 0.5 the per-layer cause
@@ -42,7 +42,8 @@ import numpy as np  # noqa: E402
 
 from base import caffe_io  # noqa: E402
 from base.netinput import input_layer  # noqa: E402
-from prune import latency, runtimes, sensitivity  # noqa: E402
+import runtimes
+from prune import latency, sensitivity  # noqa: E402
 from prune.graph import build_graph  # noqa: E402
 from prune.macs import MacsModel  # noqa: E402
 from prune.policy import for_macs, keep_count  # noqa: E402

@@ -4,7 +4,7 @@ Every prunable channel group of each net is cut to --keeps of its channels
 (the first ones: timing depends only on the shapes, so no selection is run)
 with prune.surgery, written to a temporary folder and loaded back by real
 Caffe. The original and its pruned versions are timed in ONE process,
-interleaved round by round (prune.runtimes.forward_ms), at batch 1 and 32; each
+interleaved round by round (runtimes.forward_ms), at batch 1 and 32; each
 number is the median over the rounds of milliseconds per image. SphereFace
 nets get He-scaled random weights (tests/nets.py); MobileFaceNet is the real
 model from ../shared (skipped if absent).
@@ -29,7 +29,7 @@ from common import MFN, ROOT, add_threads_and_seed, machine, parser  # first: pu
 
 from base import caffe_io  # noqa: E402
 from prune.graph import build_graph  # noqa: E402
-from prune.runtimes import forward_ms  # noqa: E402
+from runtimes import forward_ms  # noqa: E402
 from prune.stats import net_stats  # noqa: E402
 from prune.surgery import prune_net, save_pruned  # noqa: E402
 

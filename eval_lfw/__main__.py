@@ -1,6 +1,7 @@
 """python -m eval_lfw: LFW verification accuracy (10-fold protocol) of a Caffe face model."""
 import os
 
+import runtimes
 from base import caffe_io, cli
 from base.netinput import CROPS
 
@@ -45,7 +46,13 @@ def parser():
                    help="with --protocol all-pairs: at most this many images of each person, the first in file "
                         "order (default 10, so a few people with hundreds of images do not make most genuine "
                         "pairs; 0: all)")
-    p.add_argument("--batch", type=cli.count, default=64, help="images per Caffe forward pass (default 64)")
+    p.add_argument("--runtime", default="caffe", choices=runtimes.KINDS,
+                   help="whose forward pass computes the embeddings (default caffe): opencv / opencv-nofusion "
+                        "(OpenCV DNN reading the Caffe files, fusion on / off), mnn / mnn-nowinograd (MNN's Caffe "
+                        "converter, Winograd on / off), onnxruntime / openvino (the ONNX file of python -m "
+                        "prune.export); the images are preprocessed here as for Caffe (docs/deployment.md), and "
+                        "--blob must be the net's single output")
+    p.add_argument("--batch", type=cli.count, default=64, help="images per forward pass (default 64)")
     p.add_argument("--workers", type=cli.whole, default=1,
                    help="image-decoding processes running ahead of Caffe (default 1; 0 decodes in between forwards)")
     p.add_argument("--out", default=None, help="folder for results.json and roc.png (default: print only)")
@@ -75,7 +82,7 @@ def main(argv=None):
         args.model, args.blob, args.lfw_dir, args.pairs, weights=args.weights, folds=args.eval_folds,
         crop=args.crop, flip=not args.no_flip, bgr=not args.rgb, landmarks=args.landmarks, batch=args.batch,
         workers=args.workers, cache_dir=None if args.no_cache else args.cache_dir, progress=not args.quiet,
-        all_pairs=args.per_person if args.protocol == "all-pairs" else None)
+        all_pairs=args.per_person if args.protocol == "all-pairs" else None, runtime=args.runtime)
     paths = evaluator.write_report(result, args.out, protect=(args.model, args.weights, args.pairs)) if args.out else ()
     print("\n".join(evaluator.summary(result)))
     if paths:

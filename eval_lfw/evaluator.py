@@ -20,7 +20,8 @@ from .protocol import cross_validate
 
 
 def evaluate(model, blob, lfw_dir, pairs, *, weights=None, folds=None, crop="112x96", flip=True, bgr=True,
-             landmarks=None, batch=64, workers=1, cache_dir=F.DEFAULT_CACHE, progress=True, all_pairs=None):
+             landmarks=None, batch=64, workers=1, cache_dir=F.DEFAULT_CACHE, progress=True, all_pairs=None,
+             runtime="caffe"):
     """LFW 10-fold (or ``folds``-only) verification of one model.
 
     model: a deploy prototxt path (with ``weights``, a caffemodel path) or an
@@ -30,6 +31,8 @@ def evaluate(model, blob, lfw_dir, pairs, *, weights=None, folds=None, crop="112
     all_pairs: None, or at most that many images per person (0: all of them)
     for the strict operating points (eval_lfw.allpairs) over every pair of
     images of the people of those folds, under ``result["all_pairs"]``.
+    runtime: the forward pass of that runtime (runtimes.KINDS) on the files,
+    whose single output must be ``blob``; default Caffe's.
     Returns the dict of protocol.cross_validate plus what was evaluated and how.
     """
     if not isinstance(pairs, Pairs):
@@ -47,24 +50,12 @@ def evaluate(model, blob, lfw_dir, pairs, *, weights=None, folds=None, crop="112
     check_images(lfw_dir, rels)
 
     from_files = isinstance(model, (str, os.PathLike))
-    if from_files:
-        model = os.fspath(model)
-        netparam = caffe_io.read_net(model)
-        _, (_, _, height, width) = input_layer(netparam, model)
-        F.check_blob(F.net_blobs(netparam), blob, model)
-        if weights is None:
-            raise EvalError("%s: the weights (a .caffemodel) are needed too" % model)
-        weights = os.fspath(weights)
-        if not os.path.isfile(weights):
-            raise EvalError("weights file %s does not exist" % weights)
-    else:
-        _, (_, height, width), names = F.describe(model)
-        F.check_blob(names, blob, "the net")
+    model, weights, (height, width) = checked_net(model, weights, blob, runtime)
     pre = Preprocess(height, width, crop, bgr, read_landmarks(landmarks) if landmarks else None)
 
     if from_files:
         feats, n_todo, seconds = F.embeddings(model, weights, blob, lfw_dir, rels, pre, flip, batch, workers,
-                                              cache_dir, progress, landmarks)
+                                              cache_dir, progress, landmarks, runtime)
     else:
         check_images(lfw_dir, rels, pre)
         start = time.perf_counter()
@@ -80,6 +71,7 @@ def evaluate(model, blob, lfw_dir, pairs, *, weights=None, folds=None, crop="112
         "model": model if from_files else "caffe.Net",
         "weights": weights,
         "blob": blob,
+        "runtime": runtime,
         "lfw_dir": os.fspath(lfw_dir),
         "pairs": pairs.source,
         "crop": crop,
@@ -95,6 +87,46 @@ def evaluate(model, blob, lfw_dir, pairs, *, weights=None, folds=None, crop="112
         "images_per_second": round(n_todo / seconds, 2) if seconds else None,
     })
     return result
+
+
+def checked_net(model, weights, blob, runtime):
+    """(model, weights, (input height, width)) of a net given by files or as a caffe.Net, refused before any
+    work when ``blob`` is not in it, its weights are missing or ``runtime`` cannot run it."""
+    if not isinstance(model, (str, os.PathLike)):
+        if runtime != "caffe":
+            raise EvalError("a runtime other than Caffe needs the net's files, not a caffe.Net")
+        _, (_, height, width), names = F.describe(model)
+        F.check_blob(names, blob, "the net")
+        return model, weights, (height, width)
+    model = os.fspath(model)
+    netparam = caffe_io.read_net(model)
+    _, (_, _, height, width) = input_layer(netparam, model)
+    F.check_blob(F.net_blobs(netparam), blob, model)
+    if weights is None:
+        raise EvalError("%s: the weights (a .caffemodel) are needed too" % model)
+    weights = os.fspath(weights)
+    if not os.path.isfile(weights):
+        raise EvalError("weights file %s does not exist" % weights)
+    check_runtime(runtime, netparam, blob, model)
+    return model, weights, (height, width)
+
+
+def check_runtime(kind, netparam, blob, source):
+    """Refuse up front a runtime that is not installed here, or a ``blob`` that is not the net's single output
+    (what every runtime but Caffe hands back)."""
+    if kind == "caffe":
+        return
+    import runtimes
+    if kind not in runtimes.KINDS:
+        raise EvalError("unknown runtime %r (one of %s)" % (kind, ", ".join(runtimes.KINDS)))
+    why = runtimes.missing(kind)
+    if why:
+        raise EvalError("--runtime %s: %s" % (kind, why))
+    consumed = {b for layer in netparam.layer for b in layer.bottom if b not in layer.top}
+    outputs = [t for t in F.net_blobs(netparam) if t not in consumed]
+    if outputs != [blob]:
+        raise EvalError("%s: --runtime %s gives the net's output (%s), so --blob must be it, not %r"
+                        % (source, kind, ", ".join(outputs), blob))
 
 
 def gallery_of(pairs, lfw_dir, per_person):
@@ -166,9 +198,9 @@ def summary(result):
             how += ", %d from cache" % (result["images_embedded"] - result["images_computed"])
     if "all_pairs" in result:
         lines.append(allpairs.summary_line(result["all_pairs"]))
-    lines.append("%d pairs, %d images (features: %s), blob %s (%d-d%s), %s" % (
+    lines.append("%d pairs, %d images (features: %s), blob %s (%d-d%s), %s, forward pass: %s" % (
         result["n_pairs"], result["n_images"], how, result["blob"], result["feature_dim"],
-        " with flip" if result["flip"] else "", result["channel_order"]))
+        " with flip" if result["flip"] else "", result["channel_order"], result.get("runtime", "caffe")))
     return lines
 
 

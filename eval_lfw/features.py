@@ -48,38 +48,58 @@ def extract(net, blob, root, rels, pre, flip=True, batch=64, workers=1, progress
     """(len(rels), D) float32 embeddings; with ``flip`` the mirror's embedding is appended (2D)."""
     inp, chw, _ = describe(net)
     shape = net.blobs[inp].data.shape
-    out = []
-    bar = tqdm(total=len(rels), unit="img", desc="features", disable=not progress, leave=False)
-    for chunk, x in batches(root, rels, pre, batch, workers):
+
+    def forward(x):
         if net.blobs[inp].data.shape[0] != len(x):
             net.blobs[inp].reshape(len(x), *chw)
             net.reshape()
-        feats = [_forward(net, inp, blob, x)]
+        net.blobs[inp].data[...] = x
+        net.forward()
+        return net.blobs[blob].data.reshape(len(x), -1).copy()
+    try:
+        return extract_with(forward, root, rels, pre, flip, batch, workers, progress)
+    finally:
+        if net.blobs[inp].data.shape != shape:  # hand the caller's net back as it came
+            net.blobs[inp].reshape(*shape)
+            net.reshape()
+
+
+def extract_with(forward, root, rels, pre, flip=True, batch=64, workers=1, progress=True):
+    """extract() through ``forward(x) -> (len(x), D)``: Caffe's, or another runtime's session (runtimes)."""
+    out = []
+    bar = tqdm(total=len(rels), unit="img", desc="features", disable=not progress, leave=False)
+    for chunk, x in batches(root, rels, pre, batch, workers):
+        feats = [forward(x)]
         if flip:
-            feats.append(_forward(net, inp, blob, x[..., ::-1]))
-        out.append(np.concatenate(feats, axis=1))
+            feats.append(forward(np.ascontiguousarray(x[..., ::-1])))
+        out.append(np.concatenate([f.reshape(len(x), -1) for f in feats], axis=1))
         bar.update(len(chunk))
     bar.close()
-    if net.blobs[inp].data.shape != shape:  # hand the caller's net back as it came
-        net.blobs[inp].reshape(*shape)
-        net.reshape()
     if not out:
         return np.zeros((0, 0), np.float32)
     return np.concatenate(out)
 
 
-def _forward(net, inp, blob, x):
-    net.blobs[inp].data[...] = x
-    net.forward()
-    return net.blobs[blob].data.reshape(len(x), -1).copy()
+def extract_in_runtime(kind, model, weights, root, rels, pre, flip=True, batch=64, workers=1, progress=True):
+    """extract() with the forward pass of runtime ``kind`` (runtimes.KINDS: the net converted, exported or
+    loaded as that runtime deploys it; its output is the net's single output)."""
+    import tempfile
+    import runtimes
+    with tempfile.TemporaryDirectory() as work:
+        session = runtimes.open_sessions([kind], {"net": (model, weights)}, work, threads=os.cpu_count())[
+            kind, "net"]
+        return extract_with(lambda x: np.asarray(session.run(x), np.float32), root, rels, pre, flip, batch,
+                            workers, progress)
 
 
 def embeddings(model, weights, blob, root, rels, pre, flip=True, batch=64, workers=1, cache_dir=DEFAULT_CACHE,
-               progress=True, landmarks=None):
+               progress=True, landmarks=None, runtime="caffe"):
     """extract() for a model given by files, with the on-disk cache: only images
-    not seen before with these model bytes and preprocessing go through Caffe.
+    not seen before with these model bytes and preprocessing go through Caffe
+    (or ``runtime``: extract_in_runtime).
     Returns (features, number computed, seconds of computing)."""
-    cache = FeatureCache(cache_dir, cache_key(model, weights, blob, pre, root, landmarks)) if cache_dir else None
+    key = cache_key(model, weights, blob, pre, root, landmarks, runtime)
+    cache = FeatureCache(cache_dir, key) if cache_dir else None
     if cache:
         caffe_io.sweep_litter(cache_dir, recursive=False)   # staging files of killed writers (shared folder)
     sigs = signatures(root, rels) if cache else None
@@ -89,9 +109,13 @@ def embeddings(model, weights, blob, root, rels, pre, flip=True, batch=64, worke
     if todo:
         todo_rels = [rels[i] for i in todo]
         check_images(root, todo_rels, pre)
-        net = caffe_io.open_net(model, weights)
         start = time.perf_counter()
-        new = extract(net, blob, root, todo_rels, pre, flip, batch, workers, progress)
+        if runtime == "caffe":
+            net = caffe_io.open_net(model, weights)
+            start = time.perf_counter()
+            new = extract(net, blob, root, todo_rels, pre, flip, batch, workers, progress)
+        else:
+            new = extract_in_runtime(runtime, model, weights, root, todo_rels, pre, flip, batch, workers, progress)
         seconds = time.perf_counter() - start
         for i, row in zip(todo, new):
             rows[i] = row
@@ -102,7 +126,7 @@ def embeddings(model, weights, blob, root, rels, pre, flip=True, batch=64, worke
 
 # ------------------------------------------------------------------ cache
 
-def cache_key(model, weights, blob, pre, root, landmarks=None):
+def cache_key(model, weights, blob, pre, root, landmarks=None, runtime="caffe"):
     """Hash of what every feature of a run depends on: model and weight bytes,
     blob, preprocessing and the image folder. Images are matched one by one
     in the cache entry (by path, size and mtime), so any subset of folds
@@ -110,6 +134,8 @@ def cache_key(model, weights, blob, pre, root, landmarks=None):
     parts = {"model": caffe_io.file_sha256(model), "weights": caffe_io.file_sha256(weights), "blob": blob,
              "input": [pre.height, pre.width], "crop": pre.crop, "bgr": pre.bgr,
              "landmarks": caffe_io.file_sha256(landmarks) if landmarks else None, "root": os.path.realpath(root)}
+    if runtime != "caffe":      # Caffe's keys stay as they were: its cached features still count
+        parts["runtime"] = runtime
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 

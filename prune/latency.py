@@ -206,8 +206,8 @@ def machine():
 
 def time_nets(runtime, nets, threads=1, rounds=5, min_seconds=0.02):
     """{key: median ms at batch 1} of {key: (prototxt, caffemodel)} on ``runtime``, side by side in one
-    process (interleaved rounds, prune.runtimes.median_ms)."""
-    from prune import runtimes
+    process (interleaved rounds, runtimes.median_ms)."""
+    import runtimes
     with tempfile.TemporaryDirectory() as work, runtimes.pinned(threads):
         sessions = runtimes.open_sessions([runtime], nets, work, threads)
         for (_, key), s in sessions.items():
@@ -233,7 +233,7 @@ class TableSpec:
 def cache_path(net, spec, cache_dir=None):
     """The cache file of ``net``'s tables under ``spec`` on this machine (round_to left out: it only picks
     which counts are timed, and each layer's table is keyed by its counts)."""
-    from prune import runtimes
+    import runtimes
     how = {k: v for k, v in asdict(spec).items() if k != "round_to"}
     key = json.dumps(dict(net=caffe_io.net_to_text(net), spec=how, version=runtimes.version(spec.runtime),
                           machine=machine()), sort_keys=True)
@@ -244,7 +244,7 @@ def cache_path(net, spec, cache_dir=None):
 def measure_table(net, spec=TableSpec(), graph=None, source="net", cache_dir=None, progress=False):
     """The latency table of ``net`` on ``spec.runtime`` (read from the cache when measured before; each
     layer's table is saved as soon as it is measured)."""
-    from prune import runtimes
+    import runtimes
     why = runtimes.missing(spec.runtime)
     if why:
         raise LatencyError("--runtime %s: %s" % (spec.runtime, why))

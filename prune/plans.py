@@ -170,7 +170,7 @@ def add_arguments(ap):
     """The plan flags of every entry point; returns the group of the mutually exclusive policies (where
     apps.pipeline adds its --preset)."""
     from prune.latency import TableSpec
-    from prune.runtimes import LATENCY_KINDS
+    from runtimes import LATENCY_KINDS
     g = ap.add_argument_group("how many channels each group keeps (prune.plans; one of --keep, --macs-target, "
                               "--threshold, --plan)")
     how = g.add_mutually_exclusive_group()
@@ -246,7 +246,7 @@ def criterion_of(a):
 def check_arguments(a):
     """Refuse up front: flags that steer nothing, a runtime not installed here, --threshold with another
     criterion."""
-    from prune import runtimes
+    import runtimes
     uniform = a.allocation == "uniform" and a.macs_target is not None
     if a.latency_target is not None and (uniform or any(getattr(a, k) is not None for k in ("keep", "threshold",
                                                                                              "plan"))):

@@ -1,7 +1,7 @@
 """python -m prune.verify: a (pruned) Caffe net checked and timed in every runtime it may be deployed in.
 
 The net runs in Caffe (the reference) and in every other runtime installed
-here (prune.runtimes: OpenCV DNN with fusion off and on, MNN through its
+here (runtimes: OpenCV DNN with fusion off and on, MNN through its
 Caffe converter with Winograd convolutions off and on) on the same seeded
 inputs; for each runtime the largest
 deviation of its output from Caffe's, relative to the output's largest
@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from base import caffe_io, cli
-from prune import runtimes
+import runtimes
 
 PROG = "python -m prune.verify"
 
@@ -157,7 +157,7 @@ def table(record):
 
 
 def runtime_list(text):
-    """--runtimes: comma-separated names of prune.runtimes.KINDS (caffe is always run: the reference)."""
+    """--runtimes: comma-separated names of runtimes.KINDS (caffe is always run: the reference)."""
     import argparse
     names = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [n for n in names if n not in runtimes.KINDS]

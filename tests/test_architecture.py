@@ -14,8 +14,8 @@ import pytest
 
 from conftest import ROOT
 
-PACKAGES = ("base", "eval_lfw", "finetune", "prune", "prototxt", "apps")
-LIBRARIES = ("eval_lfw", "finetune", "prune", "prototxt")
+PACKAGES = ("base", "runtimes", "eval_lfw", "finetune", "prune", "prototxt", "apps")
+LIBRARIES = ("runtimes", "eval_lfw", "finetune", "prune", "prototxt")
 MAX_LINES = 80
 
 

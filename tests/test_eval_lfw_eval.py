@@ -191,3 +191,33 @@ def test_cli_writes_json_and_roc(data, tmp_path, capsys):
     assert "mean accuracy" in printed and "roc.png" in printed
     assert main(args[:5] + ["fc7"] + args[6:]) == 2
     assert "eval_lfw: error: %s has no blob 'fc7'" % data["model"] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["opencv-nofusion", "mnn-nowinograd", "onnxruntime", "openvino"])
+def test_the_protocol_runs_inside_another_runtime_with_caffes_features(data, tmp_path, kind):
+    """--runtime: the runtime's own forward pass gives the embeddings (cached apart from Caffe's), and an exact
+    runtime gives Caffe's features to float precision, so the same accuracy and thresholds."""
+    import runtimes
+    if runtimes.missing(kind):
+        pytest.skip(runtimes.missing(kind))
+    cache = str(tmp_path / "cache")
+    ref = evaluate(data["model"], "feat", data["root"], data["pairs"], weights=data["weights"], cache_dir=cache,
+                   progress=False)
+    r = evaluate(data["model"], "feat", data["root"], data["pairs"], weights=data["weights"], cache_dir=cache,
+                 progress=False, runtime=kind)
+    assert r["runtime"] == kind and not r["from_cache"] and len(os.listdir(cache)) == 2
+    assert r["accuracy_mean"] == ref["accuracy_mean"]
+    np.testing.assert_allclose(r["thresholds"], ref["thresholds"], atol=1e-4)
+    again = evaluate(data["model"], "feat", data["root"], data["pairs"], weights=data["weights"], cache_dir=cache,
+                     progress=False, runtime=kind)
+    assert again["from_cache"] and again["accuracy_mean"] == r["accuracy_mean"]
+
+
+def test_a_runtime_needs_the_nets_output_as_blob(data, capsys):
+    args = ["--model", data["model"], "--weights", data["weights"], "--lfw-dir", data["root"], "--pairs",
+            data["pairs"], "--no-cache", "--quiet", "--runtime", "onnxruntime"]
+    assert main(args + ["--blob", "conv1"]) == 2
+    err = capsys.readouterr().err
+    assert "--runtime onnxruntime gives the net's output (feat)" in err and len(err.strip().splitlines()) == 1
+    assert main(args + ["--blob", "feat"]) == 0
+    assert "forward pass: onnxruntime" in capsys.readouterr().out

@@ -10,9 +10,9 @@ from caffe import layers as L, params as P
 
 from base import caffe_io
 from nets import random_weights, rel_err, sphereface_path
-from prune import runtimes
-from prune.export import export
-from prune.export.__main__ import main as export_main
+import runtimes
+from runtimes.onnx_export import export
+from prune.export import main as export_main
 
 
 def every_layer_net():

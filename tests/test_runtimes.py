@@ -15,7 +15,8 @@ from caffe import layers as L
 from base import caffe_io
 from conftest import ROOT
 from nets import random_weights, sphereface_path
-from prune import latency, runtimes
+import runtimes
+from prune import latency
 from prune.graph import build_graph
 from prune.macs import MacsModel
 from prune.plans import PlanSpec, make as make_plan

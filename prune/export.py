@@ -4,8 +4,8 @@ import os
 import numpy as np
 
 from base import caffe_io, cli
-from prune import runtimes
-from prune.export import OPSET, export, preprocessing
+import runtimes
+from runtimes.onnx_export import OPSET, export, preprocessing
 
 PROG = "python -m prune.export"
 

@@ -325,7 +325,7 @@ class OpenVINOSession(Session):
 
 def export_onnx(jobs):
     """Write [(prototxt, caffemodel, out.onnx)] with prune.export; a net it cannot export is a RuntimeFailure."""
-    from prune.export import ExportError, export
+    from runtimes.onnx_export import ExportError, export
     for proto, model, out in jobs:
         try:
             caffe_io.atomic_write(out, export(proto, model).SerializeToString(), sync=False)
