@@ -179,8 +179,23 @@ def runtimes_per_layer(results, args):
     return markdown(header, rows, right=header[2:]), [path]
 
 
+def lfw_runtimes(results, args):
+    """benchmarks/bench_lfw_runtimes.py: the LFW protocol with each runtime's own forward pass."""
+    d, path = load(results, args.get("file", "lfw_runtimes"))
+    rows = [[r["net"], r["label"], r["version"], "%.2f +- %.2f" % (r["lfw"], r["lfw_std"]),
+             "%+.2f" % r["lfw_minus_caffe"], percent(r["tar_at_far_1e-4"]), "%+.2f" % r["tar_1e-4_minus_caffe"]]
+            for r in d["rows"]]
+    header = ["net", "runtime", "version", "LFW (%)", "LFW minus Caffe", "TAR @ FAR 1e-4, all pairs (%)",
+              "TAR minus Caffe"]
+    data = d["data"]
+    caption = ("LFW folds %s, no flip, 10-fold protocol on them; TAR over all pairs of their people (at most %d "
+               "images each); %s, %d CPUs." % (data["eval_folds"], data["per_person"], d["machine"]["date"],
+                                               d["machine"]["cpu_count"]))
+    return [caption, ""] + markdown(header, rows, right=header[3:]), [path]
+
+
 TABLES = {"retention": retention, "criteria": criteria, "sensitivity": sensitivity, "verify": verify,
-          "runtimes": runtimes, "runtimes-per-layer": runtimes_per_layer}
+          "runtimes": runtimes, "runtimes-per-layer": runtimes_per_layer, "lfw-runtimes": lfw_runtimes}
 
 
 def block(name, words, md_path, results):

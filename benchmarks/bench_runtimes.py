@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 
 from base import caffe_io  # noqa: E402
 from base.netinput import input_layer  # noqa: E402
-import runtimes
+import runtimes  # noqa: E402
 from prune import latency, sensitivity  # noqa: E402
 from prune.graph import build_graph  # noqa: E402
 from prune.macs import MacsModel  # noqa: E402

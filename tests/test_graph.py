@@ -212,3 +212,29 @@ def test_scale_over_channel_and_space(tmp_path):
     graph = assert_shapes_match_caffe(conv_chain(tmp_path, lambda x: L.Scale(x, num_axes=-1, bias_term=True)))
     assert graph.param_shapes["mid"] == [(8, 6, 6), (8, 6, 6)]
     assert [(s.layer, s.blob, s.axis) for s in graph["conv1"].passengers] == [("mid", 0, 0), ("mid", 1, 0)]
+
+
+def every_type():
+    """Every layer type this Caffe build registers and every Caffe fork type the toolkit knows of."""
+    from base import forks
+    return sorted(set(caffe.layer_type_list()) | set(forks.TYPES))
+
+
+def test_every_layer_type_gives_groups_or_one_line(tmp_path, capsys):
+    """Each type between two convolutions (with one, two and no bottoms), default parameters, through
+    python -m prune.groups: a listing (exit 0) or one clear line (exit 2), never an internal error."""
+    failures = []
+    for i, kind in enumerate(every_type()):
+        for bottoms in (1, 2, 0):
+            n = caffe.NetSpec()
+            n.data = L.Input(shape=dict(dim=[1, 3, 8, 8]))
+            n.conv1 = L.Convolution(n.data, num_output=4, kernel_size=3, pad=1)
+            n.conv2 = L.Convolution(n.data, num_output=4, kernel_size=3, pad=1)
+            n.mid = L.Layer(*[n.conv1, n.conv2][:bottoms], type=kind)
+            n.out = L.Convolution(n.mid, num_output=2, kernel_size=1)
+            path = write(tmp_path, n.to_proto(), "net%d_%d.prototxt" % (i, bottoms))
+            code = groups.main([path])
+            err = capsys.readouterr().err.strip()
+            if code not in (0, 2) or (code == 2 and len(err.splitlines()) != 1):
+                failures.append("%s with %d bottoms: exit %d %s" % (kind, bottoms, code, err[-300:]))
+    assert not failures, "\n".join(failures)

@@ -193,3 +193,30 @@ def test_failed_check_leaves_no_files(tmp_path):
     with pytest.raises(caffe_io.CaffeFileError, match="Python layer 'out' needs module 'no_such_module_here'"):
         save_pruned(net, {}, str(tmp_path / "p.prototxt"), str(tmp_path / "p.caffemodel"))
     assert os.listdir(tmp_path) == []
+
+
+def crop_net(axis=2):
+    """RetinaFace's upsampling path: a deconvolution cropped to a lateral blob's size, added to it."""
+    import caffe
+    from caffe import layers as L
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 3, 16, 16]))
+    n.c1 = L.Convolution(n.data, num_output=8, kernel_size=3, stride=2, pad=1)
+    n.c2 = L.Convolution(n.c1, num_output=6, kernel_size=3, stride=2, pad=1)
+    n.up = L.Deconvolution(n.c2, convolution_param=dict(num_output=8, kernel_size=4, stride=2))
+    n.crop = L.Crop(n.up, n.c1, crop_param=dict(axis=axis, offset=[1] * (4 - axis)))
+    n.sum = L.Eltwise(n.crop, n.c1)
+    n.head = L.Convolution(n.sum, num_output=4, kernel_size=1)
+    return n.to_proto()
+
+
+def test_crop_of_spatial_axes_passes_the_channels_through(tmp_path):
+    proto, weights, x = small(tmp_path, crop_net)
+    graph, keep, net2 = check_exact(tmp_path, proto, weights, x)
+    up = next(g for g in graph.prunable() if "up" in g.layers("producers"))
+    assert "c1" in up.layers("producers"), "the Eltwise after the Crop ties the upsampled and the lateral channels"
+    assert any("c2" in g.layers("producers") for g in graph.prunable())
+    # cropping the channel axis too: a fixed point for both bottoms, named
+    proto1 = caffe_io.write_net(crop_net(axis=1), str(tmp_path / "axis1.prototxt"))
+    fixed = [g for g in build_graph(caffe_io.read_net(proto1), proto1).groups.values() if not g.prunable]
+    assert any("crops along axis 1" in r for g in fixed for r in g.reasons)

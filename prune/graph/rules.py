@@ -46,7 +46,7 @@ ELEMENTWISE = {"ReLU", "Sigmoid", "TanH", "Dropout", "AbsVal", "Power", "ELU", "
 ONE_BOTTOM = {"PReLU", "BatchNorm", "Pooling", "Flatten", "Reshape", "InnerProduct", "Slice"}
 # Types that end prunable flow: what reaches them keeps all its channels.
 STOPPERS = {"SoftmaxWithLoss", "Softmax", "EuclideanLoss", "HingeLoss", "InfogainLoss", "ContrastiveLoss",
-            "MultinomialLogisticLoss", "SigmoidCrossEntropyLoss", "Accuracy", "ArgMax", "Python", "Crop", "Tile",
+            "MultinomialLogisticLoss", "SigmoidCrossEntropyLoss", "Accuracy", "ArgMax", "Python", "Tile",
             "Reduction", "Silence", "Embed", "HDF5Output", "SPP", "Im2col", "BatchReindex", "Filter", "LSTM", "RNN", "LSTMUnit", "Parameter"}
 
 
@@ -111,6 +111,10 @@ def rule_conv(w, layer, bots):
     if p.axis != 1:
         w.refuse(bots, "%s %r convolves over axis %d" % (layer.type, layer.name, p.axis))
         return [Blob(None, None)] * len(layer.top)
+    if not p.num_output:
+        raise w.error(layer, "has no num_output (Caffe refuses it too)")
+    if not (len(p.kernel_size) or p.kernel_h or p.kernel_w):
+        raise w.error(layer, "has no kernel_size (or kernel_h and kernel_w; Caffe refuses it too)")
     shape, segs = bots[0].shape, bots[0].segs
     c_in = shape[1] if shape is not None else (
         sum(s.n for s in segs) if segs and all(s.n is not None for s in segs) else None)
@@ -211,7 +215,11 @@ def rule_flatten(w, layer, bots):
 
 def rule_reshape(w, layer, bots):
     (bot,) = bots
-    top = flattened(w, layer, bot, reshape_shape(layer, bot.shape))
+    shape = reshape_shape(layer, bot.shape)
+    if shape is not None and int(np.prod(shape)) != int(np.prod(bot.shape)):
+        raise w.error(layer, "shape %s cannot hold the %d values of its bottom %s (Caffe refuses it too)"
+                      % (list(shape), int(np.prod(bot.shape)), list(bot.shape)))
+    top = flattened(w, layer, bot, shape)
     p = layer.reshape_param
     if top.segs is not None and (p.axis, p.num_axes) != (0, -1):
         w.refuse([top], "Reshape %r with axis/num_axes" % layer.name)
@@ -302,6 +310,21 @@ FORK_FIXED = {
 }
 
 
+def rule_crop(w, layer, bots):
+    """Crop (RetinaFace's and FCNs' upsampling paths): bottom 0 cut to bottom 1's size along ``axis`` onward.
+    From axis 2 on only positions go, so bottom 0's channels pass through and bottom 1 gives only its size;
+    from axis 0 or 1 the channel count is bottom 1's, a fixed point for both."""
+    axis = layer.crop_param.axis
+    shapes = [b.shape for b in bots]
+    if len(bots) == 2 and shapes[0] is not None and axis < 0:
+        axis += len(shapes[0])
+    top = (tuple(shapes[0][:axis]) + tuple(shapes[1][axis:])
+           if len(bots) == 2 and None not in shapes and len(shapes[0]) == len(shapes[1]) else None)
+    if len(bots) != 2 or axis < 2:
+        return fixed_point(w, layer, bots, "crops along axis %d, the channels included" % axis, [top])
+    return [Blob(bots[0].segs, top)]
+
+
 def rule_shape_only(w, layer, bots):
     """SSD's PriorBox: its output depends on its bottoms' sizes only, never on their values -- a reader that
     fixes no channel."""
@@ -382,7 +405,7 @@ for _types, _rule in [(("Convolution", "Deconvolution"), rule_conv), ("InnerProd
                       ("Pooling", rule_pooling), ("Flatten", rule_flatten), ("Reshape", rule_reshape),
                       ("Concat", rule_concat), ("Eltwise", rule_eltwise), ("LRN", rule_lrn), ("MVN", rule_mvn),
                       ("Slice", rule_slice), (DEPTHWISE_TYPES, rule_conv), (tuple(FORK_FIXED), rule_fork_fixed),
-                      ("PriorBox", rule_shape_only),
+                      ("PriorBox", rule_shape_only), ("Crop", rule_crop),
                       (ELEMENTWISE, rule_elementwise)]:
     register_rule(_types, _rule)
 register_rule(STOPPERS, rule_stop, sources=True)
