@@ -100,11 +100,14 @@ def make(spec, model, weights=None, sampling=None):
     return plan.rounded(spec.round_to, model)
 
 
-def analysis(spec, net, weights, sampling):
-    """The sensitivity curves (prune.sensitivity.analyse) of the groups of spec.layers, and their plot."""
+def analysis(spec, net, weights, sampling, shard=None):
+    """The sensitivity curves (prune.sensitivity.analyse) of the groups of spec.layers, and their plot;
+    ``shard`` = (i, n): only the i-th of every n of those groups, in network order (1-based)."""
     from prune import sensitivity
     graph = build_graph(net)
     groups = None if spec.layers == "all" else [g.id for g in P.chosen(graph, spec.layers)]
+    if shard:
+        groups = [g for k, g in enumerate(groups or [g.id for g in graph.prunable()]) if k % shard[1] == shard[0] - 1]
     fit, judge = sampling.images(spec.judge_images)
     os.makedirs(sampling.folder, exist_ok=True)
     record = sensitivity.analyse(net, weights, fit, judge, sampling.blob,

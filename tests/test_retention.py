@@ -284,3 +284,36 @@ def test_driver_reestimates_batchnorm_at_the_end_and_after_each_cut(tmp_path):
     w = caffe_io.read_weights(first["caffemodel"])
     mean, var = _blob_stats(first["prototxt"], w, np.concatenate(list(_batches(x, 24)())), "c1")
     np.testing.assert_allclose(w["bn1"][0], mean, rtol=1e-4, atol=1e-6)
+
+
+def test_sensitivity_shards_merged_give_the_one_run_analysis_and_plan(tmp_path, capsys):
+    """--shard I/N measures every N-th group; --merge of the N folders writes the sensitivity.json and plan.json
+    one run writes; a merge that misses a shard, or a shard asked for a plan, is one line."""
+    from apps.synthetic import make_dataset
+    from prune.sensitivity.__main__ import main as sensitivity_main
+    images, _ = make_dataset(str(tmp_path / "data"), identities_per_fold=2, images_per_identity=3, size=16,
+                             pairs_per_fold=2)
+    proto = _write(small_residual_net(), tmp_path / "res.prototxt")
+    model = caffe_io.write_weights(caffe_io.read_net(proto), random_weights(proto, seed=11),
+                                   str(tmp_path / "res.caffemodel"))
+    args = ["--model", proto, "--weights", model, "--blob", "fc", "--data", images, "--crop", "none", "--images",
+            "40", "--judge-images", "16", "--ratios", "0.25,0.5", "--quiet"]
+    plan = ["--macs-target", "0.5"]
+    assert sensitivity_main(args + plan + ["--out", str(tmp_path / "one")]) == 0
+    for i in (1, 2):
+        assert sensitivity_main(args + ["--shard", "%d/2" % i, "--out", str(tmp_path / ("s%d" % i))]) == 0
+    one = json.loads((tmp_path / "one" / "sensitivity.json").read_text())
+    parts = [json.loads((tmp_path / s / "sensitivity.json").read_text())["curves"] for s in ("s1", "s2")]
+    assert parts[0] and parts[1] and not set(parts[0]) & set(parts[1])
+    shards = [str(tmp_path / "s1"), str(tmp_path / "s2")]
+    assert sensitivity_main(args + plan + ["--merge", *shards, "--out", str(tmp_path / "merged")]) == 0
+    assert json.loads((tmp_path / "merged" / "sensitivity.json").read_text()) == one
+    made = [json.loads((tmp_path / d / "plan.json").read_text()) for d in ("one", "merged")]
+    assert made[0]["keep"] == made[1]["keep"] and made[0]["made_by"]["macs_share"] == made[1]["made_by"]["macs_share"]
+    capsys.readouterr()
+    assert sensitivity_main(args + plan + ["--merge", shards[0], "--out", str(tmp_path / "half")]) == 2
+    assert "leave out group" in capsys.readouterr().err
+    assert sensitivity_main(args + plan + ["--shard", "1/2", "--out", str(tmp_path / "bad")]) == 2
+    assert "--shard measures part of the curves" in capsys.readouterr().err
+    assert sensitivity_main(args + ["--ratios", "0.5", "--merge", *shards, "--out", str(tmp_path / "other")]) == 2
+    assert "other settings (ratios" in capsys.readouterr().err

@@ -83,14 +83,32 @@ def analyse(net, weights, fit, judge, blob, out_path, ratios=RATIOS, groups=None
     if record and (record.get("ratios") != list(ratios) or record.get("blob") != blob):
         raise SensitivityError("%s holds an analysis with other ratios or blob; use another output" % out_path)
     record.update(ratios=list(ratios), blob=blob, curves=record.get("curves", {}))
-    reference = embed(net, weights, judge(), blob)
-    for g in tqdm(chosen, desc="sensitivity", unit="group", disable=not progress):
-        if g.id in record["curves"]:
-            continue
+    todo = [g for g in chosen if g.id not in record["curves"]]
+    reference = embed(net, weights, judge(), blob) if todo else None
+    for g in tqdm(todo, desc="sensitivity", unit="group", disable=not progress):
         curve = group_curve(net, weights, graph, g, fit, judge, reference, blob, ratios, **step)
         record["curves"][g.id] = {"channels": g.channels, "damage": {"%g" % r: d for r, d in curve.items()}}
         caffe_io.atomic_write(out_path, json.dumps(record, indent=1))
     return record
+
+
+def merge(records, wanted, sources):
+    """One record of the shards' records (same ratios and blob), every group of ``wanted`` measured once."""
+    first = records[0]
+    for r, where in zip(records, sources):
+        if (r.get("ratios"), r.get("blob")) != (first.get("ratios"), first.get("blob")):
+            raise SensitivityError("%s has other ratios or blob than %s" % (where, sources[0]))
+    curves = {}
+    for r, where in zip(records, sources):
+        twice = sorted(set(curves) & set(r["curves"]))
+        if twice:
+            raise SensitivityError("%s measures group %s again" % (where, twice[0]))
+        curves.update(r["curves"])
+    missing = [g for g in wanted if g not in curves]
+    if missing:
+        raise SensitivityError("the shards %s leave out group%s %s: merge every shard" % (
+            ", ".join(sources), "s" if len(missing) > 1 else "", ", ".join(missing[:5])))
+    return dict(first, curves={g: curves[g] for g in wanted})
 
 
 def _interpolated(curve, channels):

@@ -29,8 +29,51 @@ def parser():
     ap.add_argument("--criterion", default=None, choices=sorted(CRITERIA),
                     help="channel criterion of the step (default thinet; bnscale with --threshold)")
     plans.add_arguments(ap)
+    shards = ap.add_argument_group("sharing the analysis between machines (a job array: every group's curve is "
+                                   "measured alone, so shards merged equal one run)")
+    how = shards.add_mutually_exclusive_group()
+    how.add_argument("--shard", type=shard, default=None, metavar="I/N",
+                     help="measure only the I-th of every N prunable groups (in network order) into this --out; "
+                          "no plan (it needs every curve): merge the N folders")
+    how.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                     help="the folders of the shards of one analysis (the same flags but --shard and --out): "
+                          "their curves into OUT/sensitivity.json, then the plan as usual")
     cli.add_run(ap, "folder for sensitivity.json, sensitivity.png and plan.json")
     return ap
+
+
+def shard(text):
+    """'I/N' with 1 <= I <= N -> (I, N)."""
+    import argparse
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected I/N (e.g. 2/4), not %r" % text) from None
+    if not 1 <= i <= n:
+        raise argparse.ArgumentTypeError("expected I/N with 1 <= I <= N, not %r" % text)
+    return i, n
+
+
+def merged(a, config, graph, spec):
+    """The shards' curves of --merge as one record, after checking that they measured what this run would."""
+    import json
+    from prune import policy
+    from prune.sensitivity import merge
+    records = []
+    mine = json.loads(json.dumps({k: v for k, v in config.items() if k not in SHARD_ONLY}))   # as stored
+    for folder in a.merge:
+        paths = [os.path.join(folder, name) for name in (CONFIG, "sensitivity.json")]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise SensitivityError("--merge %s: no %s (the --out of a --shard run?)" % (folder, missing[0]))
+        theirs = {k: v for k, v in json.load(open(paths[0])).items() if k not in SHARD_ONLY}
+        other = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if other:
+            raise SensitivityError("--merge %s was measured with other settings (%s: %r there, %r here)"
+                                   % (folder, other[0], theirs.get(other[0]), mine.get(other[0])))
+        records.append(json.load(open(paths[1])))
+    wanted = [g.id for g in (graph.prunable() if spec.layers == "all" else policy.chosen(graph, spec.layers))]
+    return merge(records, wanted, a.merge)
 
 
 @cli.entry(PROG)
@@ -39,6 +82,9 @@ def main(argv=None):
     a = parser().parse_args(argv)
     plans.check_arguments(a)
     spec = plans.spec_of(a)
+    if a.shard and spec.given():
+        raise cli.UsageError("--shard measures part of the curves and makes no plan: give the plan flags to the "
+                             "--merge run")
     if a.round_to > 1 and not spec.given():
         raise cli.UsageError("--round-to rounds a plan's counts: give --macs-target, --latency-target, --keep, "
                              "--threshold or --plan")
@@ -54,8 +100,14 @@ def main(argv=None):
             raise SensitivityError("%s holds a sensitivity.json without the config.json that says how it was made; "
                                    "use another --out" % a.out)
         hashed = ("model", "weights", "pairs", "plan") + (("data",) if os.path.isfile(a.data) else ())
-        run.guard(command_config(a, hashed=hashed, leave_out=PLAN_ONLY), flags=True)
-        record = plans.analysis(spec, net, weights, sampling)
+        config = command_config(a, hashed=hashed, leave_out=PLAN_ONLY)
+        if a.merge:
+            from prune.graph import build_graph
+            record = merged(a, config, build_graph(net, a.model), spec)
+        run.guard(config, flags=True)
+        if a.merge:
+            run.save("sensitivity.json", record)    # the analysis below finds every curve measured
+        record = plans.analysis(spec, net, weights, sampling, shard=a.shard)
         print("%-32s %5s  %s" % ("group", "chans", "  ".join("%6g" % r for r in a.ratios)))
         for gid, c in record["curves"].items():
             print("%-32s %5d  %s" % (gid, c["channels"], "  ".join("%6.4f" % c["damage"]["%g" % r]
@@ -69,6 +121,7 @@ def main(argv=None):
 # Flags that only shape the plan made from the curves: a second run with other values reads the curves back.
 PLAN_ONLY = ("macs_target", "allocation", "keep", "threshold", "plan", "round_to", "latency_target", "runtime",
              "latency_points", "latency_cache", "quiet", "out", "debug")
+SHARD_ONLY = PLAN_ONLY + ("shard", "merge")     # what may differ between the shards and their merge
 
 
 if __name__ == "__main__":
