@@ -26,3 +26,14 @@ def shared_path(*parts):
 def _caffe_cpu():
     import caffe
     caffe.set_mode_cpu()
+
+
+# The longest files first: xdist hands the files out in collection order, so the two workers finish together
+# instead of one starting the pipeline tests when the other is nearly done.
+LONGEST_FIRST = ("test_pipeline.py", "test_prune_driver.py", "test_reliability.py", "test_kill9.py",
+                 "test_runtimes.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: LONGEST_FIRST.index(item.path.name) if item.path.name in LONGEST_FIRST
+               else len(LONGEST_FIRST))
