@@ -736,3 +736,27 @@ def test_stock_messages_are_read_as_the_superset():
     assert superset(net).SerializeToString() == net.SerializeToString()
     assert superset(superset(net)) is not net and build_graph(net).prunable()
     assert copy.deepcopy(superset(net)) == superset(net)
+
+
+def test_the_sensitivity_analysis_measures_the_part_of_a_fork_net_caffe_runs(tmp_path, capsys):
+    """prune.sensitivity on SENet's Axpy net: the groups whose layers all run in this Caffe are measured (fc1,
+    the squeeze), those read past the Axpy are named as not measured; an embedding blob made past the Axpy
+    is refused in one line before anything is written."""
+    from prune.sensitivity.__main__ import main as sensitivity_main
+    proto, model, images = fork_net_files(tmp_path, SE_NET, "se", 16)
+    args = ["--model", proto, "--weights", model, "--data", images, "--crop", "none", "--images", "6",
+            "--judge-images", "2", "--ratios", "0.5", "--quiet"]
+    out = tmp_path / "sens"
+    assert sensitivity_main(args + ["--blob", "fc2", "--out", str(out)]) == 0
+    record = json.loads((out / "sensitivity.json").read_text())
+    assert list(record["curves"]) == ["fc1"] and record["curves"]["fc1"]["damage"]["0.5"] >= 0
+    why = record["not_measured"]
+    assert sorted(why) == ["c1", "c2", "c3", "c4"]
+    assert why["c1"].startswith("fixed in the whole net: ") and "Axpy 'axpy'" in why["c1"]
+    assert why["c3"].startswith("read by layers this Caffe build cannot run (") and "c3" in why["c3"]
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    assert sensitivity_main(args + ["--blob", "fc", "--out", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "blob 'fc' is made by layers this Caffe build cannot run" in err and len(err.strip().splitlines()) == 1
+    assert not (bad / "sensitivity.json").exists()

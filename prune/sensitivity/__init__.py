@@ -75,14 +75,17 @@ def analyse(net, weights, fit, judge, blob, out_path, ratios=RATIOS, groups=None
     """Curves of every prunable group (or ``groups``), saved to ``out_path`` (JSON) after each group so a
     killed run resumes.  Returns the record."""
     from tqdm import tqdm
-    graph = build_graph(net)
-    chosen = [g for g in graph.prunable() if groups is None or g.id in groups]
+    net, graph, unmeasured = runnable_part(net, blob)
+    chosen = [g for g in graph.prunable() if (groups is None or g.id in groups) and g.id not in unmeasured]
     if not chosen:
-        raise SensitivityError("no prunable group to analyse")
+        raise SensitivityError("no prunable group to analyse" + (" in the part of the net this Caffe build runs"
+                                                                 if unmeasured else ""))
     record = json.load(open(out_path)) if os.path.exists(out_path) else {}
     if record and (record.get("ratios") != list(ratios) or record.get("blob") != blob):
         raise SensitivityError("%s holds an analysis with other ratios or blob; use another output" % out_path)
     record.update(ratios=list(ratios), blob=blob, curves=record.get("curves", {}))
+    if unmeasured:
+        record["not_measured"] = unmeasured
     todo = [g for g in chosen if g.id not in record["curves"]]
     reference = embed(net, weights, judge(), blob) if todo else None
     for g in tqdm(todo, desc="sensitivity", unit="group", disable=not progress):
@@ -90,6 +93,32 @@ def analyse(net, weights, fit, judge, blob, out_path, ratios=RATIOS, groups=None
         record["curves"][g.id] = {"channels": g.channels, "damage": {"%g" % r: d for r, d in curve.items()}}
         caffe_io.atomic_write(out_path, json.dumps(record, indent=1))
     return record
+
+
+def runnable_part(net, blob):
+    """(net Caffe runs, its graph, {group: why not measured}) -- of a Caffe fork's net the part this build runs
+    (netcheck.runnable_view); a group is measured there only when it is prunable in the whole net and all its
+    layers are in that part.  ``blob`` must be made in it."""
+    from base import netcheck
+    view, left = netcheck.runnable_view(net)
+    if not left:
+        return net, build_graph(net), {}
+    if blob not in {t for layer in view.layer for t in layer.top}:
+        raise SensitivityError("blob %r is made by layers this Caffe build cannot run (%s); give --blob of the "
+                               "part it runs" % (blob, "; ".join("%s: %s" % lw for lw in left[:2])))
+    whole, part = build_graph(net), build_graph(view)
+    inside = {layer.name for layer in view.layer}
+    prunable = {g.id for g in whole.prunable()}
+    unmeasured = {}
+    for g in part.prunable():
+        if g.id not in prunable:
+            unmeasured[g.id] = "fixed in the whole net: " + "; ".join(whole[g.id].reasons) if g.id in whole.groups \
+                else "not a group of the whole net"
+    for g in whole.prunable():
+        outside = sorted({n for role in ("producers", "passengers", "consumers") for n in g.layers(role)} - inside)
+        if outside:
+            unmeasured[g.id] = "read by layers this Caffe build cannot run (%s)" % ", ".join(outside)
+    return view, part, unmeasured
 
 
 def merge(records, wanted, sources):

@@ -89,7 +89,8 @@ def main(argv=None):
         raise cli.UsageError("--round-to rounds a plan's counts: give --macs-target, --latency-target, --keep, "
                              "--threshold or --plan")
     cli.check_run_inputs(a, dict(model=a.model, weights=a.weights, pairs=a.pairs, plan=a.plan,
-                                 data=a.data if os.path.isfile(a.data) else None), nets=[("model", "weights")])
+                                 data=a.data if os.path.isfile(a.data) else None), nets=[("model", "weights")],
+                         runnable_part=True)
     net, weights = caffe_io.read_net(a.model), caffe_io.read_weights(a.weights)
     _, shape = input_layer(net, a.model)
     sampling = plans.sampling_of(a, shape, a.out, a.blob)
