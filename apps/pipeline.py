@@ -100,6 +100,7 @@ class Settings:
     evaluation: EvalSpec                 # lfw_dir and pairs filled in from the data stage's record
     gpu: Optional[int] = None
     timing_rounds: int = 7
+    eval_steps: str = "all"              # all: every pruned step on LFW; last: the last one only
     seed: int = 0
     quiet: bool = False
     config: dict = dataclasses.field(default_factory=dict, compare=False)   # the arguments, for the run folder
@@ -286,12 +287,13 @@ TOLERANCE = 1e-4    # prune.verify's default: the largest relative deviation fro
 def evaluations(s, run, ev, base, log):
     """The evaluation records of every stage: baseline, each pruned group, the final fine-tune.  The strict
     operating points (all pairs of the test folds' people) are measured for the baseline, the last pruned
-    step and the final net; the steps between get the 10-fold protocol only (it takes a third of the images)."""
+    step and the final net; the steps between get the 10-fold protocol only (it takes a third of the images),
+    and with ``eval_steps`` "last" no evaluation at all."""
     evals = [dict(stage="baseline", **run.stage("eval_baseline", lambda: evaluate_stage(
         ev, base["prototxt"], base["caffemodel"])))]
     say("baseline: LFW folds %s %.2f%%" % (ev.folds, 100 * evals[0]["accuracy"]), s.quiet)
     pairs_only = dataclasses.replace(ev, all_pairs=None)
-    for step in log["steps"]:
+    for step in log["steps"] if s.eval_steps == "all" else log["steps"][-1:]:
         spec = ev if step is log["steps"][-1] else pairs_only
         rec = run.stage("eval_step_%02d" % step["step"],
                         lambda step=step, spec=spec: evaluate_stage(spec, step["prototxt"], step["caffemodel"]))
@@ -408,6 +410,10 @@ def parser():
                     help="GPU id for Caffe (training, sampling, evaluation; needs a CUDA build: "
                          "scripts/setup.sh --gpu); forward times are always measured on the CPU. Default: CPU")
     ap.add_argument("--timing-rounds", type=cli.count, default=7, help="rounds of the forward-time measurement (default 7)")
+    ap.add_argument("--eval-steps", choices=("all", "last"), default="all",
+                    help="which pruned steps are evaluated on LFW: all (default; a point each on the accuracy-vs-"
+                         "MACs plot) or last (with many groups and no per-layer fine-tune: the MobileFaceNet's 16 "
+                         "steps cost about an hour of Caffe forward passes on a 2-core CPU)")
     ap.add_argument("--seed", type=cli.whole, default=0, help="seed of sampling, image draws and Caffe (default 0)")
     cli.add_cache_dir(ap)
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -490,8 +496,9 @@ def settings(argv=None):
                               similarity=a.distill_similarity, similarity_hard=a.similarity_hard,
                               fold_bn=a.fold_bn),
         evaluation=spec_from_args(a, None, None),
-        gpu=a.gpu, timing_rounds=a.timing_rounds, seed=a.seed, quiet=a.quiet,
-        config=command_config(a, leave_out=("quiet", "out", "cache_dir", "latency_cache")))
+        gpu=a.gpu, timing_rounds=a.timing_rounds, eval_steps=a.eval_steps, seed=a.seed, quiet=a.quiet,
+        # --eval-steps picks which evaluation stages run, each recorded apart: no net depends on it
+        config=command_config(a, leave_out=("quiet", "out", "cache_dir", "latency_cache", "eval_steps")))
 
 
 @cli.entry(PROG)

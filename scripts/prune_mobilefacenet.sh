@@ -17,4 +17,4 @@ MFN="$SHARED/models/mobilefacenet/mobilefacenet-v0"
 exec .venv/bin/python -m apps.pipeline --model "$MFN.prototxt" --weights "$MFN.caffemodel" --blob fc1 --rgb \
     --macs-target 0.5 --train-unpaired --images 1024 --blockfit-epochs 16 \
     --finetune-epochs-per-layer 0 --finetune-epochs-final 8 --distill-similarity 10 --similarity-hard 4 --finetune-lr 0.01 --finetune-lr-steps 0.6,0.85 \
-    --finetune-mirror --no-flip --out runs/mobilefacenet "$@"
+    --finetune-mirror --no-flip --eval-steps last --out runs/mobilefacenet "$@"

@@ -120,11 +120,14 @@ def test_pipeline_allocates_by_sensitivity_for_a_macs_target(tmp_path):
     out = str(tmp_path / "run")
     assert pipeline_main(["--model", proto, "--weights", weights, "--synthetic", "--macs-target", "0.5",
                           "--judge-images", "8", "--images", "16", "--finetune-epochs-per-layer", "0",
-                          "--finetune-epochs-final", "0", "--timing-rounds", "1", "--quiet", "--out", out]) == 0
+                          "--finetune-epochs-final", "0", "--timing-rounds", "1", "--eval-steps", "last", "--quiet",
+                          "--out", out]) == 0
     plan = json.load(open(os.path.join(out, "plan", "plan.json")))
     assert plan["made_by"]["macs_share"] <= 0.5 and plan["made_by"]["policy"] == "sensitivity"
     rep = json.load(open(os.path.join(out, "report.json")))
     assert rep["plan"]["allocation"] == "sensitivity"
+    last = rep["schedule"][-1]["group"]     # --eval-steps last: the baseline and the last pruned step only
+    assert [st["stage"] for st in rep["stages"]] == ["baseline", "%s pruned" % last]
     assert rep["stages"][-1]["macs"] / rep["stages"][0]["macs"] == pytest.approx(plan["made_by"]["macs_share"],
                                                                               abs=1e-6)
     assert {s["group"]: s["kept"] for s in rep["schedule"]} == plan["keep"]
