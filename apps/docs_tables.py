@@ -26,7 +26,8 @@ DASH = "—"
 NETS = {"sphereface4": "SphereFace-4", "sphereface10": "SphereFace-10", "sphereface20": "SphereFace-20",
         "mobilefacenet": "MobileFaceNet"}
 VERIFY_RUNTIMES = {"caffe": "Caffe", "opencv-nofusion": "OpenCV, fusion off", "opencv": "OpenCV, fused",
-                   "mnn-nowinograd": "MNN, Winograd off", "mnn": "MNN"}
+                   "mnn-nowinograd": "MNN, Winograd off", "mnn": "MNN", "onnxruntime": "ONNX Runtime (ONNX)",
+                   "openvino": "OpenVINO CPU (ONNX)"}
 
 
 def sci(x):

@@ -2,7 +2,7 @@
 
 The train net is the one python -m finetune builds for distillation from a
 table of teacher embeddings (finetune.trainnet: ImageData, the student, the
-frozen Embed table, L2 normalisation, EuclideanLoss; the table's values do
+teacher table read from disk (finetune.teachertable), L2 normalisation, EuclideanLoss; the table's values do
 not change the timing, so they are zeros), on the training list of LFW folds
 1-5 people.  Caffe's SGD solver runs it; after warm-up, each layer's forward
 and backward is timed in turn (pycaffe's _forward/_backward over one layer),
@@ -58,8 +58,10 @@ def train_solver(a, folder, fold_bn=False):
         deploy, weights, _ = fold.fold(deploy, weights)
     dim = blob_dim(deploy, a.blob)
     data = trainnet.ImageList(source=listing, root_folder=a.lfw_dir, batch_size=a.batch, rgb=True)
+    from finetune.heads import write_table
+    table = write_table(np.zeros((len(rels), dim), np.float32), os.path.join(folder, "teacher_table.npy"))
     head = trainnet.Distill(teacher=None, embedding=a.blob, teacher_embedding=a.blob, student_dim=dim,
-                            teacher_dim=dim, table_rows=len(rels))
+                            teacher_dim=dim, table=table)
     net = trainnet.train_net(deploy, data, head)
     train = caffe_io.write_net(net, os.path.join(folder, "train.prototxt"))
     s = solver(train, 10 ** 6, os.path.join(folder, "snap"), base_lr=1e-4)

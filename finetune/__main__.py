@@ -27,7 +27,7 @@ def parser():
                                      "before this fine-tune; its weights default to --weights)")
     ap.add_argument("--precompute-teacher", action="store_true",
                     help="distill: compute the teacher's embeddings of the list images once (cached in "
-                         "--cache-dir) and let the train net look them up (a frozen Embed layer) instead of "
+                         "--cache-dir) and let the train net look them up (read row by row from OUT/teacher_table.npy, never part of a snapshot) instead of "
                          "running the teacher every iteration; with mirroring the target is the mean of the "
                          "image's and its mirror's embeddings. Much faster on a CPU; memory: images x dim floats")
     ap.add_argument("--distill-features", type=cli.name_list, default=(),

@@ -66,6 +66,14 @@ def teacher_table(items, root, out, proto, weights, blob, rgb, mirror, progress=
     return feats.astype(np.float32), os.path.abspath(index_list)
 
 
+def write_table(table, path):
+    """The teacher table as an .npy file (atomically), read memory-mapped by finetune.teachertable."""
+    import io
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(table, dtype=np.float32))
+    return caffe_io.atomic_write(path, buf.getvalue())
+
+
 def _classes(job, items, deploy):
     """The classifier's classes; refused when its weights (with gradient and momentum) would not fit in the
     memory free here -- a label far beyond the others makes that many classes."""
@@ -124,9 +132,10 @@ def _distill(job, deploy, items, data, progress):
                                           t_rgb, job.mirror, progress, job.cache_dir)
         data.source, data.size = index_list, read_size(deploy, items)
         head = trainnet.Distill(teacher=None, embedding=job.embedding, teacher_embedding=t_blob,
-                                student_dim=student_dim, teacher_dim=table.shape[1], table_rows=len(table),
+                                student_dim=student_dim, teacher_dim=table.shape[1],
+                                table=write_table(table, os.path.join(job.out, "teacher_table.npy")),
                                 similarity=job.similarity_weight, similarity_hard=job.similarity_hard)
-        return head, {trainnet.TEACHER + t_blob: [table]}
+        return head, {}
     data.size = read_size(deploy, items)   # 112x112 aligned faces: read whole, the student sees the 112x96 crop
     teacher = caffe_io.read_net(teacher_proto)
     t_weights = caffe_io.read_weights(teacher_weights)

@@ -17,8 +17,10 @@ Input is N x 3 x H x W and returns the NetParameter Caffe's solver trains:
   is added on the student side only when the dimensions differ.  Or, much
   cheaper when the teacher is big and the device is a CPU, the teacher's
   embeddings are computed once and the train net looks them up: the list's
-  label is then the image's row and a frozen native ``Embed`` layer holds
-  the table (``Distill(teacher=None, table_rows=N)``).  Either way the
+  label is then the image's row, read from a memory-mapped ``.npy`` file by
+  the ``finetune.teachertable`` Python layer (``Distill(teacher=None,
+  table=PATH)``), so the table is no parameter: snapshots and the final
+  caffemodel hold the student alone, whatever the list's length.  Either way the
   cosines between the faces of a batch can be distilled too
   (``Distill(similarity=W)``, finetune.similarity, a Python loss layer).
 
@@ -28,6 +30,7 @@ GPU Caffe trains these nets unchanged.
 import copy
 import functools
 import json
+import os
 from dataclasses import dataclass
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -93,7 +96,7 @@ class Distill:
     teacher_rgb: bool = False           # the teacher expects RGB planes
     teacher_blobs: dict = None          # {layer: number of weight blobs}, to freeze each one
     loss_weight: float = 1.0
-    table_rows: int = 0                 # teacher None: rows of the embedding table (= images in the list)
+    table: str = None                   # teacher None: .npy of its embeddings, row i for the list's label i
     features: tuple = ()                # ((blob, loss weight), ...): feature maps copied from the teacher too
     similarity: float = 0.0             # loss weight of the pairwise-cosine loss (finetune.similarity); 0: none
     similarity_hard: float = 0.0        # its emphasis on the pairs the teacher finds alike
@@ -302,15 +305,13 @@ def _softmax_center_head(net, head):
 
 
 def _teacher_table(net, head):
-    """Distillation from precomputed teacher embeddings: a frozen Embed looks up the image's row (its label)."""
-    if head.table_rows < 1 or head.teacher_dim < 1:
-        raise TrainNetError("a teacher table needs its rows and dimension")
-    embed = net.layer.add(name=TEACHER + head.teacher_embedding, type="Embed", bottom=["label"],
+    """Distillation from precomputed teacher embeddings: the image's row (its label) read from the table file."""
+    if not head.table or head.teacher_dim < 1:
+        raise TrainNetError("a teacher table needs its file and dimension")
+    layer = net.layer.add(name=TEACHER + head.teacher_embedding, type="Python", bottom=["label"],
                           top=[TEACHER + head.teacher_embedding])
-    embed.param.add(lr_mult=0, decay_mult=0)
-    embed.embed_param.num_output = head.teacher_dim
-    embed.embed_param.input_dim = head.table_rows
-    embed.embed_param.bias_term = False
+    layer.python_param.module, layer.python_param.layer = "finetune.teachertable", "TeacherTable"
+    layer.python_param.param_str = json.dumps(dict(path=os.path.abspath(head.table)), sort_keys=True)
     return _distill_loss(net, head, head.embedding)
 
 

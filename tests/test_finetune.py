@@ -93,6 +93,9 @@ def test_distillation_trains_student_and_keeps_teacher_frozen(tmp_path, image_li
 
 
 def test_precomputed_teacher_table_matches_the_teacher_and_trains(tmp_path, image_list):
+    """The teacher's embeddings are computed once into a file the train net reads row by row (the list's label):
+    the rows are the teacher's outputs, no snapshot holds them, and the loss curve is the one of the same run
+    with the teacher inside the train net (no mirroring: the same target for every image)."""
     root, listing = image_list
     student = tiny_deploy(tmp_path / "student.prototxt", width=4, emb=6, size=(28, 24))
     teacher = tiny_deploy(tmp_path / "teacher.prototxt", width=8, emb=6, size=(28, 24))
@@ -100,11 +103,11 @@ def test_precomputed_teacher_table_matches_the_teacher_and_trains(tmp_path, imag
     job = distill_job(tmp_path, image_list, student, teacher, tw, precompute_teacher=True, mirror=False)
     done = driver.finetune(job, progress=False)
     train = caffe_io.read_net(os.path.join(job.out, "train.prototxt"))
-    assert [l.type for l in train.layer].count("Embed") == 1
+    tables = [l for l in train.layer if l.type == "Python" and l.python_param.layer == "TeacherTable"]
+    assert len(tables) == 1 and not any(l.type == "Embed" for l in train.layer)
     assert not any(l.name.startswith(trainnet.TEACHER) and l.type == "Convolution" for l in train.layer)
-    # row i of the frozen table is the teacher's embedding of line i of the index list, as Caffe computes it
-    snap = latest_snapshot(os.path.join(job.out, "snapshots"))[1].replace(".solverstate", ".caffemodel")
-    table = caffe_io.read_weights(snap)[trainnet.TEACHER + "fc5"][0]
+    # row i of the table file is the teacher's embedding of line i of the index list, as Caffe computes it
+    table = np.load(os.path.join(job.out, "teacher_table.npy"))
     index = lists.read_list(os.path.join(job.out, "teacher_index.txt"), root)
     assert [label for _, label in index] == list(range(len(index))) == list(range(len(table)))
     net = caffe_io.open_net(teacher, tw)
@@ -112,8 +115,17 @@ def test_precomputed_teacher_table_matches_the_teacher_and_trains(tmp_path, imag
         img = np.asarray(Image.open(path).convert("RGB"))[:, :, ::-1].astype(np.float32)   # BGR, as Caffe reads
         net.blobs["data"].data[...] = ((img - 127.5) * 0.0078125).transpose(2, 0, 1)[None]
         np.testing.assert_allclose(table[row], net.forward()["fc5"][0], rtol=1e-4, atol=1e-5)
+    # snapshots and the final weights are the student's alone, whatever the table's length
+    snap = latest_snapshot(os.path.join(job.out, "snapshots"))[1].replace(".solverstate", ".caffemodel")
+    student_layers = {l.name for l in caffe_io.read_net(student).layer}
+    assert set(caffe_io.read_weights(snap)) <= student_layers
+    assert set(caffe_io.read_weights(done["final"])) <= student_layers
     losses = np.array([float(r[1]) for r in csv.reader(open(done["loss_csv"]))])
     assert losses[-10:].mean() < losses[:5].mean(), "distillation loss did not go down"
+    online = distill_job(tmp_path / "online", image_list, student, teacher, tw, precompute_teacher=False,
+                         mirror=False)
+    again = np.array([float(r[1]) for r in csv.reader(open(driver.finetune(online, progress=False)["loss_csv"]))])
+    np.testing.assert_allclose(again, losses, rtol=1e-3, atol=1e-6)
 
 
 def residual_deploy(path, inner=8, size=(28, 24)):

@@ -155,7 +155,9 @@ def test_train_net_with_distill_table_head_per_tower(tmp_path, bn):
         cv2.imwrite(str(tmp_path / ("f%d.png" % i)), rng.integers(0, 255, (12, 12, 3), dtype=np.uint8))
     listing = caffe_io.atomic_write(str(tmp_path / "list.txt"), "".join("f%d.png %d\n" % (i, i) for i in range(4)))
     data = ImageList(listing, root_folder=str(tmp_path), batch_size=2, mirror=False, shuffle=False)
-    head = Distill(teacher=None, embedding="fc", teacher_embedding="emb", student_dim=5, teacher_dim=6, table_rows=4)
+    table = str(tmp_path / "table.npy")
+    np.save(table, rng.standard_normal((4, 6)).astype(np.float32))
+    head = Distill(teacher=None, embedding="fc", teacher_embedding="emb", student_dim=5, teacher_dim=6, table=table)
     net = multiwidth_train_net(deploy, data, head, loss_weights=(1, 0.5, 0.25))
     names = [l.name for l in net.layer]
     assert names.count("teacher/emb") == 1 and names.count("teacher_l2") == 1 and names.count("data") == 1
@@ -163,7 +165,6 @@ def test_train_net_with_distill_table_head_per_tower(tmp_path, bn):
     assert {k: v for k, v in cnet.blob_loss_weights.items() if v} == {
         "distill_loss": 1, "distill_loss@75": 0.5, "distill_loss@50": 0.25}
     assert np.shares_memory(cnet.params["distill_proj"][0].data, cnet.params["distill_proj@50"][0].data)
-    cnet.params["teacher/emb"][0].data[...] = rng.standard_normal((4, 6))
     out = cnet.forward()
     losses = [float(out[k]) for k in ("distill_loss", "distill_loss@75", "distill_loss@50")]
     assert all(0 < v < 2 for v in losses) and len(set(losses)) == 3
