@@ -114,3 +114,17 @@ def opencv_forward(proto_path, model_path, x, fusion=False):
 
 def rel_err(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+def half_pruned(proto, folder, seed=0):
+    """((prototxt, caffemodel) with random weights, (pruned prototxt, caffemodel)): every prunable group of
+    ``proto`` keeps its first half, written into ``folder`` by prune.surgery."""
+    from prune.graph import build_graph
+    from prune.surgery import prune_net, save_pruned
+    net, weights = caffe_io.read_net(proto), random_weights(proto, seed=seed)
+    model = caffe_io.write_weights(net, weights, os.path.join(str(folder), "net.caffemodel"))
+    graph = build_graph(net)
+    plan = {g.id: np.arange(g.channels // 2) for g in graph.prunable()}
+    pruned = save_pruned(*prune_net(net, weights, plan, graph=graph), os.path.join(str(folder), "pruned.prototxt"),
+                         os.path.join(str(folder), "pruned.caffemodel"), inputs=(proto, model))
+    return (proto, model), pruned

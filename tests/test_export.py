@@ -9,7 +9,7 @@ import pytest
 from caffe import layers as L, params as P
 
 from base import caffe_io
-from nets import random_weights, rel_err, sphereface_path
+from nets import half_pruned, random_weights, rel_err, sphereface_path
 import runtimes
 from runtimes.onnx_export import export
 from prune.export import main as export_main
@@ -88,15 +88,7 @@ def test_every_layer_type_runs_as_in_caffe(net, kind, tmp_path):
 
 
 def test_a_pruned_sphereface20_exports_exactly(tmp_path):
-    from prune.graph import build_graph
-    from prune.surgery import prune_net, save_pruned
-    proto = sphereface_path(20)
-    net, weights = caffe_io.read_net(proto), random_weights(proto, seed=1)
-    model = caffe_io.write_weights(net, weights, str(tmp_path / "sf20.caffemodel"))
-    graph = build_graph(net)
-    plan = {g.id: np.arange(g.channels // 2) for g in graph.prunable()}
-    pruned = save_pruned(*prune_net(net, weights, plan, graph=graph), str(tmp_path / "pruned.prototxt"),
-                         str(tmp_path / "pruned.caffemodel"), inputs=(proto, model))
+    _, pruned = half_pruned(sphereface_path(20), tmp_path, seed=1)
     out = str(tmp_path / "pruned.onnx")
     assert export_main([*pruned, "-o", out]) == 0
     m = onnx.load(out)

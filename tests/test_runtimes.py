@@ -14,7 +14,7 @@ from caffe import layers as L
 
 from base import caffe_io
 from conftest import ROOT
-from nets import random_weights, sphereface_path
+from nets import half_pruned, random_weights, sphereface_path
 import runtimes
 from prune import latency
 from prune.graph import build_graph
@@ -22,7 +22,6 @@ from prune.macs import MacsModel
 from prune.plans import PlanSpec, make as make_plan
 from prune.policy import keep_count, round_count
 from prune.sensitivity import SensitivityError, allocate, allocation
-from prune.surgery import prune_net, save_pruned
 from prune.verify import failures, main as verify_main, verify
 
 
@@ -52,14 +51,7 @@ def small_face_net(w=1):
 def pair(tmp_path_factory):
     """(original prototxt, caffemodel), (pruned prototxt, caffemodel): every group kept at half."""
     folder = tmp_path_factory.mktemp("runtimes")
-    proto = caffe_io.write_net(small_face_net(), str(folder / "net.prototxt"))
-    net, weights = caffe_io.read_net(proto), random_weights(proto, seed=3)
-    model = caffe_io.write_weights(net, weights, str(folder / "net.caffemodel"))
-    graph = build_graph(net)
-    plan = {g.id: np.arange(g.channels // 2) for g in graph.prunable()}
-    pruned = save_pruned(*prune_net(net, weights, plan, graph=graph), str(folder / "pruned.prototxt"),
-                         str(folder / "pruned.caffemodel"), inputs=(proto, model))
-    return (proto, model), pruned
+    return half_pruned(caffe_io.write_net(small_face_net(), str(folder / "net.prototxt")), folder, seed=3)
 
 
 @pytest.fixture(scope="module")
