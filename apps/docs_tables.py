@@ -26,8 +26,7 @@ DASH = "—"
 NETS = {"sphereface4": "SphereFace-4", "sphereface10": "SphereFace-10", "sphereface20": "SphereFace-20",
         "mobilefacenet": "MobileFaceNet"}
 VERIFY_RUNTIMES = {"caffe": "Caffe", "opencv-nofusion": "OpenCV, fusion off", "opencv": "OpenCV, fused",
-                   "mnn-nowinograd": "MNN, Winograd off", "mnn": "MNN", "onnxruntime": "ONNX Runtime (ONNX)",
-                   "openvino": "OpenVINO CPU (ONNX)"}
+                   "mnn-nowinograd": "MNN, Winograd off", "mnn": "MNN"}   # else runtimes.LABELS
 
 
 def sci(x):
@@ -136,7 +135,8 @@ def verify(results, args):
     if "file" not in args:
         raise cli.UsageError("table verify needs file=NAME (a docs/results/NAME.json of python -m prune.verify)")
     d, path = load(results, args["file"])
-    rows = [[VERIFY_RUNTIMES.get(name, name), "%s / %s" % (sci(r["max_rel_deviation"]),
+    from runtimes import LABELS
+    rows = [[VERIFY_RUNTIMES.get(name) or LABELS.get(name, name), "%s / %s" % (sci(r["max_rel_deviation"]),
                                                           sci(r["reference_max_rel_deviation"])),
              "%.8f" % r["min_cosine"], "%.2f" % r["latency_ms"], "%.2f" % r["reference_latency_ms"],
              "%.2fx" % r["speedup"], "%.2f" % r["measured_over_macs"]] for name, r in d["runtimes"].items()]

@@ -255,14 +255,14 @@ def prune_stage(s, d, base, plan):
 def export_stage(s, deploy, model):
     """OUT/model.onnx (prune.export), its preprocessing in its metadata; a net with a layer that has no exact
     ONNX form, or no onnx package here, is recorded with the reason instead."""
-    from base.netinput import input_layer
+    from base.netinput import ALIGNED_SIZE, crop_rule, input_layer
     from runtimes.onnx_export import ExportError, export, preprocessing
     try:
         import onnx  # noqa: F401
     except ImportError:
         return dict(onnx=None, reason="the onnx package is not installed (requirements.txt)")
     shape = input_layer(caffe_io.read_net(deploy), deploy)[1]
-    crop = "112x96" if tuple(shape[2:]) == (112, 96) else "none"
+    crop = crop_rule(shape[2:], ALIGNED_SIZE)     # the pipeline's images are aligned 112x112 faces
     try:
         m = export(deploy, model, preprocessing(deploy, s.rgb, crop))
     except ExportError as e:

@@ -109,12 +109,11 @@ def embeddings(model, weights, blob, root, rels, pre, flip=True, batch=64, worke
     if todo:
         todo_rels = [rels[i] for i in todo]
         check_images(root, todo_rels, pre)
+        net = caffe_io.open_net(model, weights) if runtime == "caffe" else None
         start = time.perf_counter()
-        if runtime == "caffe":
-            net = caffe_io.open_net(model, weights)
-            start = time.perf_counter()
+        if net is not None:
             new = extract(net, blob, root, todo_rels, pre, flip, batch, workers, progress)
-        else:
+        else:   # the runtime's conversion or export counts in its seconds
             new = extract_in_runtime(runtime, model, weights, root, todo_rels, pre, flip, batch, workers, progress)
         seconds = time.perf_counter() - start
         for i, row in zip(todo, new):

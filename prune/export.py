@@ -11,14 +11,15 @@ PROG = "python -m prune.export"
 
 
 def check_in_onnxruntime(model, prototxt, caffemodel, seed=0):
-    """Largest deviation of ONNX Runtime's output from Caffe's, relative to Caffe's largest magnitude, on two
-    seeded inputs in the face nets' range [-1, 1]; None when ONNX Runtime is not installed."""
+    """Largest deviation of ONNX Runtime's output from Caffe's on prune.verify's seeded inputs (relative to
+    Caffe's largest magnitude, prune.verify.deviation); None when ONNX Runtime is not installed."""
+    from prune.verify import deviation, inputs
     if runtimes.missing("onnxruntime"):
         return None
-    caffe, onnx_run = runtimes.CaffeSession(prototxt, caffemodel), runtimes.ONNXRuntimeSession(model)
-    x = np.random.default_rng(seed).uniform(-1, 1, (2,) + caffe.input_shape()[1:]).astype(np.float32)
-    ref = caffe.run(x)
-    return float(np.abs(onnx_run.run(x).reshape(ref.shape) - ref).max() / max(np.abs(ref).max(), 1e-30))
+    caffe = runtimes.CaffeSession(prototxt, caffemodel)
+    xs = inputs(caffe.input_shape(), 2, seed)
+    refs = [caffe.run(x).astype(np.float64) for x in xs]
+    return deviation(runtimes.ONNXRuntimeSession(model), xs, refs)["max_rel_deviation"]
 
 
 def parser():

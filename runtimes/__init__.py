@@ -304,16 +304,16 @@ class OpenVINOSession(Session):
 
     def __init__(self, path, threads=1):
         import openvino
-        self.core, self.path, self.threads = openvino.Core(), path, threads
+        self.core, self.threads = openvino.Core(), threads
+        self.model = self.core.read_model(path)
         self.shape = self.request = None
 
     def run(self, x):
         x = np.ascontiguousarray(x, dtype=np.float32)
         if self.shape != x.shape:
-            model = self.core.read_model(self.path)
-            model.reshape({model.inputs[0].any_name: list(x.shape)})
-            compiled = self.core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
-                                                              "INFERENCE_NUM_THREADS": self.threads})
+            self.model.reshape({self.model.inputs[0].any_name: list(x.shape)})
+            compiled = self.core.compile_model(self.model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                                   "INFERENCE_NUM_THREADS": self.threads})
             self.request, self.shape = compiled.create_infer_request(), x.shape
         self.x = x
         return np.array(self.forward())
@@ -324,7 +324,8 @@ class OpenVINOSession(Session):
 
 
 def export_onnx(jobs):
-    """Write [(prototxt, caffemodel, out.onnx)] with prune.export; a net it cannot export is a RuntimeFailure."""
+    """Write [(prototxt, caffemodel, out.onnx)] with runtimes.onnx_export; a net it cannot export is a
+    RuntimeFailure."""
     from runtimes.onnx_export import ExportError, export
     for proto, model, out in jobs:
         try:

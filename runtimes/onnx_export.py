@@ -310,13 +310,11 @@ def export(prototxt, caffemodel, metadata=None):
     cnet = caffe_io.open_net(prototxt, caffemodel)
     g = Graph({name: tuple(b.data.shape) for name, b in cnet.blobs.items()}, weights)
     current = {data.top[0]: g.name(data.top[0])}
-    consumed = set()
     for layer in layers:
         ins = [current[b] for b in layer.bottom]
-        consumed.update(layer.bottom)
         outs = RULES[layer.type](layer, ins, g)
         current.update(zip(layer.top, outs))
-    outputs = [b for b in cnet.outputs]
+    outputs = list(cnet.outputs)
     final = [_named_output(g, b, current[b]) for b in outputs]
     graph = helper.make_graph(
         g.nodes, net.name or "net",
@@ -343,5 +341,6 @@ def _named_output(g, blob, tensor):
             n.output[:] = [other if o == blob else o for o in n.output]
     else:
         g.used.add(blob)
-    g.nodes.append(__import__("onnx").helper.make_node("Identity", [tensor], [blob], name=blob + "/output"))
+    from onnx import helper
+    g.nodes.append(helper.make_node("Identity", [tensor], [blob], name=blob + "/output"))
     return blob

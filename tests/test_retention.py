@@ -316,4 +316,4 @@ def test_sensitivity_shards_merged_give_the_one_run_analysis_and_plan(tmp_path, 
     assert sensitivity_main(args + plan + ["--shard", "1/2", "--out", str(tmp_path / "bad")]) == 2
     assert "--shard measures part of the curves" in capsys.readouterr().err
     assert sensitivity_main(args + ["--ratios", "0.5", "--merge", *shards, "--out", str(tmp_path / "other")]) == 2
-    assert "other settings (ratios" in capsys.readouterr().err
+    assert "other settings (--ratios: [0.25, 0.5] then, [0.5] now)" in capsys.readouterr().err

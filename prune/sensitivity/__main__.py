@@ -2,7 +2,7 @@
 import os
 
 from base import caffe_io, cli
-from base.runfolder import CONFIG, RunFolder, command_config
+from base.runfolder import CONFIG, RunFolder, command_config, differences
 from prune import plans
 from prune.criteria import CRITERIA
 from prune.sensitivity import SensitivityError
@@ -67,12 +67,13 @@ def merged(a, config, graph, spec):
         if missing:
             raise SensitivityError("--merge %s: no %s (the --out of a --shard run?)" % (folder, missing[0]))
         theirs = {k: v for k, v in json.load(open(paths[0])).items() if k not in SHARD_ONLY}
-        other = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        other = differences(theirs, mine, flags=True)
         if other:
-            raise SensitivityError("--merge %s was measured with other settings (%s: %r there, %r here)"
-                                   % (folder, other[0], theirs.get(other[0]), mine.get(other[0])))
+            raise SensitivityError("--merge %s was measured with other settings (%s)" % (folder, "; ".join(other)))
         records.append(json.load(open(paths[1])))
-    wanted = [g.id for g in (graph.prunable() if spec.layers == "all" else policy.chosen(graph, spec.layers))]
+    unmeasured = {g for r in records for g in r.get("not_measured", {})}    # a fork net's groups left out
+    wanted = [g.id for g in (graph.prunable() if spec.layers == "all" else policy.chosen(graph, spec.layers))
+              if g.id not in unmeasured]
     return merge(records, wanted, a.merge)
 
 
